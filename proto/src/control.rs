@@ -1,0 +1,682 @@
+//! Control messages on the broker's SOCK_SEQPACKET socket: one message per
+//! packet, file descriptors in SCM_RIGHTS ancillary data.
+//!
+//! Every message starts with a frame header: magic (u32), frame version (u16)
+//! and kind (u16), little-endian, followed by the kind's fields.
+//!
+//! A session starts with HELLO. A daemon then sends ATTACH, recovers its own
+//! state (fd store, lease), and sends RESTORE, after which the broker
+//! dispatches pending requests (flagged REPLAYED) and then new ones.
+
+use crate::error::{ErrorCode, ErrorReply};
+use crate::wire::{DecodeError, Reader, Writer};
+use crate::{MAX_EXPORTS, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
+
+/// First four bytes of every control message: "HFCT".
+pub const MAGIC: u32 = u32::from_le_bytes(*b"HFCT");
+
+/// Order of the descriptors passed with [`Reply::Attached`].
+pub mod attach_fds {
+    /// memfd holding this attachment's submission and completion rings.
+    pub const RINGS: usize = 0;
+    /// memfd holding the export's slot buffers (the data area).
+    pub const DATA: usize = 1;
+    /// eventfd the broker writes when it submits and the daemon asked to be woken.
+    pub const SUBMIT_KICK: usize = 2;
+    /// eventfd the daemon writes when it completes and the broker asked to be woken.
+    pub const COMPLETE_KICK: usize = 3;
+    /// Number of descriptors.
+    pub const COUNT: usize = 4;
+}
+
+mod kind {
+    pub const HELLO: u16 = 0x0001;
+    pub const ATTACH: u16 = 0x0002;
+    pub const RESTORE: u16 = 0x0003;
+    pub const DETACH: u16 = 0x0004;
+    pub const STATUS: u16 = 0x0005;
+    pub const OPERATOR_RESTORE: u16 = 0x0006;
+    pub const FD_PUT: u16 = 0x0007;
+    pub const FD_GET: u16 = 0x0008;
+
+    pub const HELLO_OK: u16 = 0x8001;
+    pub const ATTACHED: u16 = 0x8002;
+    pub const RESTORED: u16 = 0x8003;
+    pub const DETACHED: u16 = 0x8004;
+    pub const STATUS_OK: u16 = 0x8005;
+    pub const OPERATOR_RESTORED: u16 = 0x8006;
+    pub const FD_STORED: u16 = 0x8007;
+    pub const FD: u16 = 0x8008;
+    pub const ERROR: u16 = 0x80ff;
+}
+
+/// HELLO: the first message of every session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the peer speaks.
+    pub version: u16,
+    /// Capability bits ([`crate::caps`]).
+    pub caps: u64,
+    /// The peer's pid as it sees it. The broker trusts SO_PEERCRED, not this.
+    pub pid: u32,
+}
+
+/// ATTACH: become the daemon of an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    pub export: String,
+    /// Fence the export's current daemon instead of being refused as busy.
+    pub takeover: bool,
+}
+
+/// A message a client sends to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Hello(Hello),
+    Attach(Attach),
+    /// The daemon has recovered its state and its lease: start dispatching.
+    Restore,
+    /// The daemon is leaving: stop dispatching; the broker answers once the
+    /// daemon's in-flight requests are complete.
+    Detach,
+    Status,
+    /// The operator's restore of an export: replay pending requests to the
+    /// attached daemon, or with `fail_pending` fail them with EIO.
+    OperatorRestore { export: String, fail_pending: bool },
+    /// Deposit the descriptor passed with this message under `name` in the
+    /// attached export's fd store, replacing any earlier one.
+    FdPut { name: String },
+    /// Fetch a descriptor from the attached export's fd store.
+    FdGet { name: String },
+}
+
+/// Shape of the export and of the shared memory, sent with ATTACHED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Logical block size in bytes (512 or 4096).
+    pub block_size: u32,
+    /// Number of slots (and ring entries).
+    pub slot_count: u32,
+    /// Size of each slot buffer in the data area, in bytes.
+    pub slot_size: u32,
+    /// This attachment's epoch; completions must carry it.
+    pub epoch: u64,
+    /// Requests waiting for this daemon's RESTORE.
+    pub pending: u32,
+}
+
+/// What the daemon attached to an export is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DaemonState {
+    /// Attached, recovering its state; receives nothing until RESTORE.
+    Attached = 1,
+    /// Restored and receiving requests.
+    Active = 2,
+    /// Sent DETACH; finishing its in-flight requests.
+    Detaching = 3,
+    /// Declared lost; the broker is killing it and waiting until it is gone.
+    Fencing = 4,
+}
+
+impl DaemonState {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Attached,
+            2 => Self::Active,
+            3 => Self::Detaching,
+            4 => Self::Fencing,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Attached => "attached",
+            Self::Active => "active",
+            Self::Detaching => "detaching",
+            Self::Fencing => "fencing",
+        }
+    }
+}
+
+/// The daemon attached to an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub epoch: u64,
+    pub state: DaemonState,
+}
+
+/// One export in a STATUS reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportStatus {
+    pub name: String,
+    pub size: u64,
+    pub frontend: String,
+    pub daemon: Option<DaemonStatus>,
+    /// Requests dispatched to the daemon and not yet completed.
+    pub inflight: u32,
+    /// Requests waiting for a daemon (new, or to be replayed).
+    pub pending: u32,
+    /// Requests re-delivered after a daemon loss, since the broker started.
+    pub replayed_total: u64,
+    /// Requests completed to the kernel, since the broker started.
+    pub completed_total: u64,
+    /// Requests failed to the kernel with an error the broker chose (wait
+    /// bound, `--fail-pending`), since the broker started.
+    pub failed_total: u64,
+    /// Daemons declared lost (crash, hang, takeover, protocol violation).
+    pub daemons_lost: u64,
+    /// Completions rejected as invalid (bad slot, stale epoch, bad result).
+    pub rejected_completions: u64,
+    /// How long pending requests have waited without an active daemon, in ms.
+    pub waiting_ms: Option<u64>,
+}
+
+/// A message the broker sends to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Hello { version: u16, caps: u64, broker_pid: u32 },
+    /// Sent with the descriptors listed in [`attach_fds`].
+    Attached(Attached),
+    Restored { replayed: u32 },
+    Detached,
+    Status(Vec<ExportStatus>),
+    OperatorRestored { replayed: u32, failed: u32 },
+    FdStored,
+    /// Sent with the requested descriptor.
+    Fd,
+    Error(ErrorReply),
+}
+
+fn header(kind: u16) -> Writer {
+    let mut w = Writer::new();
+    w.u32(MAGIC).u16(PROTOCOL_VERSION).u16(kind);
+    w
+}
+
+/// Reads the frame header and returns the kind.
+fn open(buf: &[u8]) -> Result<(u16, Reader<'_>), DecodeError> {
+    if buf.len() > crate::MAX_MESSAGE_LEN {
+        return Err(DecodeError::TooLarge(buf.len()));
+    }
+    let mut r = Reader::new(buf);
+    let magic = r.u32("magic")?;
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = r.u16("version")?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    Ok((r.u16("kind")?, r))
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        let w = match self {
+            Self::Hello(h) => {
+                let mut w = header(kind::HELLO);
+                w.u16(h.version).u64(h.caps).u32(h.pid);
+                w
+            }
+            Self::Attach(a) => {
+                let mut w = header(kind::ATTACH);
+                w.str(&a.export, MAX_NAME_LEN).bool(a.takeover);
+                w
+            }
+            Self::Restore => header(kind::RESTORE),
+            Self::Detach => header(kind::DETACH),
+            Self::Status => header(kind::STATUS),
+            Self::OperatorRestore {
+                export,
+                fail_pending,
+            } => {
+                let mut w = header(kind::OPERATOR_RESTORE);
+                w.str(export, MAX_NAME_LEN).bool(*fail_pending);
+                w
+            }
+            Self::FdPut { name } => {
+                let mut w = header(kind::FD_PUT);
+                w.str(name, MAX_NAME_LEN);
+                w
+            }
+            Self::FdGet { name } => {
+                let mut w = header(kind::FD_GET);
+                w.str(name, MAX_NAME_LEN);
+                w
+            }
+        };
+        w.finish()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let (kind, mut r) = open(buf)?;
+        let msg = match kind {
+            kind::HELLO => Self::Hello(Hello {
+                version: r.u16("hello.version")?,
+                caps: r.u64("hello.caps")?,
+                pid: r.u32("hello.pid")?,
+            }),
+            kind::ATTACH => Self::Attach(Attach {
+                export: r.str("attach.export", MAX_NAME_LEN)?,
+                takeover: r.bool("attach.takeover")?,
+            }),
+            kind::RESTORE => Self::Restore,
+            kind::DETACH => Self::Detach,
+            kind::STATUS => Self::Status,
+            kind::OPERATOR_RESTORE => Self::OperatorRestore {
+                export: r.str("restore.export", MAX_NAME_LEN)?,
+                fail_pending: r.bool("restore.fail_pending")?,
+            },
+            kind::FD_PUT => Self::FdPut {
+                name: r.str("fd_put.name", MAX_NAME_LEN)?,
+            },
+            kind::FD_GET => Self::FdGet {
+                name: r.str("fd_get.name", MAX_NAME_LEN)?,
+            },
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+
+    /// Name of the message kind, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "HELLO",
+            Self::Attach(_) => "ATTACH",
+            Self::Restore => "RESTORE",
+            Self::Detach => "DETACH",
+            Self::Status => "STATUS",
+            Self::OperatorRestore { .. } => "OPERATOR_RESTORE",
+            Self::FdPut { .. } => "FD_PUT",
+            Self::FdGet { .. } => "FD_GET",
+        }
+    }
+}
+
+fn put_opt_u64(w: &mut Writer, v: Option<u64>) {
+    w.bool(v.is_some()).u64(v.unwrap_or(0));
+}
+
+fn get_opt_u64(r: &mut Reader<'_>, field: &'static str) -> Result<Option<u64>, DecodeError> {
+    let present = r.bool(field)?;
+    let v = r.u64(field)?;
+    Ok(present.then_some(v))
+}
+
+fn put_export(w: &mut Writer, e: &ExportStatus) {
+    w.str(&e.name, MAX_NAME_LEN)
+        .u64(e.size)
+        .str(&e.frontend, MAX_TEXT_LEN);
+    match e.daemon {
+        Some(d) => w.bool(true).u32(d.pid).u64(d.epoch).u8(d.state as u8),
+        None => w.bool(false),
+    };
+    w.u32(e.inflight)
+        .u32(e.pending)
+        .u64(e.replayed_total)
+        .u64(e.completed_total)
+        .u64(e.failed_total)
+        .u64(e.daemons_lost)
+        .u64(e.rejected_completions);
+    put_opt_u64(w, e.waiting_ms);
+}
+
+fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
+    let name = r.str("export.name", MAX_NAME_LEN)?;
+    let size = r.u64("export.size")?;
+    let frontend = r.str("export.frontend", MAX_TEXT_LEN)?;
+    let daemon = if r.bool("export.daemon")? {
+        let pid = r.u32("daemon.pid")?;
+        let epoch = r.u64("daemon.epoch")?;
+        let state = r.u8("daemon.state")?;
+        let state = DaemonState::from_u8(state).ok_or(DecodeError::BadValue {
+            field: "daemon.state",
+            value: u64::from(state),
+        })?;
+        Some(DaemonStatus { pid, epoch, state })
+    } else {
+        None
+    };
+    Ok(ExportStatus {
+        name,
+        size,
+        frontend,
+        daemon,
+        inflight: r.u32("export.inflight")?,
+        pending: r.u32("export.pending")?,
+        replayed_total: r.u64("export.replayed_total")?,
+        completed_total: r.u64("export.completed_total")?,
+        failed_total: r.u64("export.failed_total")?,
+        daemons_lost: r.u64("export.daemons_lost")?,
+        rejected_completions: r.u64("export.rejected_completions")?,
+        waiting_ms: get_opt_u64(r, "export.waiting_ms")?,
+    })
+}
+
+impl Reply {
+    /// Shorthand for an ERROR reply.
+    pub fn error(code: ErrorCode, text: impl Into<String>) -> Self {
+        Self::Error(ErrorReply::new(code, text))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let w = match self {
+            Self::Hello {
+                version,
+                caps,
+                broker_pid,
+            } => {
+                let mut w = header(kind::HELLO_OK);
+                w.u16(*version).u64(*caps).u32(*broker_pid);
+                w
+            }
+            Self::Attached(a) => {
+                let mut w = header(kind::ATTACHED);
+                w.u64(a.size)
+                    .u32(a.block_size)
+                    .u32(a.slot_count)
+                    .u32(a.slot_size)
+                    .u64(a.epoch)
+                    .u32(a.pending);
+                w
+            }
+            Self::Restored { replayed } => {
+                let mut w = header(kind::RESTORED);
+                w.u32(*replayed);
+                w
+            }
+            Self::Detached => header(kind::DETACHED),
+            Self::Status(exports) => {
+                let mut w = header(kind::STATUS_OK);
+                let n = exports.len().min(MAX_EXPORTS);
+                w.u32(u32::try_from(n).unwrap_or(0));
+                for e in exports.iter().take(n) {
+                    put_export(&mut w, e);
+                }
+                w
+            }
+            Self::OperatorRestored { replayed, failed } => {
+                let mut w = header(kind::OPERATOR_RESTORED);
+                w.u32(*replayed).u32(*failed);
+                w
+            }
+            Self::FdStored => header(kind::FD_STORED),
+            Self::Fd => header(kind::FD),
+            Self::Error(e) => {
+                let mut w = header(kind::ERROR);
+                w.u16(e.code as u16).str(&e.text, MAX_TEXT_LEN);
+                w
+            }
+        };
+        w.finish()
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let (kind, mut r) = open(buf)?;
+        let msg = match kind {
+            kind::HELLO_OK => Self::Hello {
+                version: r.u16("hello.version")?,
+                caps: r.u64("hello.caps")?,
+                broker_pid: r.u32("hello.broker_pid")?,
+            },
+            kind::ATTACHED => Self::Attached(Attached {
+                size: r.u64("attached.size")?,
+                block_size: r.u32("attached.block_size")?,
+                slot_count: r.u32("attached.slot_count")?,
+                slot_size: r.u32("attached.slot_size")?,
+                epoch: r.u64("attached.epoch")?,
+                pending: r.u32("attached.pending")?,
+            }),
+            kind::RESTORED => Self::Restored {
+                replayed: r.u32("restored.replayed")?,
+            },
+            kind::DETACHED => Self::Detached,
+            kind::STATUS_OK => {
+                let n = r.count("status.exports", MAX_EXPORTS)?;
+                let mut exports = Vec::with_capacity(n);
+                for _ in 0..n {
+                    exports.push(get_export(&mut r)?);
+                }
+                Self::Status(exports)
+            }
+            kind::OPERATOR_RESTORED => Self::OperatorRestored {
+                replayed: r.u32("restored.replayed")?,
+                failed: r.u32("restored.failed")?,
+            },
+            kind::FD_STORED => Self::FdStored,
+            kind::FD => Self::Fd,
+            kind::ERROR => {
+                let code = r.u16("error.code")?;
+                let text = r.str("error.text", MAX_TEXT_LEN)?;
+                let code = ErrorCode::from_u16(code).ok_or(DecodeError::BadValue {
+                    field: "error.code",
+                    value: u64::from(code),
+                })?;
+                Self::Error(ErrorReply { code, text })
+            }
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_export(i: u32) -> ExportStatus {
+        ExportStatus {
+            name: format!("vol{i}"),
+            size: 1 << 30,
+            frontend: "fuse".into(),
+            daemon: (i % 2 == 0).then_some(DaemonStatus {
+                pid: 42 + i,
+                epoch: 7,
+                state: DaemonState::Active,
+            }),
+            inflight: 3,
+            pending: 4,
+            replayed_total: 5,
+            completed_total: 6,
+            failed_total: 7,
+            daemons_lost: 8,
+            rejected_completions: 9,
+            waiting_ms: (i % 3 == 0).then_some(1234),
+        }
+    }
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                caps: crate::caps::ALL,
+                pid: 1234,
+            }),
+            Request::Attach(Attach {
+                export: "vol0".into(),
+                takeover: true,
+            }),
+            Request::Restore,
+            Request::Detach,
+            Request::Status,
+            Request::OperatorRestore {
+                export: "vol1".into(),
+                fail_pending: true,
+            },
+            Request::FdPut { name: "mem".into() },
+            Request::FdGet { name: "mem".into() },
+        ]
+    }
+
+    fn all_replies() -> Vec<Reply> {
+        vec![
+            Reply::Hello {
+                version: 1,
+                caps: 3,
+                broker_pid: 9,
+            },
+            Reply::Attached(Attached {
+                size: 256 << 20,
+                block_size: 512,
+                slot_count: 64,
+                slot_size: 1 << 20,
+                epoch: 3,
+                pending: 17,
+            }),
+            Reply::Restored { replayed: 5 },
+            Reply::Detached,
+            Reply::Status((0..4).map(sample_export).collect()),
+            Reply::OperatorRestored {
+                replayed: 1,
+                failed: 2,
+            },
+            Reply::FdStored,
+            Reply::Fd,
+            Reply::error(ErrorCode::Busy, "export vol0 is busy"),
+        ]
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for m in all_requests() {
+            assert_eq!(Request::decode(&m.encode()).unwrap(), m, "{}", m.name());
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        for m in all_replies() {
+            assert_eq!(Reply::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        for m in all_requests() {
+            let buf = m.encode();
+            for cut in 0..buf.len() {
+                assert!(Request::decode(&buf[..cut]).is_err(), "{} cut {cut}", m.name());
+            }
+        }
+        for m in all_replies() {
+            let buf = m.encode();
+            for cut in 0..buf.len() {
+                assert!(Reply::decode(&buf[..cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_rejected() {
+        let mut buf = Request::Restore.encode();
+        buf.push(0);
+        assert_eq!(Request::decode(&buf), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn wrong_magic_version_kind() {
+        let mut buf = Request::Status.encode();
+        buf[0] ^= 0xff;
+        assert!(matches!(Request::decode(&buf), Err(DecodeError::BadMagic(_))));
+
+        let mut buf = Request::Status.encode();
+        buf[4] = 9;
+        assert_eq!(
+            Request::decode(&buf),
+            Err(DecodeError::UnsupportedVersion(9))
+        );
+
+        let mut buf = Request::Status.encode();
+        buf[6] = 0x77;
+        assert!(matches!(
+            Request::decode(&buf),
+            Err(DecodeError::UnknownKind(_))
+        ));
+        // A reply kind is not a request.
+        assert!(Request::decode(&Reply::Detached.encode()).is_err());
+    }
+
+    #[test]
+    fn bounds_enforced() {
+        // A name longer than allowed, written by hand.
+        let mut w = header(kind::ATTACH);
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        w.u16(long.len() as u16);
+        let mut buf = w.finish();
+        buf.extend_from_slice(long.as_bytes());
+        buf.push(0);
+        assert!(matches!(
+            Request::decode(&buf),
+            Err(DecodeError::TooLong { .. })
+        ));
+
+        // Invalid UTF-8.
+        let mut w = header(kind::FD_GET);
+        w.u16(2);
+        let mut buf = w.finish();
+        buf.extend_from_slice(&[0xff, 0xfe]);
+        assert_eq!(Request::decode(&buf), Err(DecodeError::BadUtf8("fd_get.name")));
+
+        // A bool that is neither 0 nor 1.
+        let mut buf = Request::Attach(Attach {
+            export: "v".into(),
+            takeover: false,
+        })
+        .encode();
+        *buf.last_mut().unwrap() = 2;
+        assert!(matches!(
+            Request::decode(&buf),
+            Err(DecodeError::BadValue { .. })
+        ));
+
+        // Oversized buffer.
+        let big = vec![0u8; crate::MAX_MESSAGE_LEN + 1];
+        assert!(matches!(
+            Request::decode(&big),
+            Err(DecodeError::TooLarge(_))
+        ));
+
+        // A status count beyond the limit.
+        let mut w = header(kind::STATUS_OK);
+        w.u32(u32::MAX);
+        assert!(matches!(
+            Reply::decode(&w.finish()),
+            Err(DecodeError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn full_status_fits_message_limit() {
+        let exports: Vec<_> = (0..MAX_EXPORTS as u32)
+            .map(|i| ExportStatus {
+                name: "x".repeat(MAX_NAME_LEN),
+                frontend: "cachefiles".into(),
+                ..sample_export(i)
+            })
+            .collect();
+        let buf = Reply::Status(exports).encode();
+        assert!(buf.len() <= crate::MAX_MESSAGE_LEN, "{}", buf.len());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // A cheap deterministic fuzz: every request mutated at every byte.
+        for m in all_requests().into_iter().chain([]) {
+            let buf = m.encode();
+            for i in 0..buf.len() {
+                for v in [0u8, 1, 0x7f, 0x80, 0xff] {
+                    let mut b = buf.clone();
+                    b[i] = v;
+                    let _ = Request::decode(&b);
+                    let _ = Reply::decode(&b);
+                }
+            }
+        }
+    }
+}

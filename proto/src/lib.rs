@@ -1,0 +1,83 @@
+//! The holdfast wire contract, shared by the broker, the daemon library and any
+//! third-party daemon: control messages on the broker's Unix socket, and the
+//! layout of the shared memory (rings and slot buffers) a daemon maps.
+//!
+//! This crate does no I/O. Every decoder checks lengths and values and returns
+//! a typed error; nothing here can panic on input.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+pub mod control;
+pub mod error;
+pub mod shm;
+mod wire;
+
+pub use control::{
+    Attach, Attached, DaemonState, DaemonStatus, ExportStatus, Hello, Reply, Request,
+};
+pub use error::{ErrorCode, ErrorReply};
+pub use wire::DecodeError;
+
+/// The control protocol version this crate speaks. A broker answers a HELLO
+/// with another version with [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest control message either side sends or accepts, in bytes. A status
+/// reply for [`MAX_EXPORTS`] exports fits.
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+
+/// Most exports one broker serves; bounds the status reply.
+pub const MAX_EXPORTS: usize = 256;
+
+/// Longest export or fd-store name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Longest human-readable text (error messages, frontend names), in bytes.
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// Capability bits exchanged in HELLO.
+pub mod caps {
+    /// The peer understands ATTACH with `takeover`.
+    pub const TAKEOVER: u64 = 1 << 0;
+    /// The peer uses the broker's fd store.
+    pub const FDSTORE: u64 = 1 << 1;
+    /// Everything this version of the crate knows.
+    pub const ALL: u64 = TAKEOVER | FDSTORE;
+}
+
+/// Checks an export or fd-store name: 1 to [`MAX_NAME_LEN`] bytes of
+/// `[A-Za-z0-9._-]`, not `.` or `..`. Names become file names under the
+/// mount point, so nothing else is accepted.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "name {name:?} must be 1 to {MAX_NAME_LEN} bytes long"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("name {name:?} is reserved"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "name {name:?} contains {c:?}; use letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("vol0").is_ok());
+        assert!(validate_name("a.b-c_d").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("..").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name(&"x".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+}
