@@ -82,12 +82,19 @@ pub enum Request {
     Status,
     /// The operator's restore of an export: replay pending requests to the
     /// attached daemon, or with `fail_pending` fail them with EIO.
-    OperatorRestore { export: String, fail_pending: bool },
+    OperatorRestore {
+        export: String,
+        fail_pending: bool,
+    },
     /// Deposit the descriptor passed with this message under `name` in the
     /// attached export's fd store, replacing any earlier one.
-    FdPut { name: String },
+    FdPut {
+        name: String,
+    },
     /// Fetch a descriptor from the attached export's fd store.
-    FdGet { name: String },
+    FdGet {
+        name: String,
+    },
 }
 
 /// Shape of the export and of the shared memory, sent with ATTACHED.
@@ -178,13 +185,22 @@ pub struct ExportStatus {
 /// A message the broker sends to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Hello { version: u16, caps: u64, broker_pid: u32 },
+    Hello {
+        version: u16,
+        caps: u64,
+        broker_pid: u32,
+    },
     /// Sent with the descriptors listed in [`attach_fds`].
     Attached(Attached),
-    Restored { replayed: u32 },
+    Restored {
+        replayed: u32,
+    },
     Detached,
     Status(Vec<ExportStatus>),
-    OperatorRestored { replayed: u32, failed: u32 },
+    OperatorRestored {
+        replayed: u32,
+        failed: u32,
+    },
     FdStored,
     /// Sent with the requested descriptor.
     Fd,
@@ -475,7 +491,7 @@ mod tests {
             name: format!("vol{i}"),
             size: 1 << 30,
             frontend: "fuse".into(),
-            daemon: (i % 2 == 0).then_some(DaemonStatus {
+            daemon: i.is_multiple_of(2).then_some(DaemonStatus {
                 pid: 42 + i,
                 epoch: 7,
                 state: DaemonState::Active,
@@ -487,7 +503,7 @@ mod tests {
             failed_total: 7,
             daemons_lost: 8,
             rejected_completions: 9,
-            waiting_ms: (i % 3 == 0).then_some(1234),
+            waiting_ms: i.is_multiple_of(3).then_some(1234),
         }
     }
 
@@ -561,7 +577,11 @@ mod tests {
         for m in all_requests() {
             let buf = m.encode();
             for cut in 0..buf.len() {
-                assert!(Request::decode(&buf[..cut]).is_err(), "{} cut {cut}", m.name());
+                assert!(
+                    Request::decode(&buf[..cut]).is_err(),
+                    "{} cut {cut}",
+                    m.name()
+                );
             }
         }
         for m in all_replies() {
@@ -583,7 +603,10 @@ mod tests {
     fn wrong_magic_version_kind() {
         let mut buf = Request::Status.encode();
         buf[0] ^= 0xff;
-        assert!(matches!(Request::decode(&buf), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            Request::decode(&buf),
+            Err(DecodeError::BadMagic(_))
+        ));
 
         let mut buf = Request::Status.encode();
         buf[4] = 9;
@@ -621,7 +644,10 @@ mod tests {
         w.u16(2);
         let mut buf = w.finish();
         buf.extend_from_slice(&[0xff, 0xfe]);
-        assert_eq!(Request::decode(&buf), Err(DecodeError::BadUtf8("fd_get.name")));
+        assert_eq!(
+            Request::decode(&buf),
+            Err(DecodeError::BadUtf8("fd_get.name"))
+        );
 
         // A bool that is neither 0 nor 1.
         let mut buf = Request::Attach(Attach {

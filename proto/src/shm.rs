@@ -103,7 +103,9 @@ impl Op {
 pub const FLAG_REPLAYED: u8 = 1 << 0;
 
 /// A submission ring entry (broker → daemon).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct Submission {
     /// Request sequence number: unique per export, increasing in arrival
@@ -125,7 +127,9 @@ pub struct Submission {
 }
 
 /// A completion ring entry (daemon → broker).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 #[repr(C)]
 pub struct Completion {
     /// The submission's `seq`.
@@ -186,7 +190,7 @@ impl RingLayout {
     }
 
     /// Size of the rings memfd in bytes, rounded up to a page.
-    pub fn len(self) -> usize {
+    pub fn byte_len(self) -> usize {
         let end = self
             .cq_base()
             .saturating_add(self.entries_usize().saturating_mul(COMPLETION_SIZE));
@@ -206,8 +210,7 @@ impl DataLayout {
     /// [`SLOT_ALIGN`] from [`SLOT_ALIGN`] to [`MAX_SLOT_SIZE`].
     pub fn new(slot_count: u32, slot_size: u32) -> Option<Self> {
         let ok = RingLayout::new(slot_count).is_some()
-            && slot_size >= SLOT_ALIGN
-            && slot_size <= MAX_SLOT_SIZE
+            && (SLOT_ALIGN..=MAX_SLOT_SIZE).contains(&slot_size)
             && slot_size.is_multiple_of(SLOT_ALIGN);
         ok.then_some(Self {
             slot_count,
@@ -225,12 +228,12 @@ impl DataLayout {
 
     /// Byte offset of slot `slot`'s buffer, or `None` if out of range.
     pub fn slot_offset(self, slot: u32) -> Option<usize> {
-        (slot < self.slot_count).then(|| slot as usize * self.slot_size as usize)
+        (slot < self.slot_count).then(|| (slot as usize).saturating_mul(self.slot_size as usize))
     }
 
     /// Size of the data memfd in bytes (at most 64 GiB by the bounds above).
-    pub fn len(self) -> usize {
-        self.slot_count as usize * self.slot_size as usize
+    pub fn byte_len(self) -> usize {
+        (self.slot_count as usize).saturating_mul(self.slot_size as usize)
     }
 }
 
@@ -247,10 +250,10 @@ mod tests {
         assert_eq!(l.submission(0), offsets::ENTRIES);
         assert_eq!(l.submission(65), offsets::ENTRIES + SUBMISSION_SIZE);
         assert_eq!(l.completion(0), offsets::ENTRIES + 64 * SUBMISSION_SIZE);
-        assert!(l.completion(63) + COMPLETION_SIZE <= l.len());
-        assert_eq!(l.len() % 4096, 0);
+        assert!(l.completion(63) + COMPLETION_SIZE <= l.byte_len());
+        assert_eq!(l.byte_len() % 4096, 0);
         let max = RingLayout::new(MAX_SLOTS).unwrap();
-        assert!(max.completion(u32::MAX) + COMPLETION_SIZE <= max.len());
+        assert!(max.completion(u32::MAX) + COMPLETION_SIZE <= max.byte_len());
     }
 
     #[test]
@@ -260,7 +263,7 @@ mod tests {
         let d = DataLayout::new(64, 1 << 20).unwrap();
         assert_eq!(d.slot_offset(1), Some(1 << 20));
         assert_eq!(d.slot_offset(64), None);
-        assert_eq!(d.len(), 64 << 20);
+        assert_eq!(d.byte_len(), 64 << 20);
     }
 
     #[test]
@@ -277,7 +280,10 @@ mod tests {
         };
         assert_eq!(Submission::read_from_bytes(s.as_bytes()).unwrap(), s);
         for v in 0..=255u8 {
-            assert_eq!(Op::from_u8(v).map(|o| o as u8), (1..=6).contains(&v).then_some(v));
+            assert_eq!(
+                Op::from_u8(v).map(|o| o as u8),
+                (1..=6).contains(&v).then_some(v)
+            );
         }
     }
 }

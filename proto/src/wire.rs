@@ -7,7 +7,11 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     /// The message ended before a field of `need` bytes (`have` were left).
-    Truncated { field: &'static str, need: usize, have: usize },
+    Truncated {
+        field: &'static str,
+        need: usize,
+        have: usize,
+    },
     /// Bytes were left over after the last field.
     TrailingBytes(usize),
     /// The message did not start with the holdfast magic number.
@@ -19,7 +23,11 @@ pub enum DecodeError {
     /// A string field was not UTF-8.
     BadUtf8(&'static str),
     /// A field was longer than its bound.
-    TooLong { field: &'static str, len: usize, max: usize },
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
     /// A field held a value outside its range.
     BadValue { field: &'static str, value: u64 },
     /// The message was larger than [`crate::MAX_MESSAGE_LEN`].

@@ -1,0 +1,243 @@
+//! Broker configuration: command-line values, their parsing, and defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a broker started with no flags puts things.
+pub const DEFAULT_SOCKET: &str = "/run/holdfast/holdfast.sock";
+pub const DEFAULT_MOUNTPOINT: &str = "/run/holdfast/mnt";
+pub const DEFAULT_EXPORT: &str = "vol0";
+pub const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
+pub const DEFAULT_BACKING_DIR: &str = "/var/lib/holdfast";
+
+/// One `--export NAME=SIZE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    /// Uids allowed to connect (root and the broker's own uid are always).
+    pub allow_uids: Vec<u32>,
+    pub mountpoint: PathBuf,
+    pub exports: Vec<ExportSpec>,
+    /// Daemon command lines to run and restart.
+    pub supervise: Vec<String>,
+    pub fuse_workers: usize,
+    pub slot_count: u32,
+    pub slot_size: u32,
+    pub block_size: u32,
+    /// A request dispatched longer than this declares its daemon lost.
+    pub request_timeout: Option<Duration>,
+    /// Pending requests wait this long for a daemon, then fail with EIO.
+    pub daemon_wait: Option<Duration>,
+    /// How long to wait for a killed daemon to be gone before warning.
+    pub fence_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            socket_mode: 0o600,
+            allow_uids: Vec::new(),
+            mountpoint: DEFAULT_MOUNTPOINT.into(),
+            exports: Vec::new(),
+            supervise: Vec::new(),
+            fuse_workers: 4,
+            slot_count: 64,
+            slot_size: 1 << 20,
+            block_size: 512,
+            request_timeout: Some(Duration::from_secs(30)),
+            daemon_wait: None,
+            fence_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// With no `--export`, one default export served by a supervised daemon
+    /// on a local file (unless `--supervise` names another command).
+    pub fn apply_defaults(&mut self, daemon_binary: &str) {
+        if self.exports.is_empty() {
+            self.exports.push(ExportSpec {
+                name: DEFAULT_EXPORT.into(),
+                size: DEFAULT_EXPORT_SIZE,
+            });
+            if self.supervise.is_empty() {
+                self.supervise.push(format!(
+                    "{daemon_binary} --socket {} --export {DEFAULT_EXPORT} --backend file:{DEFAULT_BACKING_DIR}/{DEFAULT_EXPORT}.img",
+                    self.socket.display()
+                ));
+            }
+        }
+    }
+
+    /// Checks values that depend on each other.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for e in &self.exports {
+            if !names.insert(&e.name) {
+                return Err(format!("export {:?} is given twice", e.name));
+            }
+            if !e.size.is_multiple_of(u64::from(self.block_size)) {
+                return Err(format!(
+                    "export {}: size {} is not a multiple of the block size {}",
+                    e.name, e.size, self.block_size
+                ));
+            }
+        }
+        if self.exports.len() > holdfast_proto::MAX_EXPORTS {
+            return Err(format!(
+                "at most {} exports are supported",
+                holdfast_proto::MAX_EXPORTS
+            ));
+        }
+        if holdfast_proto::shm::DataLayout::new(self.slot_count, self.slot_size).is_none() {
+            return Err(format!(
+                "--slots must be a power of two up to {} and --slot-size a multiple of 4096 up to {} (got {} and {})",
+                holdfast_proto::shm::MAX_SLOTS,
+                holdfast_proto::shm::MAX_SLOT_SIZE,
+                self.slot_count,
+                self.slot_size
+            ));
+        }
+        if self.fuse_workers == 0 || self.fuse_workers > 64 {
+            return Err("--fuse-workers must be from 1 to 64".into());
+        }
+        if !matches!(self.block_size, 512 | 4096) {
+            return Err("--block-size must be 512 or 4096".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size: a number with an optional binary suffix (K, M, G, T, with
+/// or without "iB"/"B"); `256MiB`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 256MiB, 1G)"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size suffix {suffix:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?} is zero or too large"))
+}
+
+/// Parses `NAME=SIZE`.
+pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
+    let (name, size) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--export {s:?}: expected NAME=SIZE, e.g. vol0=256MiB"))?;
+    holdfast_proto::validate_name(name).map_err(|e| format!("--export {s:?}: {e}"))?;
+    Ok(ExportSpec {
+        name: name.to_owned(),
+        size: parse_size(size).map_err(|e| format!("--export {s:?}: {e}"))?,
+    })
+}
+
+/// Parses a duration bound: seconds (`30`, `2.5`), or with a unit (`500ms`,
+/// `30s`, `5m`); `0`, `off` or `forever` mean no bound.
+pub fn parse_bound(s: &str) -> Result<Option<Duration>, String> {
+    let t = s.trim();
+    if matches!(t, "0" | "off" | "forever" | "none") {
+        return Ok(None);
+    }
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 30, 500ms, 5m, forever)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Duration::try_from_secs_f64(v * scale)
+        .map(|d| (!d.is_zero()).then_some(d))
+        .map_err(|_| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2tb"), Ok(2 << 40));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn exports() {
+        assert_eq!(
+            parse_export("vol0=256MiB"),
+            Ok(ExportSpec {
+                name: "vol0".into(),
+                size: 256 << 20
+            })
+        );
+        assert!(parse_export("vol0").is_err());
+        assert!(parse_export("a/b=1M").is_err());
+        assert!(parse_export("=1M").is_err());
+    }
+
+    #[test]
+    fn bounds() {
+        assert_eq!(parse_bound("forever"), Ok(None));
+        assert_eq!(parse_bound("0"), Ok(None));
+        assert_eq!(parse_bound("30"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(parse_bound("500ms"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(parse_bound("2m"), Ok(Some(Duration::from_secs(120))));
+        assert!(parse_bound("-1").is_err());
+        assert!(parse_bound("soon").is_err());
+        assert!(parse_bound("1e300").is_err());
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let mut c = Config::default();
+        c.apply_defaults("/usr/bin/holdfast-daemon");
+        assert_eq!(c.exports.len(), 1);
+        assert_eq!(c.supervise.len(), 1);
+        assert!(c.supervise[0].contains("--backend file:/var/lib/holdfast/vol0.img"));
+        c.validate().unwrap();
+        c.exports.push(c.exports[0].clone());
+        assert!(c.validate().is_err());
+        let c = Config {
+            slot_count: 3,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

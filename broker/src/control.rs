@@ -1,0 +1,431 @@
+//! The control socket: one thread per connection. A connection that ATTACHes
+//! becomes a daemon session, and its thread then also reaps the daemon's
+//! completion ring and watches the daemon's pidfd, so that a daemon loss is
+//! noticed by socket EOF and by process exit, whichever comes first.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use holdfast_proto::{
+    ErrorCode, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, caps, control::attach_fds,
+};
+use rustix::net::RecvFlags;
+
+use crate::export::{Export, Grant};
+use crate::sys::pidfd::Pidfd;
+use crate::sys::{self, seqpacket};
+use crate::{Broker, info, warn};
+
+/// Most connections served at once; more are refused with an error.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Consecutive bad messages after which a connection is closed.
+const MAX_ERRORS: u32 = 32;
+/// How often an idle session thread wakes to look at its daemon anyway.
+const SESSION_TICK: Duration = Duration::from_millis(500);
+
+/// Accepts connections until the listener fails.
+pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let sock = match seqpacket::accept(listener.as_fd()) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!("control socket accept failed: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            send(
+                sock.as_fd(),
+                &Reply::error(
+                    ErrorCode::LimitReached,
+                    format!("the broker serves {MAX_CONNECTIONS} connections already"),
+                ),
+                &[],
+            );
+            continue;
+        }
+        let broker = broker.clone();
+        let active = active.clone();
+        let spawned = std::thread::Builder::new()
+            .name("holdfast-conn".into())
+            .spawn(move || {
+                Connection::new(&broker, sock).serve();
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn send(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) {
+    if let Err(e) = seqpacket::send(sock, &reply.encode(), fds) {
+        // The peer went away; its connection loop sees EOF next.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            warn!("cannot send reply: {e}");
+        }
+    }
+}
+
+/// A received message: a request, or an error to send back.
+enum Incoming {
+    Eof,
+    /// A non-blocking receive found nothing.
+    Nothing,
+    Request(Request, Vec<OwnedFd>),
+    Bad(Reply),
+}
+
+struct Connection<'a> {
+    broker: &'a Broker,
+    sock: OwnedFd,
+    buf: Vec<u8>,
+    peer_pid: u32,
+    errors: u32,
+}
+
+/// How a daemon session ended.
+enum End {
+    /// DETACH completed: nothing in flight, nothing to fence.
+    Detached,
+    /// Lost (EOF, exit, hang, violation, takeover): fence, then replay.
+    Lost(String),
+}
+
+impl<'a> Connection<'a> {
+    fn new(broker: &'a Broker, sock: OwnedFd) -> Self {
+        Self {
+            broker,
+            sock,
+            buf: vec![0u8; MAX_MESSAGE_LEN],
+            peer_pid: 0,
+            errors: 0,
+        }
+    }
+
+    fn send(&self, reply: &Reply) {
+        send(self.sock.as_fd(), reply, &[]);
+    }
+
+    fn recv(&mut self, flags: RecvFlags) -> Incoming {
+        let pkt = match seqpacket::recv(self.sock.as_fd(), &mut self.buf, flags) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Incoming::Nothing,
+            Err(_) => return Incoming::Eof,
+        };
+        if pkt.len == 0 && !pkt.truncated {
+            return Incoming::Eof;
+        }
+        if pkt.truncated {
+            return Incoming::Bad(Reply::error(
+                ErrorCode::TooLarge,
+                format!(
+                    "message larger than {MAX_MESSAGE_LEN} bytes (or with more than {} descriptors) was dropped",
+                    seqpacket::MAX_FDS
+                ),
+            ));
+        }
+        match Request::decode(self.buf.get(..pkt.len).unwrap_or_default()) {
+            Ok(req) => Incoming::Request(req, pkt.fds),
+            Err(holdfast_proto::DecodeError::UnsupportedVersion(v)) => Incoming::Bad(Reply::error(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "frame version {v} is not supported; this broker speaks protocol {PROTOCOL_VERSION}"
+                ),
+            )),
+            Err(e) => Incoming::Bad(Reply::error(ErrorCode::Malformed, e.to_string())),
+        }
+    }
+
+    /// Counts a bad message; returns false once the connection should close.
+    fn bad(&mut self, reply: &Reply) -> bool {
+        self.send(reply);
+        self.errors = self.errors.saturating_add(1);
+        self.errors < MAX_ERRORS
+    }
+
+    fn serve(mut self) {
+        let cred = match seqpacket::peer_cred(self.sock.as_fd()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("cannot read peer credentials: {e}");
+                return;
+            }
+        };
+        let uid = cred.uid.as_raw();
+        self.peer_pid = u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0);
+        if !self.broker.allow_uids.contains(&uid) {
+            warn!("refused connection from uid {uid} (pid {})", self.peer_pid);
+            self.send(&Reply::error(
+                ErrorCode::NotPermitted,
+                format!("uid {uid} may not use this broker; start it with --allow-uid {uid}"),
+            ));
+            return;
+        }
+        let mut hello = false;
+        loop {
+            let (req, fds) = match self.recv(RecvFlags::empty()) {
+                Incoming::Eof => return,
+                Incoming::Nothing => continue,
+                Incoming::Bad(reply) => {
+                    if !self.bad(&reply) {
+                        return;
+                    }
+                    continue;
+                }
+                Incoming::Request(req, fds) => (req, fds),
+            };
+            drop(fds);
+            let reply = match req {
+                Request::Hello(h) => {
+                    if h.version != PROTOCOL_VERSION {
+                        Reply::error(
+                            ErrorCode::UnsupportedVersion,
+                            format!(
+                                "protocol version {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                                h.version
+                            ),
+                        )
+                    } else {
+                        if h.pid != self.peer_pid {
+                            info!(
+                                "peer says it is pid {} but its credentials say {}; using the credentials",
+                                h.pid, self.peer_pid
+                            );
+                        }
+                        hello = true;
+                        Reply::Hello {
+                            version: PROTOCOL_VERSION,
+                            caps: caps::ALL,
+                            broker_pid: std::process::id(),
+                        }
+                    }
+                }
+                _ if !hello => Reply::error(ErrorCode::NotPermitted, "send HELLO first"),
+                Request::Attach(a) => match self.broker.export(&a.export) {
+                    None => Reply::error(
+                        ErrorCode::NoSuchExport,
+                        format!(
+                            "no export named {:?}; this broker has: {}",
+                            a.export,
+                            self.broker.export_names()
+                        ),
+                    ),
+                    Some(export) => match self.attach(export, a.takeover) {
+                        Ok(()) => return,
+                        Err(reply) => reply,
+                    },
+                },
+                Request::Restore
+                | Request::Detach
+                | Request::FdPut { .. }
+                | Request::FdGet { .. } => {
+                    Reply::error(ErrorCode::NotAttached, "ATTACH to an export first")
+                }
+                other => self.common(other),
+            };
+            if matches!(reply, Reply::Error(_)) {
+                if !self.bad(&reply) {
+                    return;
+                }
+            } else {
+                self.errors = 0;
+                self.send(&reply);
+            }
+        }
+    }
+
+    /// Requests any session may send.
+    fn common(&self, req: Request) -> Reply {
+        match req {
+            Request::Status => Reply::Status(self.broker.status()),
+            Request::OperatorRestore {
+                export,
+                fail_pending,
+            } => match self.broker.export(&export) {
+                None => Reply::error(
+                    ErrorCode::NoSuchExport,
+                    format!("no export named {export:?}"),
+                ),
+                Some(e) => match e.operator_restore(fail_pending) {
+                    Ok((replayed, failed)) => Reply::OperatorRestored { replayed, failed },
+                    Err(err) => Reply::Error(err),
+                },
+            },
+            Request::Hello(_) => Reply::error(ErrorCode::BadState, "HELLO was already sent"),
+            Request::Attach(_) => {
+                Reply::error(ErrorCode::BadState, "this connection is attached already")
+            }
+            other => Reply::error(
+                ErrorCode::BadState,
+                format!("{} is not valid here", other.name()),
+            ),
+        }
+    }
+
+    /// ATTACH; on success runs the daemon session until it ends.
+    fn attach(&mut self, export: &Arc<Export>, takeover: bool) -> Result<(), Reply> {
+        let pidfd = Pidfd::of_peer(self.sock.as_fd(), self.peer_pid).map_err(|e| {
+            Reply::error(
+                ErrorCode::Internal,
+                format!(
+                    "cannot open a pidfd for pid {}, so it could not be fenced: {e}",
+                    self.peer_pid
+                ),
+            )
+        })?;
+        let pidfd = Arc::new(pidfd);
+        let grant = export
+            .attach(pidfd.clone(), takeover, self.broker.fence_timeout)
+            .map_err(Reply::Error)?;
+        let fds = [
+            grant.rings_fd.as_fd(),
+            export.data_fd().as_fd(),
+            grant.submit_kick.as_fd(),
+            grant.complete_kick.as_fd(),
+        ];
+        debug_assert_eq!(fds.len(), attach_fds::COUNT);
+        if let Err(e) = seqpacket::send(
+            self.sock.as_fd(),
+            &Reply::Attached(grant.reply).encode(),
+            &fds,
+        ) {
+            warn!("{}: cannot send ATTACHED: {e}", export.name);
+        }
+        let end = self.session(export, &grant, &pidfd);
+        match end {
+            End::Detached => export.end_session(grant.epoch, false),
+            End::Lost(why) => {
+                export.declare_lost(grant.epoch, &why);
+                self.fence(export, &pidfd);
+                export.end_session(grant.epoch, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the lost daemon is gone, however long that takes: a
+    /// request is never replayed while the daemon that held it could act.
+    fn fence(&self, export: &Export, pidfd: &Pidfd) {
+        loop {
+            match pidfd.fence(self.broker.fence_timeout) {
+                Ok(()) => return,
+                Err(e) => warn!("{}: fencing: {e}; still waiting", export.name),
+            }
+        }
+    }
+
+    fn session(&mut self, export: &Arc<Export>, g: &Grant, pidfd: &Pidfd) -> End {
+        let epoch = g.epoch;
+        let mut head = 0u32;
+        let mut detaching = false;
+        loop {
+            // Ask to be woken, then look once more before sleeping, so a
+            // completion published in between is not missed.
+            g.rings.set_completion_wakeup(true);
+            if let Err(v) = export.reap(epoch, &g.rings, &mut head) {
+                return End::Lost(format!("protocol violation: {v}"));
+            }
+            let waits = [
+                self.sock.as_fd(),
+                g.complete_kick.as_fd(),
+                g.wake.as_fd(),
+                pidfd.as_fd(),
+            ];
+            let ready = sys::poll_readable(&waits, SESSION_TICK).unwrap_or_default();
+            g.rings.set_completion_wakeup(false);
+            let is = |i: usize| ready.get(i).copied().unwrap_or(false);
+            if is(1) {
+                sys::drain(g.complete_kick.as_fd());
+            }
+            if is(2) {
+                sys::drain(g.wake.as_fd());
+            }
+            if let Err(v) = export.reap(epoch, &g.rings, &mut head) {
+                return End::Lost(format!("protocol violation: {v}"));
+            }
+            if export.fence_requested(epoch) {
+                return End::Lost("fence requested".into());
+            }
+            if is(3) {
+                return End::Lost("daemon process exited".into());
+            }
+            if is(0) {
+                match self.recv(RecvFlags::DONTWAIT) {
+                    Incoming::Nothing => {}
+                    Incoming::Eof => {
+                        if detaching && export.drained(epoch) {
+                            return End::Detached;
+                        }
+                        return End::Lost("control connection closed".into());
+                    }
+                    Incoming::Bad(reply) => {
+                        if !self.bad(&reply) {
+                            return End::Lost("too many malformed messages".into());
+                        }
+                    }
+                    Incoming::Request(req, fds) => {
+                        if let Some(reply) =
+                            self.session_request(export, epoch, req, fds, &mut detaching)
+                        {
+                            self.send(&reply);
+                        }
+                    }
+                }
+            }
+            if detaching && export.drained(epoch) {
+                self.send(&Reply::Detached);
+                return End::Detached;
+            }
+        }
+    }
+
+    fn session_request(
+        &mut self,
+        export: &Export,
+        epoch: u64,
+        req: Request,
+        mut fds: Vec<OwnedFd>,
+        detaching: &mut bool,
+    ) -> Option<Reply> {
+        let result = match req {
+            Request::Restore => export
+                .restore(epoch)
+                .map(|replayed| Reply::Restored { replayed }),
+            Request::Detach => match export.begin_detach(epoch) {
+                Ok(()) => {
+                    *detaching = true;
+                    info!("{}: epoch {epoch} detaching", export.name);
+                    return None;
+                }
+                Err(e) => Err(e),
+            },
+            Request::FdPut { name } => {
+                if fds.len() != 1 {
+                    Ok(Reply::error(
+                        ErrorCode::Malformed,
+                        format!("FD_PUT carries exactly one descriptor, got {}", fds.len()),
+                    ))
+                } else {
+                    let fd = fds.remove(0);
+                    export.fd_put(epoch, &name, fd).map(|()| Reply::FdStored)
+                }
+            }
+            Request::FdGet { name } => match export.fd_get(epoch, &name) {
+                Ok(fd) => {
+                    send(self.sock.as_fd(), &Reply::Fd, &[fd.as_fd()]);
+                    return None;
+                }
+                Err(e) => Err(e),
+            },
+            other => Ok(self.common(other)),
+        };
+        Some(result.unwrap_or_else(Reply::Error))
+    }
+}

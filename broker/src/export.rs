@@ -1,0 +1,719 @@
+//! An export: one volume the kernel sees (through a frontend) and one daemon
+//! serves. It owns the data area, the in-flight table and the record of the
+//! attached daemon, all under one lock that is never held across a syscall
+//! that can block (replies to the kernel are written after it is released).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_proto::shm::{DataLayout, FLAG_REPLAYED, Op, RingLayout};
+use holdfast_proto::{
+    Attached, DaemonState, DaemonStatus, ErrorCode, ErrorReply, ExportStatus, MAX_NAME_LEN,
+};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::frontends::{Origin, Outcome, SlotData};
+use crate::inflight::{Data, Done, Failed, Inflight};
+use crate::shm::{RingViolation, Rings, SharedRegion};
+use crate::sys::{self, pidfd::Pidfd};
+use crate::{info, warn};
+
+/// Most descriptors one export's fd store holds.
+pub const MAX_STORED_FDS: usize = 16;
+
+/// Shape and limits of an export, fixed when it is created.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub slot_count: u32,
+    pub slot_size: u32,
+    /// Most bytes of write data held in private memory while every slot is
+    /// taken; past it, the frontend waits (back-pressure).
+    pub heap_limit: usize,
+}
+
+#[derive(Default)]
+struct Stats {
+    replayed: u64,
+    completed: u64,
+    failed: u64,
+    lost: u64,
+    rejected: u64,
+}
+
+/// The broker's record of the daemon attached to an export.
+struct Session {
+    epoch: u64,
+    pidfd: Arc<Pidfd>,
+    state: DaemonState,
+    rings: Arc<Rings>,
+    sq_tail: u32,
+    submit_kick: Arc<OwnedFd>,
+    /// Wakes the session thread (to fence, or to notice a restore).
+    wake: Arc<OwnedFd>,
+}
+
+struct State {
+    inflight: Inflight,
+    session: Option<Session>,
+    last_epoch: u64,
+    stats: Stats,
+    fdstore: BTreeMap<String, OwnedFd>,
+    /// Since when requests have been queued with no active daemon.
+    waiting_since: Option<Instant>,
+}
+
+/// What a daemon gets for a successful ATTACH. The session thread keeps the
+/// rest.
+pub struct Grant {
+    pub reply: Attached,
+    pub epoch: u64,
+    pub rings: Arc<Rings>,
+    pub rings_fd: OwnedFd,
+    pub submit_kick: Arc<OwnedFd>,
+    pub complete_kick: OwnedFd,
+    pub wake: Arc<OwnedFd>,
+}
+
+/// Why a daemon's session must end with a fence.
+#[derive(Debug)]
+pub enum Violation {
+    Ring(RingViolation),
+    Completion(crate::inflight::Rejected),
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ring(v) => v.fmt(f),
+            Self::Completion(r) => r.fmt(f),
+        }
+    }
+}
+
+pub struct Export {
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    layout: DataLayout,
+    heap_limit: usize,
+    data_fd: OwnedFd,
+    data: SharedRegion,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Export {
+    pub fn new(cfg: &ExportConfig) -> io::Result<Self> {
+        let layout = DataLayout::new(cfg.slot_count, cfg.slot_size).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "bad slot geometry {} x {} bytes",
+                    cfg.slot_count, cfg.slot_size
+                ),
+            )
+        })?;
+        let data_fd = sys::sealed_memfd(&format!("holdfast-data-{}", cfg.name), layout.byte_len())?;
+        let data = SharedRegion::map(&data_fd, layout.byte_len())?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            size: cfg.size,
+            block_size: cfg.block_size,
+            layout,
+            heap_limit: cfg.heap_limit,
+            data_fd,
+            data,
+            state: Mutex::new(State {
+                inflight: Inflight::new(cfg.slot_count),
+                session: None,
+                last_epoch: 0,
+                stats: Stats::default(),
+                fdstore: BTreeMap::new(),
+                waiting_since: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    pub fn slot_size(&self) -> u32 {
+        self.layout.slot_size()
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.layout.slot_count()
+    }
+
+    /// The data area (for frontends reading requests into slot buffers).
+    pub fn data(&self) -> &SharedRegion {
+        &self.data
+    }
+
+    /// Byte offset of a slot's buffer in the data area.
+    pub fn slot_offset(&self, slot: u32) -> Option<usize> {
+        self.layout.slot_offset(slot)
+    }
+
+    pub fn data_fd(&self) -> &OwnedFd {
+        &self.data_fd
+    }
+
+    /// Takes a free slot for a frontend to read a request into.
+    pub fn take_slot(&self) -> Option<u32> {
+        self.state.lock().inflight.take_slot()
+    }
+
+    /// Returns a slot taken with [`Self::take_slot`] and not used.
+    pub fn release_slot(&self, slot: u32) {
+        self.state.lock().inflight.release(slot);
+    }
+
+    /// Adds a request from a frontend and dispatches it if a daemon is active.
+    pub fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data) {
+        let mut st = self.state.lock();
+        st.inflight.submit(op, offset, len, origin, data);
+        self.dispatch(&mut st);
+        update_waiting(&mut st);
+    }
+
+    /// Adds a write whose data is in private memory: copied into a free slot
+    /// if there is one, else held in private memory (waiting for room under
+    /// the heap limit first).
+    pub fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]) {
+        let len = bytes.len() as u64;
+        let mut st = self.state.lock();
+        let data = match st.inflight.take_slot() {
+            Some(slot) => {
+                let copied = self
+                    .layout
+                    .slot_offset(slot)
+                    .and_then(|off| self.data.copy_in(off, bytes));
+                if copied.is_none() {
+                    // Cannot happen with a request length checked against
+                    // the slot size; fail safe rather than lose the write.
+                    st.inflight.release(slot);
+                    drop(st);
+                    origin
+                        .sink
+                        .complete(origin.tag, Op::Write, Outcome::Failed(libc::EIO));
+                    return;
+                }
+                Data::Slot(slot)
+            }
+            None => {
+                while st.inflight.heap_bytes() > 0
+                    && st.inflight.heap_bytes().saturating_add(bytes.len()) > self.heap_limit
+                {
+                    self.changed.wait(&mut st);
+                }
+                Data::Heap(bytes.into())
+            }
+        };
+        st.inflight.submit(Op::Write, offset, len, origin, data);
+        self.dispatch(&mut st);
+        update_waiting(&mut st);
+    }
+
+    /// Writes every dispatchable queued request to the active daemon's ring.
+    fn dispatch(&self, st: &mut MutexGuard<'_, State>) {
+        let st = &mut **st;
+        let Some(s) = st.session.as_mut() else {
+            return;
+        };
+        if s.state != DaemonState::Active {
+            return;
+        }
+        let now = Instant::now();
+        let start = s.sq_tail;
+        let mut heap_freed = false;
+        while let Some(d) = st.inflight.next_dispatch(s.epoch, now) {
+            if let Some(h) = d.heap {
+                heap_freed = true;
+                let _ = self
+                    .layout
+                    .slot_offset(d.entry.slot)
+                    .and_then(|off| self.data.copy_in(off, &h));
+            }
+            if d.entry.flags & FLAG_REPLAYED != 0 {
+                st.stats.replayed = st.stats.replayed.saturating_add(1);
+            }
+            s.rings.put_submission(s.sq_tail, &d.entry);
+            s.sq_tail = s.sq_tail.wrapping_add(1);
+        }
+        if s.sq_tail != start && s.rings.publish_submissions(s.sq_tail) {
+            sys::kick(s.submit_kick.as_fd());
+        }
+        if heap_freed {
+            self.changed.notify_all();
+        }
+    }
+
+    /// ATTACH: makes the caller the export's daemon. A busy export is
+    /// refused unless `takeover`, or unless its daemon is already gone; then
+    /// the current daemon is fenced first and its requests reclaimed.
+    pub fn attach(
+        &self,
+        pidfd: Arc<Pidfd>,
+        takeover: bool,
+        fence_timeout: Duration,
+    ) -> Result<Grant, ErrorReply> {
+        let mut st = self.state.lock();
+        if let Some(cur) = st.session.as_mut() {
+            let gone = cur.pidfd.is_gone();
+            if !takeover && !gone {
+                return Err(ErrorReply::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "export {} is served by daemon pid {} (epoch {}, {}); \
+                         attach with takeover (holdfast-daemon --takeover) to fence it and replace it",
+                        self.name,
+                        cur.pidfd.pid(),
+                        cur.epoch,
+                        cur.state.name()
+                    ),
+                ));
+            }
+            if !gone {
+                info!(
+                    "{}: takeover by pid {}: fencing daemon pid {} (epoch {})",
+                    self.name,
+                    pidfd.pid(),
+                    cur.pidfd.pid(),
+                    cur.epoch
+                );
+            }
+            request_fence(cur);
+            let deadline = Instant::now() + fence_timeout;
+            while st.session.is_some() {
+                if self.changed.wait_until(&mut st, deadline).timed_out() {
+                    return Err(ErrorReply::new(
+                        ErrorCode::FenceFailed,
+                        format!(
+                            "export {}: the previous daemon was not gone within {fence_timeout:?} of SIGKILL; try again",
+                            self.name
+                        ),
+                    ));
+                }
+            }
+        }
+        let internal = |e: io::Error| {
+            ErrorReply::new(
+                ErrorCode::Internal,
+                format!("export {}: cannot set up shared memory: {e}", self.name),
+            )
+        };
+        let layout = RingLayout::new(self.layout.slot_count())
+            .ok_or_else(|| internal(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let rings_fd = sys::sealed_memfd(&format!("holdfast-rings-{}", self.name), layout.byte_len())
+            .map_err(internal)?;
+        let rings = Arc::new(Rings::map(&rings_fd, layout).map_err(internal)?);
+        let submit_kick = Arc::new(sys::eventfd().map_err(internal)?);
+        let complete_kick = sys::eventfd().map_err(internal)?;
+        let wake = Arc::new(sys::eventfd().map_err(internal)?);
+        st.last_epoch = st.last_epoch.saturating_add(1);
+        let epoch = st.last_epoch;
+        st.session = Some(Session {
+            epoch,
+            pidfd: pidfd.clone(),
+            state: DaemonState::Attached,
+            rings: rings.clone(),
+            sq_tail: 0,
+            submit_kick: submit_kick.clone(),
+            wake: wake.clone(),
+        });
+        info!(
+            "{}: daemon pid {} attached, epoch {epoch}, {} requests pending",
+            self.name,
+            pidfd.pid(),
+            st.inflight.queued()
+        );
+        Ok(Grant {
+            reply: Attached {
+                size: self.size,
+                block_size: self.block_size,
+                slot_count: self.layout.slot_count(),
+                slot_size: self.layout.slot_size(),
+                epoch,
+                pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
+            },
+            epoch,
+            rings,
+            rings_fd,
+            submit_kick,
+            complete_kick,
+            wake,
+        })
+    }
+
+    fn with_session<T>(
+        &self,
+        epoch: u64,
+        f: impl FnOnce(&mut MutexGuard<'_, State>) -> Result<T, ErrorReply>,
+    ) -> Result<T, ErrorReply> {
+        let mut st = self.state.lock();
+        if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
+            return Err(ErrorReply::new(
+                ErrorCode::NotAttached,
+                format!(
+                    "this connection is no longer the daemon of export {}",
+                    self.name
+                ),
+            ));
+        }
+        f(&mut st)
+    }
+
+    /// RESTORE from the daemon of `epoch`: starts dispatching, replays first.
+    pub fn restore(&self, epoch: u64) -> Result<u32, ErrorReply> {
+        self.with_session(epoch, |st| {
+            let replays = self.activate(st)?;
+            info!(
+                "{}: epoch {epoch} restored, replaying {replays} requests",
+                self.name
+            );
+            Ok(replays)
+        })
+    }
+
+    /// Moves the attached daemon to Active and dispatches; returns how many
+    /// replays were queued.
+    fn activate(&self, st: &mut MutexGuard<'_, State>) -> Result<u32, ErrorReply> {
+        let Some(s) = st.session.as_mut() else {
+            return Err(self.not_attached());
+        };
+        match s.state {
+            DaemonState::Attached => s.state = DaemonState::Active,
+            DaemonState::Active => {}
+            other => {
+                return Err(ErrorReply::new(
+                    ErrorCode::BadState,
+                    format!(
+                        "export {}: the daemon is {}, it cannot be restored",
+                        self.name,
+                        other.name()
+                    ),
+                ));
+            }
+        }
+        let replays = u32::try_from(st.inflight.queued_replays()).unwrap_or(u32::MAX);
+        self.dispatch(st);
+        update_waiting(st);
+        Ok(replays)
+    }
+
+    fn not_attached(&self) -> ErrorReply {
+        ErrorReply::new(
+            ErrorCode::NotAttached,
+            format!(
+                "no daemon is attached to export {}; start one, or use --fail-pending",
+                self.name
+            ),
+        )
+    }
+
+    /// The operator's restore: activate the attached daemon (replaying), or
+    /// fail every pending request with EIO. Returns (replayed, failed).
+    pub fn operator_restore(&self, fail_pending: bool) -> Result<(u32, u32), ErrorReply> {
+        if fail_pending {
+            let failed = {
+                let mut st = self.state.lock();
+                let failed = st.inflight.take_queued();
+                st.stats.failed = st.stats.failed.saturating_add(failed.len() as u64);
+                update_waiting(&mut st);
+                failed
+            };
+            let n = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+            warn!(
+                "{}: operator failed {n} pending requests with EIO",
+                self.name
+            );
+            fail_all(failed);
+            return Ok((0, n));
+        }
+        let mut st = self.state.lock();
+        let replays = self.activate(&mut st)?;
+        info!(
+            "{}: operator restore, replaying {replays} requests",
+            self.name
+        );
+        Ok((replays, 0))
+    }
+
+    /// DETACH from the daemon of `epoch`: no more dispatches to it.
+    pub fn begin_detach(&self, epoch: u64) -> Result<(), ErrorReply> {
+        self.with_session(epoch, |st| {
+            if let Some(s) = st.session.as_mut() {
+                if s.state == DaemonState::Fencing {
+                    return Err(ErrorReply::new(
+                        ErrorCode::BadState,
+                        "the daemon is being fenced",
+                    ));
+                }
+                s.state = DaemonState::Detaching;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether the daemon of `epoch` has no request in flight.
+    pub fn drained(&self, epoch: u64) -> bool {
+        self.state.lock().inflight.dispatched(epoch) == 0
+    }
+
+    /// Whether something (the watchdog, a takeover) asked to fence `epoch`.
+    pub fn fence_requested(&self, epoch: u64) -> bool {
+        self.state
+            .lock()
+            .session
+            .as_ref()
+            .is_some_and(|s| s.epoch == epoch && s.state == DaemonState::Fencing)
+    }
+
+    /// Reads and applies the completions the daemon of `epoch` published.
+    /// Valid completions before an invalid one are still applied.
+    pub fn reap(&self, epoch: u64, rings: &Rings, head: &mut u32) -> Result<usize, Violation> {
+        let mut done = Vec::new();
+        let mut violation = None;
+        {
+            let mut st = self.state.lock();
+            match rings.completions_ready(*head) {
+                Err(v) => violation = Some(Violation::Ring(v)),
+                Ok(ready) => {
+                    for _ in 0..ready {
+                        let c = rings.completion(*head);
+                        match st.inflight.complete(epoch, &c) {
+                            Ok(d) => done.push(d),
+                            Err(r) => {
+                                st.stats.rejected = st.stats.rejected.saturating_add(1);
+                                violation = Some(Violation::Completion(r));
+                                break;
+                            }
+                        }
+                        *head = head.wrapping_add(1);
+                    }
+                    rings.set_completion_head(*head);
+                }
+            }
+        }
+        let n = done.len();
+        if n > 0 {
+            for d in &done {
+                self.reply(d);
+            }
+            let mut st = self.state.lock();
+            for d in &done {
+                st.inflight.release(d.slot);
+            }
+            st.stats.completed = st.stats.completed.saturating_add(n as u64);
+            self.dispatch(&mut st);
+        }
+        match violation {
+            Some(v) => Err(v),
+            None => Ok(n),
+        }
+    }
+
+    fn reply(&self, d: &Done) {
+        let outcome = match d.result {
+            Err(errno) => Outcome::Failed(errno),
+            Ok(len) => Outcome::Done {
+                len,
+                data: (d.op == Op::Read)
+                    .then(|| self.layout.slot_offset(d.slot))
+                    .flatten()
+                    .map(|offset| SlotData {
+                        region: &self.data,
+                        offset,
+                        len: usize::try_from(len).unwrap_or(0),
+                    }),
+            },
+        };
+        d.origin.sink.complete(d.origin.tag, d.op, outcome);
+    }
+
+    /// Ends the session of `epoch`. When `lost`, the daemon must already be
+    /// fenced (gone): its dispatched requests are queued again for replay.
+    pub fn end_session(&self, epoch: u64, lost: bool) {
+        let mut st = self.state.lock();
+        if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
+            return;
+        }
+        let reclaimed = st.inflight.reclaim(epoch);
+        st.session = None;
+        if lost {
+            st.stats.lost = st.stats.lost.saturating_add(1);
+        }
+        update_waiting(&mut st);
+        info!(
+            "{}: epoch {epoch} ended ({}), {reclaimed} requests to replay, {} pending",
+            self.name,
+            if lost { "daemon lost" } else { "detached" },
+            st.inflight.queued()
+        );
+        self.changed.notify_all();
+    }
+
+    /// Marks the daemon of `epoch` lost and kills it (the session thread
+    /// then waits until it is gone and ends the session).
+    pub fn declare_lost(&self, epoch: u64, why: &str) {
+        let mut st = self.state.lock();
+        if let Some(s) = st.session.as_mut().filter(|s| s.epoch == epoch) {
+            if s.state != DaemonState::Fencing {
+                warn!(
+                    "{}: daemon pid {} (epoch {epoch}) declared lost: {why}",
+                    self.name,
+                    s.pidfd.pid()
+                );
+            }
+            request_fence(s);
+        }
+    }
+
+    /// Applies the request-age and daemon-wait bounds (called periodically).
+    pub fn check_bounds(
+        &self,
+        now: Instant,
+        request_timeout: Option<Duration>,
+        daemon_wait: Option<Duration>,
+    ) {
+        let mut failed = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let oldest = st.inflight.oldest_dispatch();
+            if let (Some(limit), Some(at), Some(s)) = (request_timeout, oldest, st.session.as_mut())
+            {
+                let age = now.saturating_duration_since(at);
+                if age > limit && s.state != DaemonState::Fencing {
+                    warn!(
+                        "{}: daemon pid {} (epoch {}) declared lost: a request has waited {:.1}s (bound {:?})",
+                        self.name,
+                        s.pidfd.pid(),
+                        s.epoch,
+                        age.as_secs_f64(),
+                        limit
+                    );
+                    request_fence(s);
+                }
+            }
+            if let (Some(limit), Some(since)) = (daemon_wait, st.waiting_since)
+                && now.saturating_duration_since(since) > limit
+            {
+                failed = st.inflight.take_queued();
+                st.stats.failed = st.stats.failed.saturating_add(failed.len() as u64);
+                update_waiting(&mut st);
+                warn!(
+                    "{}: no daemon within the wait bound ({limit:?}): failing {} pending requests with EIO",
+                    self.name,
+                    failed.len()
+                );
+            }
+        }
+        fail_all(failed);
+    }
+
+    /// Stores a descriptor for the daemon of `epoch`.
+    pub fn fd_put(&self, epoch: u64, name: &str, fd: OwnedFd) -> Result<(), ErrorReply> {
+        check_fd_name(name)?;
+        self.with_session(epoch, |st| {
+            if !st.fdstore.contains_key(name) && st.fdstore.len() >= MAX_STORED_FDS {
+                return Err(ErrorReply::new(
+                    ErrorCode::LimitReached,
+                    format!(
+                        "export {}: the fd store holds {MAX_STORED_FDS} descriptors already",
+                        self.name
+                    ),
+                ));
+            }
+            st.fdstore.insert(name.to_owned(), fd);
+            Ok(())
+        })
+    }
+
+    /// A duplicate of a stored descriptor, for the daemon of `epoch`.
+    pub fn fd_get(&self, epoch: u64, name: &str) -> Result<OwnedFd, ErrorReply> {
+        check_fd_name(name)?;
+        self.with_session(epoch, |st| {
+            let fd = st.fdstore.get(name).ok_or_else(|| {
+                ErrorReply::new(
+                    ErrorCode::NotFound,
+                    format!("export {}: no descriptor stored as {name:?}", self.name),
+                )
+            })?;
+            fd.try_clone()
+                .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot duplicate: {e}")))
+        })
+    }
+
+    pub fn status(&self, frontend: &str) -> ExportStatus {
+        let st = self.state.lock();
+        let daemon = st.session.as_ref().map(|s| DaemonStatus {
+            pid: s.pidfd.pid(),
+            epoch: s.epoch,
+            state: s.state,
+        });
+        let inflight = st
+            .session
+            .as_ref()
+            .map_or(0, |s| st.inflight.dispatched(s.epoch));
+        ExportStatus {
+            name: self.name.clone(),
+            size: self.size,
+            frontend: frontend.to_owned(),
+            daemon,
+            inflight: u32::try_from(inflight).unwrap_or(u32::MAX),
+            pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
+            replayed_total: st.stats.replayed,
+            completed_total: st.stats.completed,
+            failed_total: st.stats.failed,
+            daemons_lost: st.stats.lost,
+            rejected_completions: st.stats.rejected,
+            waiting_ms: st
+                .waiting_since
+                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+fn check_fd_name(name: &str) -> Result<(), ErrorReply> {
+    holdfast_proto::validate_name(name).map_err(|e| {
+        ErrorReply::new(
+            ErrorCode::Malformed,
+            format!("fd store name: {e} (at most {MAX_NAME_LEN} bytes)"),
+        )
+    })
+}
+
+/// Marks a session for fencing: SIGKILL through its pidfd, and wake its
+/// session thread, which waits until the daemon is gone and ends it.
+fn request_fence(s: &mut Session) {
+    s.state = DaemonState::Fencing;
+    if let Err(e) = s.pidfd.kill() {
+        warn!("cannot SIGKILL daemon pid {}: {e}", s.pidfd.pid());
+    }
+    sys::kick(s.wake.as_fd());
+}
+
+fn update_waiting(st: &mut State) {
+    let active = st
+        .session
+        .as_ref()
+        .is_some_and(|s| s.state == DaemonState::Active);
+    if st.inflight.queued() == 0 || active {
+        st.waiting_since = None;
+    } else if st.waiting_since.is_none() {
+        st.waiting_since = Some(Instant::now());
+    }
+}
+
+fn fail_all(failed: Vec<Failed>) {
+    for f in failed {
+        f.origin
+            .sink
+            .complete(f.origin.tag, f.op, Outcome::Failed(libc::EIO));
+    }
+}

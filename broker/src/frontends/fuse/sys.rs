@@ -1,0 +1,116 @@
+//! The FUSE device (/dev/fuse, Documentation/filesystems/fuse.rst) and the
+//! mount(2) call that binds a connection to a mount point. Struct layouts
+//! come from the `fuse-abi` crate (include/uapi/linux/fuse.h, 7.40).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::{MountFlags, UnmountFlags};
+
+/// `FUSE_DEV_IOC_CLONE` = `_IOR(229, 0, uint32_t)` (include/uapi/linux/fuse.h,
+/// Linux 4.2): attaches a fresh /dev/fuse open to an existing connection so
+/// that several threads read requests, each with its own processing queue.
+const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+
+/// Opens /dev/fuse.
+pub fn open_dev() -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        "/dev/fuse",
+        OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// A new /dev/fuse descriptor serving the same connection as `dev`.
+/// Replies must be written to the descriptor the request was read from.
+pub fn clone_dev(dev: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let clone = open_dev()?;
+    let mut src: u32 = u32::try_from(dev.as_raw_fd()).unwrap_or(u32::MAX);
+    // SAFETY: the ioctl reads one u32 from the pointer we pass.
+    let rc = unsafe { libc::ioctl(clone.as_raw_fd(), FUSE_DEV_IOC_CLONE, &raw mut src) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(clone)
+}
+
+/// Mounts the connection `dev` at `mountpoint` (mount(2) with the "fuse"
+/// type and the options documented in fuse.rst). Files are root's, and the
+/// kernel checks permissions (`default_permissions`).
+pub fn mount(dev: BorrowedFd<'_>, mountpoint: &Path, max_read: u32) -> io::Result<()> {
+    let opts = format!(
+        "fd={},rootmode=40755,user_id=0,group_id=0,allow_other,default_permissions,max_read={max_read}",
+        dev.as_raw_fd()
+    );
+    let target = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount point contains NUL"))?;
+    let data = CString::new(opts).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    rustix::mount::mount(
+        "holdfast",
+        target.as_c_str(),
+        "fuse.holdfast",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        Some(data.as_c_str()),
+    )?;
+    Ok(())
+}
+
+/// Detaches the mount (MNT_DETACH): open files keep working until closed.
+pub fn unmount(mountpoint: &Path) -> io::Result<()> {
+    Ok(rustix::mount::unmount(mountpoint, UnmountFlags::DETACH)?)
+}
+
+/// If `mountpoint` is a dead FUSE mount (its server gone: ENOTCONN), detach
+/// it so a new one can take its place.
+pub fn clear_stale_mount(mountpoint: &Path) {
+    if let Err(e) = std::fs::metadata(mountpoint)
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        let _ = unmount(mountpoint);
+    }
+}
+
+/// Reads one request: the first `head.len()` bytes into `head`, the rest into
+/// `body_len` bytes at `body`. `body` may point into shared memory, which is
+/// why it is a raw pointer and not a slice.
+///
+/// # Safety
+/// `body` must be valid for writes of `body_len` bytes for the whole call.
+pub unsafe fn read_request(
+    dev: BorrowedFd<'_>,
+    head: &mut [u8],
+    body: *mut u8,
+    body_len: usize,
+) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.cast(),
+            iov_len: body_len,
+        },
+    ];
+    // SAFETY: both iovecs are valid for writes (caller's contract for body).
+    let n = unsafe { libc::readv(dev.as_raw_fd(), iov.as_ptr(), 2) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Writes one reply made of the given pieces.
+///
+/// # Safety
+/// Every iovec must be valid for reads for the whole call.
+pub unsafe fn write_reply(dev: BorrowedFd<'_>, iov: &[libc::iovec]) -> io::Result<()> {
+    let count = libc::c_int::try_from(iov.len()).unwrap_or(0);
+    // SAFETY: caller's contract.
+    let n = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), count) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

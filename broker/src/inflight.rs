@@ -1,0 +1,530 @@
+//! The in-flight table of one export: every request the kernel handed the
+//! broker and that has not been completed to the kernel yet.
+//!
+//! A request is *queued* (waiting for an active daemon or a free slot) or
+//! *dispatched* to the daemon of one epoch. It keeps its slot (and so its
+//! write data) until it completes; a daemon loss moves its dispatched
+//! requests back to the queue, flagged replayed, and the queue is ordered by
+//! sequence number, so replays go out in their original order.
+//!
+//! Completions from shared memory are checked here against this private
+//! table: a completion must name a dispatched request by sequence number,
+//! slot and epoch, with a result that fits the op.
+#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects, clippy::indexing_slicing))]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Instant;
+
+use holdfast_proto::shm::{Completion, FLAG_REPLAYED, Op, Submission};
+
+use crate::frontends::Origin;
+
+/// Largest errno a daemon may return (include/linux/err.h MAX_ERRNO).
+const MAX_ERRNO: i32 = 4095;
+
+/// Where a new request's data is.
+pub enum Data {
+    /// No data yet (reads, flushes, discards...).
+    None,
+    /// Already in this slot's buffer (the slot is now the request's).
+    Slot(u32),
+    /// Write data in private memory, waiting for a free slot.
+    Heap(Box<[u8]>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Queued,
+    Dispatched { epoch: u64, at: Instant },
+}
+
+struct Request {
+    op: Op,
+    offset: u64,
+    len: u64,
+    origin: Origin,
+    slot: Option<u32>,
+    heap: Option<Box<[u8]>>,
+    state: State,
+    replayed: bool,
+}
+
+/// A request ready to be written to a submission ring.
+pub struct Dispatch {
+    pub entry: Submission,
+    /// Write data the caller must copy into the slot buffer first.
+    pub heap: Option<Box<[u8]>>,
+}
+
+/// A validated completion. The slot stays taken until [`Inflight::release`]
+/// so that a read's data can be copied to the kernel first.
+pub struct Done {
+    pub origin: Origin,
+    pub op: Op,
+    pub slot: u32,
+    pub len: u64,
+    /// Bytes transferred, or a positive errno.
+    pub result: Result<u64, i32>,
+}
+
+/// A request failed by the broker itself (wait bound, operator).
+pub struct Failed {
+    pub origin: Origin,
+    pub op: Op,
+}
+
+/// Why a completion was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    UnknownRequest {
+        seq: u64,
+    },
+    WrongSlot {
+        seq: u64,
+        slot: u32,
+        expected: Option<u32>,
+    },
+    StaleEpoch {
+        seq: u64,
+        epoch: u64,
+        current: u64,
+    },
+    NotDispatched {
+        seq: u64,
+    },
+    BadResult {
+        seq: u64,
+        op: Op,
+        len: u64,
+        result: i32,
+    },
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownRequest { seq } => write!(f, "completion for unknown request {seq}"),
+            Self::WrongSlot {
+                seq,
+                slot,
+                expected,
+            } => write!(
+                f,
+                "completion for request {seq} names slot {slot}, the request holds {expected:?}"
+            ),
+            Self::StaleEpoch {
+                seq,
+                epoch,
+                current,
+            } => write!(
+                f,
+                "completion for request {seq} carries epoch {epoch}, current is {current}"
+            ),
+            Self::NotDispatched { seq } => {
+                write!(f, "completion for request {seq}, which was not dispatched")
+            }
+            Self::BadResult {
+                seq,
+                op,
+                len,
+                result,
+            } => write!(
+                f,
+                "completion for {} request {seq} of {len} bytes has result {result}",
+                op.name()
+            ),
+        }
+    }
+}
+
+pub struct Inflight {
+    free: Vec<u32>,
+    requests: BTreeMap<u64, Request>,
+    queued: BTreeSet<u64>,
+    next_seq: u64,
+    heap_bytes: usize,
+}
+
+impl Inflight {
+    pub fn new(slot_count: u32) -> Self {
+        Self {
+            // Reversed so that slot 0 is handed out first.
+            free: (0..slot_count).rev().collect(),
+            requests: BTreeMap::new(),
+            queued: BTreeSet::new(),
+            next_seq: 1,
+            heap_bytes: 0,
+        }
+    }
+
+    /// Takes a free slot (for a frontend to read a request into).
+    pub fn take_slot(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Returns a slot taken with [`Self::take_slot`] or named by [`Done`].
+    pub fn release(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+
+    /// Bytes of write data held in private memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.heap_bytes
+    }
+
+    /// Adds a request; it is queued until [`Self::next_dispatch`].
+    pub fn submit(&mut self, op: Op, offset: u64, len: u64, origin: Origin, data: Data) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.saturating_add(1);
+        let (slot, heap) = match data {
+            Data::None => (None, None),
+            Data::Slot(s) => (Some(s), None),
+            Data::Heap(h) => {
+                self.heap_bytes = self.heap_bytes.saturating_add(h.len());
+                (None, Some(h))
+            }
+        };
+        self.requests.insert(
+            seq,
+            Request {
+                op,
+                offset,
+                len,
+                origin,
+                slot,
+                heap,
+                state: State::Queued,
+                replayed: false,
+            },
+        );
+        self.queued.insert(seq);
+        seq
+    }
+
+    /// The oldest queued request, made ready for the daemon of `epoch`, or
+    /// `None` if nothing is queued or no slot is free for it (order is kept:
+    /// a later request never overtakes it).
+    pub fn next_dispatch(&mut self, epoch: u64, now: Instant) -> Option<Dispatch> {
+        let seq = *self.queued.first()?;
+        let req = self.requests.get_mut(&seq)?;
+        let slot = match req.slot {
+            Some(s) => s,
+            None => {
+                let s = self.free.pop()?;
+                req.slot = Some(s);
+                s
+            }
+        };
+        self.queued.remove(&seq);
+        req.state = State::Dispatched { epoch, at: now };
+        let heap = req.heap.take();
+        if let Some(h) = &heap {
+            self.heap_bytes = self.heap_bytes.saturating_sub(h.len());
+        }
+        Some(Dispatch {
+            entry: Submission {
+                seq,
+                offset: req.offset,
+                len: req.len,
+                epoch,
+                slot,
+                op: req.op as u8,
+                flags: if req.replayed { FLAG_REPLAYED } else { 0 },
+                reserved: 0,
+            },
+            heap,
+        })
+    }
+
+    /// Validates a completion from the daemon of `epoch` and removes its
+    /// request. A rejected completion changes nothing.
+    pub fn complete(&mut self, epoch: u64, c: &Completion) -> Result<Done, Rejected> {
+        let seq = c.seq;
+        let req = self
+            .requests
+            .get(&seq)
+            .ok_or(Rejected::UnknownRequest { seq })?;
+        let State::Dispatched { epoch: held_by, .. } = req.state else {
+            return Err(Rejected::NotDispatched { seq });
+        };
+        if c.epoch != held_by || held_by != epoch {
+            return Err(Rejected::StaleEpoch {
+                seq,
+                epoch: c.epoch,
+                current: held_by,
+            });
+        }
+        if req.slot != Some(c.slot) {
+            return Err(Rejected::WrongSlot {
+                seq,
+                slot: c.slot,
+                expected: req.slot,
+            });
+        }
+        let result = check_result(req.op, req.len, c.result).ok_or(Rejected::BadResult {
+            seq,
+            op: req.op,
+            len: req.len,
+            result: c.result,
+        })?;
+        let req = self
+            .requests
+            .remove(&seq)
+            .ok_or(Rejected::UnknownRequest { seq })?;
+        Ok(Done {
+            origin: req.origin,
+            op: req.op,
+            slot: c.slot,
+            len: req.len,
+            result,
+        })
+    }
+
+    /// Moves every request dispatched to `epoch` back to the queue, flagged
+    /// replayed. Returns how many.
+    pub fn reclaim(&mut self, epoch: u64) -> usize {
+        let mut n = 0usize;
+        for (seq, req) in &mut self.requests {
+            if matches!(req.state, State::Dispatched { epoch: e, .. } if e == epoch) {
+                req.state = State::Queued;
+                req.replayed = true;
+                self.queued.insert(*seq);
+                n = n.saturating_add(1);
+            }
+        }
+        n
+    }
+
+    /// Removes every queued request (to fail them) and frees their slots.
+    pub fn take_queued(&mut self) -> Vec<Failed> {
+        let mut out = Vec::with_capacity(self.queued.len());
+        for seq in std::mem::take(&mut self.queued) {
+            if let Some(req) = self.requests.remove(&seq) {
+                if let Some(s) = req.slot {
+                    self.free.push(s);
+                }
+                if let Some(h) = &req.heap {
+                    self.heap_bytes = self.heap_bytes.saturating_sub(h.len());
+                }
+                out.push(Failed {
+                    origin: req.origin,
+                    op: req.op,
+                });
+            }
+        }
+        out
+    }
+
+    /// Requests waiting for dispatch.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Queued requests that an earlier daemon had and lost.
+    pub fn queued_replays(&self) -> usize {
+        self.queued
+            .iter()
+            .filter(|s| self.requests.get(s).is_some_and(|r| r.replayed))
+            .count()
+    }
+
+    /// Requests dispatched to `epoch` and not completed.
+    pub fn dispatched(&self, epoch: u64) -> usize {
+        self.requests
+            .values()
+            .filter(|r| matches!(r.state, State::Dispatched { epoch: e, .. } if e == epoch))
+            .count()
+    }
+
+    /// When the oldest request still dispatched was dispatched.
+    pub fn oldest_dispatch(&self) -> Option<Instant> {
+        self.requests
+            .values()
+            .filter_map(|r| match r.state {
+                State::Dispatched { at, .. } => Some(at),
+                State::Queued => None,
+            })
+            .min()
+    }
+}
+
+/// Maps a daemon's result to bytes transferred or a positive errno, or
+/// `None` if it does not fit the op: reads and writes transfer exactly `len`
+/// bytes (the broker already clamped `len` to the export), other ops 0.
+fn check_result(op: Op, len: u64, result: i32) -> Option<Result<u64, i32>> {
+    if result < 0 {
+        let errno = result.checked_neg()?;
+        return (errno <= MAX_ERRNO).then_some(Err(errno));
+    }
+    let n = u64::try_from(result).ok()?;
+    let expected = if op.uses_buffer() { len } else { 0 };
+    (n == expected).then_some(Ok(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontends::{Outcome, ReplySink};
+    use std::sync::Arc;
+
+    struct Null;
+    impl ReplySink for Null {
+        fn complete(&self, _: u64, _: Op, _: Outcome<'_>) {}
+    }
+
+    fn origin(tag: u64) -> Origin {
+        Origin {
+            sink: Arc::new(Null),
+            tag,
+        }
+    }
+
+    fn done(d: &Dispatch, result: i32) -> Completion {
+        Completion {
+            seq: d.entry.seq,
+            epoch: d.entry.epoch,
+            slot: d.entry.slot,
+            result,
+        }
+    }
+
+    #[test]
+    fn dispatch_in_order_and_complete() {
+        let mut t = Inflight::new(4);
+        let now = Instant::now();
+        let s = t.take_slot().unwrap();
+        t.submit(Op::Write, 0, 4096, origin(1), Data::Slot(s));
+        t.submit(Op::Read, 4096, 512, origin(2), Data::None);
+        let a = t.next_dispatch(1, now).unwrap();
+        let b = t.next_dispatch(1, now).unwrap();
+        assert!(t.next_dispatch(1, now).is_none());
+        assert_eq!((a.entry.seq, a.entry.slot), (1, s));
+        assert_eq!(b.entry.seq, 2);
+        assert_ne!(b.entry.slot, s);
+        assert_eq!(t.dispatched(1), 2);
+        let d = t.complete(1, &done(&b, 512)).unwrap();
+        assert_eq!(d.result, Ok(512));
+        assert_eq!(d.origin.tag, 2);
+        t.release(d.slot);
+        assert_eq!(t.dispatched(1), 1);
+        // Completing twice is rejected.
+        assert!(matches!(
+            t.complete(1, &done(&b, 512)),
+            Err(Rejected::UnknownRequest { .. })
+        ));
+    }
+
+    #[test]
+    fn reclaim_replays_in_original_order() {
+        let mut t = Inflight::new(8);
+        let now = Instant::now();
+        for i in 0..5 {
+            t.submit(Op::Write, i * 512, 512, origin(i), Data::None);
+        }
+        let ds: Vec<_> = (0..3).map(|_| t.next_dispatch(1, now).unwrap()).collect();
+        // Daemon of epoch 1 completes the middle one, then is lost.
+        let d = t.complete(1, &done(&ds[1], 512)).unwrap();
+        t.release(d.slot);
+        assert_eq!(t.reclaim(1), 2);
+        assert_eq!(t.queued(), 4);
+        assert_eq!(t.queued_replays(), 2);
+        let order: Vec<_> = std::iter::from_fn(|| t.next_dispatch(2, now))
+            .map(|d| (d.entry.seq, d.entry.flags))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(1, FLAG_REPLAYED), (3, FLAG_REPLAYED), (4, 0), (5, 0)]
+        );
+        // A late completion from epoch 1 is stale.
+        assert!(matches!(
+            t.complete(2, &done(&ds[0], 512)),
+            Err(Rejected::StaleEpoch { .. })
+        ));
+    }
+
+    #[test]
+    fn slots_bound_dispatch_and_keep_order() {
+        let mut t = Inflight::new(2);
+        let now = Instant::now();
+        for i in 0..4 {
+            t.submit(Op::Read, 0, 512, origin(i), Data::None);
+        }
+        let a = t.next_dispatch(1, now).unwrap();
+        let _b = t.next_dispatch(1, now).unwrap();
+        assert!(t.next_dispatch(1, now).is_none());
+        let d = t.complete(1, &done(&a, 512)).unwrap();
+        t.release(d.slot);
+        assert_eq!(t.next_dispatch(1, now).unwrap().entry.seq, 3);
+    }
+
+    #[test]
+    fn heap_data_accounted() {
+        let mut t = Inflight::new(1);
+        let now = Instant::now();
+        t.submit(Op::Write, 0, 3, origin(1), Data::Heap(vec![1, 2, 3].into()));
+        assert_eq!(t.heap_bytes(), 3);
+        let d = t.next_dispatch(1, now).unwrap();
+        assert_eq!(d.heap.as_deref(), Some(&[1u8, 2, 3][..]));
+        assert_eq!(t.heap_bytes(), 0);
+        t.submit(Op::Write, 0, 2, origin(2), Data::Heap(vec![1, 2].into()));
+        assert_eq!(t.take_queued().len(), 1);
+        assert_eq!(t.heap_bytes(), 0);
+    }
+
+    #[test]
+    fn bad_completions_rejected_and_change_nothing() {
+        let mut t = Inflight::new(4);
+        let now = Instant::now();
+        t.submit(Op::Read, 0, 4096, origin(1), Data::None);
+        t.submit(Op::Flush, 0, 0, origin(2), Data::None);
+        t.submit(Op::Write, 0, 512, origin(3), Data::None);
+        let r = t.next_dispatch(5, now).unwrap();
+        let f = t.next_dispatch(5, now).unwrap();
+        let cases = [
+            Completion {
+                slot: 3,
+                ..done(&r, 4096)
+            },
+            Completion {
+                slot: u32::MAX,
+                ..done(&r, 4096)
+            },
+            Completion {
+                epoch: 4,
+                ..done(&r, 4096)
+            },
+            Completion {
+                seq: 99,
+                ..done(&r, 4096)
+            },
+            Completion {
+                seq: 3,
+                slot: 0,
+                epoch: 5,
+                result: 512,
+            },
+            done(&r, 4095),
+            done(&r, 4097),
+            done(&r, i32::MIN),
+            done(&r, -4096),
+            done(&f, 1),
+        ];
+        for c in cases {
+            assert!(t.complete(5, &c).is_err(), "{c:?}");
+        }
+        assert_eq!(t.dispatched(5), 2);
+        assert_eq!(t.complete(5, &done(&r, -5)).unwrap().result, Err(5));
+        assert_eq!(t.complete(5, &done(&f, 0)).unwrap().result, Ok(0));
+    }
+
+    #[test]
+    fn take_queued_frees_slots() {
+        let mut t = Inflight::new(1);
+        let s = t.take_slot().unwrap();
+        t.submit(Op::Write, 0, 512, origin(1), Data::Slot(s));
+        assert!(t.take_slot().is_none());
+        assert_eq!(t.take_queued().len(), 1);
+        assert!(t.take_slot().is_some());
+    }
+}

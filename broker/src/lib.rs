@@ -1,0 +1,155 @@
+//! The holdfast broker: one small process that never restarts, holds the
+//! kernel device handles and the table of every request in flight, and hands
+//! requests to storage daemons that attach over a Unix socket.
+//!
+//! Where a request goes:
+//! `frontends/` (kernel → request) → `export` + `inflight` (slot table,
+//! dispatch, replay) → `shm` rings → daemon → `control` (session thread
+//! reaps completions) → `frontends/` (reply to the kernel).
+
+pub mod config;
+pub mod control;
+pub mod export;
+pub mod frontends;
+pub mod inflight;
+pub mod log;
+pub mod shm;
+pub mod supervise;
+pub mod sys;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_proto::ExportStatus;
+
+use crate::config::Config;
+use crate::export::{Export, ExportConfig};
+use crate::frontends::fuse::FuseFrontend;
+use crate::supervise::Supervisor;
+
+/// Write data held in private memory per export while all slots are taken.
+const HEAP_LIMIT: usize = 256 << 20;
+/// How often the request-age and daemon-wait bounds are checked.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+
+/// What connection threads share.
+pub struct Broker {
+    pub exports: Vec<Arc<Export>>,
+    pub allow_uids: Vec<u32>,
+    pub fence_timeout: Duration,
+}
+
+impl Broker {
+    pub fn export(&self, name: &str) -> Option<&Arc<Export>> {
+        self.exports.iter().find(|e| e.name == name)
+    }
+
+    pub fn export_names(&self) -> String {
+        let names: Vec<&str> = self.exports.iter().map(|e| e.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    pub fn status(&self) -> Vec<ExportStatus> {
+        self.exports.iter().map(|e| e.status("fuse")).collect()
+    }
+}
+
+/// Runs the broker until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> Result<(), String> {
+    let signals = [libc::SIGTERM, libc::SIGINT];
+    // Blocked before any thread starts, so every thread inherits the mask
+    // and the signals are taken only by the main thread below.
+    sys::block_signals(&signals).map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let mut allow_uids = cfg.allow_uids.clone();
+    allow_uids.push(0);
+    allow_uids.push(rustix::process::geteuid().as_raw());
+
+    for dir in [cfg.socket.parent(), Some(cfg.mountpoint.as_path())]
+        .into_iter()
+        .flatten()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+
+    let mut exports = Vec::new();
+    for spec in &cfg.exports {
+        let export = Export::new(&ExportConfig {
+            name: spec.name.clone(),
+            size: spec.size,
+            block_size: cfg.block_size,
+            slot_count: cfg.slot_count,
+            slot_size: cfg.slot_size,
+            heap_limit: HEAP_LIMIT,
+        })
+        .map_err(|e| format!("export {}: {e}", spec.name))?;
+        exports.push(Arc::new(export));
+    }
+    let broker = Arc::new(Broker {
+        exports: exports.clone(),
+        allow_uids,
+        fence_timeout: cfg.fence_timeout,
+    });
+
+    let listener = sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.socket.display()))?;
+    let frontend = FuseFrontend::start(&cfg.mountpoint, exports.clone(), cfg.fuse_workers)
+        .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.mountpoint.display()))?;
+
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map(drop)
+            .map_err(|e| format!("cannot start thread {name}: {e}"))
+    };
+    {
+        let broker = broker.clone();
+        spawn(
+            "holdfast-control",
+            Box::new(move || control::serve(broker, listener)),
+        )?;
+    }
+    {
+        let (req, wait) = (cfg.request_timeout, cfg.daemon_wait);
+        spawn(
+            "holdfast-watchdog",
+            Box::new(move || {
+                loop {
+                    std::thread::sleep(WATCHDOG_TICK);
+                    let now = Instant::now();
+                    for e in &exports {
+                        e.check_bounds(now, req, wait);
+                    }
+                }
+            }),
+        )?;
+    }
+    let mut supervisors = Vec::new();
+    for cmd in &cfg.supervise {
+        supervisors.push(
+            Supervisor::start(cmd.clone()).map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?,
+        );
+    }
+
+    info!(
+        "ready: socket {}, mount {}, exports: {}",
+        cfg.socket.display(),
+        cfg.mountpoint.display(),
+        broker.export_names()
+    );
+    let sig = loop {
+        if let Some(s) = sys::wait_signal(&signals, Duration::from_secs(1)) {
+            break s;
+        }
+    };
+    info!("signal {sig}: shutting down");
+    for s in supervisors {
+        s.shutdown(Duration::from_secs(3));
+    }
+    frontend.unmount();
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}

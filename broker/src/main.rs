@@ -1,0 +1,147 @@
+//! holdfast-broker: the command line.
+
+use std::process::ExitCode;
+
+use holdfast_broker::config::{self, Config};
+
+const USAGE: &str = "\
+holdfast-broker: holds kernel device handles and every request in flight, so
+storage daemons can crash or be replaced without the kernel seeing an error.
+
+Usage: holdfast-broker [OPTIONS]
+
+With no --export, serves one export vol0 of 1 GiB, and (unless --supervise is
+given) supervises `holdfast-daemon --backend file:/var/lib/holdfast/vol0.img`.
+
+Options:
+  --socket PATH           control socket [default: /run/holdfast/holdfast.sock]
+  --socket-mode MODE      octal permissions of the socket [default: 600]
+  --allow-uid UID         also accept connections from UID (repeatable;
+                          root and the broker's own uid are always accepted)
+  --mountpoint DIR        where the FUSE file system is mounted; each export is
+                          the file DIR/NAME [default: /run/holdfast/mnt]
+  --export NAME=SIZE      an export, e.g. vol0=256MiB (repeatable)
+  --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
+                          again whenever it exits (repeatable)
+  --request-timeout T     a request dispatched longer than T declares its daemon
+                          lost (hung): it is killed and its requests replayed to
+                          the next daemon [default: 30s; 0 = never]
+  --daemon-wait T         pending requests wait T for a daemon, then fail with
+                          EIO [default: forever]
+  --fence-timeout T       how long to wait for a killed daemon to be gone before
+                          warning (it is waited for regardless) [default: 10s]
+  --fuse-workers N        FUSE worker threads [default: 4]
+  --slots N               in-flight slots per export, a power of two [default: 64]
+  --slot-size SIZE        largest I/O per request [default: 1MiB]
+  --block-size N          logical block size, 512 or 4096 [default: 512]
+  -h, --help              print this help
+  -V, --version           print the version
+
+Durations: 30, 2.5s, 500ms, 5m, forever.";
+
+fn string_value(parser: &mut lexopt::Parser) -> Result<String, String> {
+    parser
+        .value()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|v| format!("{v:?} is not valid UTF-8"))
+}
+
+fn parse_args() -> Result<Option<Config>, String> {
+    use lexopt::prelude::*;
+    let mut cfg = Config::default();
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("socket") => cfg.socket = string_value(&mut parser)?.into(),
+            Long("socket-mode") => {
+                let v = string_value(&mut parser)?;
+                cfg.socket_mode = u32::from_str_radix(&v, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| {
+                        format!("--socket-mode {v:?}: expected an octal mode like 600")
+                    })?;
+            }
+            Long("allow-uid") => {
+                let v = string_value(&mut parser)?;
+                cfg.allow_uids.push(
+                    v.parse()
+                        .map_err(|_| format!("--allow-uid {v:?}: expected a number"))?,
+                );
+            }
+            Long("mountpoint") => cfg.mountpoint = string_value(&mut parser)?.into(),
+            Long("export") => cfg
+                .exports
+                .push(config::parse_export(&string_value(&mut parser)?)?),
+            Long("supervise") => cfg.supervise.push(string_value(&mut parser)?),
+            Long("request-timeout") => {
+                cfg.request_timeout = config::parse_bound(&string_value(&mut parser)?)?
+            }
+            Long("daemon-wait") => {
+                cfg.daemon_wait = config::parse_bound(&string_value(&mut parser)?)?
+            }
+            Long("fence-timeout") => {
+                let v = string_value(&mut parser)?;
+                cfg.fence_timeout = config::parse_bound(&v)?
+                    .ok_or_else(|| format!("--fence-timeout {v:?}: must be a positive duration"))?;
+            }
+            Long("fuse-workers") => {
+                let v = string_value(&mut parser)?;
+                cfg.fuse_workers = v
+                    .parse()
+                    .map_err(|_| format!("--fuse-workers {v:?}: expected a number"))?;
+            }
+            Long("slots") => {
+                let v = string_value(&mut parser)?;
+                cfg.slot_count = v
+                    .parse()
+                    .map_err(|_| format!("--slots {v:?}: expected a number"))?;
+            }
+            Long("slot-size") => {
+                let size = config::parse_size(&string_value(&mut parser)?)?;
+                cfg.slot_size =
+                    u32::try_from(size).map_err(|_| "--slot-size is too large".to_string())?;
+            }
+            Long("block-size") => {
+                let v = string_value(&mut parser)?;
+                cfg.block_size = v
+                    .parse()
+                    .map_err(|_| format!("--block-size {v:?}: expected 512 or 4096"))?;
+            }
+            Short('h') | Long("help") => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("holdfast-broker {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    let daemon = std::env::current_exe()
+        .map(|p| p.with_file_name("holdfast-daemon"))
+        .map_err(|e| format!("cannot find my own executable: {e}"))?;
+    cfg.apply_defaults(&daemon.display().to_string());
+    cfg.validate()?;
+    Ok(Some(cfg))
+}
+
+fn main() -> ExitCode {
+    let cfg = match parse_args() {
+        Ok(Some(cfg)) => cfg,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("holdfast-broker: {e}\nTry 'holdfast-broker --help'.");
+            return ExitCode::from(2);
+        }
+    };
+    match holdfast_broker::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("holdfast-broker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Thin typed wrappers over the kernel interfaces the broker uses, apart
+//! from the FUSE device (see `frontends::fuse::sys`).
+
+pub mod pidfd;
+pub mod seqpacket;
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::fs::{MemfdFlags, SealFlags};
+
+/// A non-blocking, close-on-exec eventfd (eventfd(2)).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(
+        0,
+        EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+    )?)
+}
+
+/// Adds one to an eventfd, waking its reader. A full counter (EAGAIN) is
+/// already a pending wake-up.
+pub fn kick(fd: BorrowedFd<'_>) {
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
+}
+
+/// Resets an eventfd's counter.
+pub fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut buf);
+}
+
+/// A memfd of `len` bytes whose size is sealed (memfd_create(2),
+/// F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL from include/uapi/linux/fcntl.h):
+/// a daemon that receives it cannot truncate it under the broker, which
+/// would turn the broker's next access into SIGBUS.
+pub fn sealed_memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, len as u64)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// poll(2) on `fds` for readability; returns which are readable (or hung
+/// up). EINTR counts as a timeout.
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    let ts = Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut pfds, Some(&ts)) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return Ok(vec![false; fds.len()]),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(pfds
+        .iter()
+        .map(|p| {
+            p.revents()
+                .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
+        })
+        .collect())
+}
+
+/// Blocks `signals` in the calling thread (and threads it spawns later), so
+/// that they can be taken with [`wait_signal`].
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    // SAFETY: plain libc calls on a local sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        for &s in signals {
+            libc::sigaddset(&raw mut set, s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for one of `signals` (which must be blocked).
+pub fn wait_signal(signals: &[libc::c_int], timeout: Duration) -> Option<libc::c_int> {
+    // SAFETY: plain libc calls on local values.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        for &s in signals {
+            libc::sigaddset(&raw mut set, s);
+        }
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos().min(999_999_999) as i32),
+        };
+        let s = libc::sigtimedwait(&raw const set, std::ptr::null_mut(), &raw const ts);
+        (s > 0).then_some(s)
+    }
+}

@@ -1,0 +1,122 @@
+//! AF_UNIX SOCK_SEQPACKET sockets (unix(7)): message boundaries are kept, so
+//! one packet is one control message, and descriptors travel in SCM_RIGHTS.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+    UCred,
+};
+
+/// Most descriptors one message carries (ATTACHED passes four).
+pub const MAX_FDS: usize = 4;
+
+/// A received packet.
+pub struct Packet {
+    /// Bytes received (at most the buffer's length).
+    pub len: usize,
+    /// The packet was larger than the buffer and was cut.
+    pub truncated: bool,
+    /// Descriptors that came with it, already close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Creates a listening socket at `path`, replacing a stale one, with `mode`.
+pub fn listen(path: &Path, mode: u32) -> io::Result<OwnedFd> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let addr = SocketAddrUnix::new(path)?;
+    // Bind with a umask that leaves no access to others, then set the
+    // requested mode: the socket is never briefly more open than asked.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = rustix::net::bind(&fd, &addr);
+    rustix::process::umask(old);
+    bound?;
+    rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode))?;
+    rustix::net::listen(&fd, 64)?;
+    Ok(fd)
+}
+
+/// Accepts one connection (blocking).
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(rustix::net::accept_with(listener, SocketFlags::CLOEXEC)?)
+}
+
+/// The connecting process's pid, uid and gid (SO_PEERCRED).
+pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<UCred> {
+    Ok(rustix::net::sockopt::socket_peercred(sock)?)
+}
+
+/// Sends one packet with up to [`MAX_FDS`] descriptors.
+pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors for one message",
+        ));
+    }
+    let sent = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    if sent != bytes.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short send"));
+    }
+    Ok(())
+}
+
+/// Receives one packet into `buf`. A packet of length 0 means the peer
+/// closed the connection. Descriptors beyond [`MAX_FDS`] are closed by the
+/// kernel (the control data is cut) and reported as truncation.
+pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Result<Packet> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [IoSliceMut::new(buf)],
+        &mut control,
+        flags | RecvFlags::CMSG_CLOEXEC | RecvFlags::TRUNC,
+    )?;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    Ok(Packet {
+        len: msg.bytes.min(buf.len()),
+        truncated: msg.bytes > buf.len()
+            || msg.flags.contains(ReturnFlags::TRUNC)
+            || msg.flags.contains(ReturnFlags::CTRUNC),
+        fds,
+    })
+}
+
+/// Connects to a listening socket (for holdfastctl).
+pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(fd)
+}
