@@ -309,8 +309,9 @@ impl Export {
         };
         let layout = RingLayout::new(self.layout.slot_count())
             .ok_or_else(|| internal(io::Error::from(io::ErrorKind::InvalidInput)))?;
-        let rings_fd = sys::sealed_memfd(&format!("holdfast-rings-{}", self.name), layout.byte_len())
-            .map_err(internal)?;
+        let rings_fd =
+            sys::sealed_memfd(&format!("holdfast-rings-{}", self.name), layout.byte_len())
+                .map_err(internal)?;
         let rings = Arc::new(Rings::map(&rings_fd, layout).map_err(internal)?);
         let submit_kick = Arc::new(sys::eventfd().map_err(internal)?);
         let complete_kick = sys::eventfd().map_err(internal)?;

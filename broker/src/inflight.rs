@@ -10,7 +10,10 @@
 //! Completions from shared memory are checked here against this private
 //! table: a completion must name a dispatched request by sequence number,
 //! slot and epoch, with a result that fits the op.
-#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects, clippy::indexing_slicing))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

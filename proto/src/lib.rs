@@ -4,7 +4,10 @@
 //!
 //! This crate does no I/O. Every decoder checks lengths and values and returns
 //! a typed error; nothing here can panic on input.
-#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::arithmetic_side_effects))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
 
 pub mod control;
 pub mod error;

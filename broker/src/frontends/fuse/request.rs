@@ -1,6 +1,9 @@
 //! Typed parsing of FUSE requests (include/uapi/linux/fuse.h). Every length
 //! is checked against the bytes the kernel delivered before a field is used.
-#![cfg_attr(not(test), deny(clippy::arithmetic_side_effects, clippy::indexing_slicing))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)
+)]
 
 use fuse_abi::linux::{
     fuse_fallocate_in, fuse_fsync_in, fuse_in_header, fuse_opcode, fuse_open_in, fuse_read_in,

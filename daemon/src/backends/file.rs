@@ -1,0 +1,37 @@
+//! `file:PATH`: an export stored in a local file, created sparse at the
+//! export's size if missing. Flushes are fdatasync; the lease is a flock on
+//! the file.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use super::{FdBackend, OpenContext};
+use crate::Error;
+use crate::lease::Lease;
+
+pub fn open(path: &Path, ctx: OpenContext<'_>) -> Result<FdBackend, Error> {
+    let what = path.display().to_string();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot open {what}"), e))?;
+    // The lease comes first: a predecessor may still be writing.
+    let lock = File::open(path).map_err(|e| Error::io(format!("cannot open {what}"), e))?;
+    let lease = Lease::acquire(lock, &what, ctx.lease_timeout)?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat {what}"), e))?
+        .len();
+    if len < ctx.size {
+        file.set_len(ctx.size)
+            .map_err(|e| Error::io(format!("cannot grow {what} to {} bytes", ctx.size), e))?;
+    }
+    Ok(FdBackend::new(file, true, lease))
+}

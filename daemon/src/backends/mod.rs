@@ -1,0 +1,179 @@
+//! Where a daemon keeps an export's bytes. One file per kind; every kind
+//! implements [`Backend`], which is all a user implements to write their own
+//! daemon on this library.
+
+pub mod file;
+pub mod mem;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rustix::fs::FallocateFlags;
+
+use crate::Error;
+use crate::client::Connection;
+use crate::lease::Lease;
+
+/// An export's storage. Called from several worker threads at once; each
+/// call covers a range inside the export. A write is complete when the call
+/// returns; it must be durable once a later `flush` returns.
+pub trait Backend: Send + Sync {
+    /// Fills `buf` with the bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Stores `buf` at `offset`.
+    fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Deallocates a range; it must read back as zeroes.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+    /// Makes a range read back as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; 64 << 10];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64);
+            self.write(offset + done, &zeroes[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+    /// Reserves space for a range (a hint; the default does nothing).
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What `--backend` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// `file:PATH`: a local file (created sparse if missing), flushed with fdatasync.
+    File(PathBuf),
+    /// `mem`: a memfd kept in the broker's fd store, so it survives daemon crashes.
+    Mem,
+}
+
+impl FromStr for BackendSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "mem" {
+            return Ok(Self::Mem);
+        }
+        match s.split_once(':') {
+            Some(("file", path)) if !path.is_empty() => Ok(Self::File(path.into())),
+            _ => Err(format!("unknown backend {s:?}: use file:PATH or mem")),
+        }
+    }
+}
+
+/// What opening a backend needs: the attached connection (for the fd
+/// store), the export, and how long to wait for the lease.
+pub struct OpenContext<'a> {
+    pub conn: &'a mut Connection,
+    pub export: &'a str,
+    pub size: u64,
+    pub lease_timeout: Duration,
+}
+
+impl BackendSpec {
+    /// Opens the backend and takes its lease.
+    pub fn open(&self, ctx: OpenContext<'_>) -> Result<Box<dyn Backend>, Error> {
+        Ok(match self {
+            Self::File(path) => Box::new(file::open(path, ctx)?),
+            Self::Mem => Box::new(mem::open(ctx)?),
+        })
+    }
+}
+
+/// A backend on a file descriptor (a regular file or a memfd), shared by
+/// the `file` and `mem` kinds.
+pub struct FdBackend {
+    file: File,
+    /// Whether `flush` must reach stable storage (not for memory).
+    durable: bool,
+    _lease: Lease,
+}
+
+impl FdBackend {
+    pub fn new(file: File, durable: bool, lease: Lease) -> Self {
+        Self {
+            file,
+            durable,
+            _lease: lease,
+        }
+    }
+
+    fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        Ok(rustix::fs::fallocate(&self.file, flags, offset, len)?)
+    }
+}
+
+impl Backend for FdBackend {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                // Past the end of a short file: the export reads zeroes.
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.durable {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        // ZERO_RANGE keeps the space allocated; memfds only punch holes.
+        self.fallocate(
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .or_else(|_| self.discard(offset, len))
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(FallocateFlags::KEEP_SIZE, offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!("mem".parse(), Ok(BackendSpec::Mem));
+        assert_eq!("file:/x/y".parse(), Ok(BackendSpec::File("/x/y".into())));
+        assert!("file:".parse::<BackendSpec>().is_err());
+        assert!("s3://b".parse::<BackendSpec>().is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! The control connection to a broker: HELLO, ATTACH, RESTORE, DETACH and
+//! the fd store, over SOCK_SEQPACKET with descriptors in SCM_RIGHTS.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use holdfast_proto::control::attach_fds;
+use holdfast_proto::{
+    Attach, ErrorCode, Hello, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, caps,
+};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+
+use crate::Error;
+use crate::rings::Attachment;
+
+const MAX_FDS: usize = attach_fds::COUNT;
+
+/// A connection to the broker's control socket.
+pub struct Connection {
+    sock: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    /// Connects to the broker's socket (no HELLO yet).
+    pub fn connect(path: &Path) -> Result<Self, Error> {
+        let ctx = |e: io::Error| Error::io(format!("cannot connect to {}", path.display()), e);
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(|e| ctx(e.into()))?;
+        let addr = SocketAddrUnix::new(path).map_err(|e| ctx(e.into()))?;
+        rustix::net::connect(&sock, &addr).map_err(|e| ctx(e.into()))?;
+        Ok(Self {
+            sock,
+            buf: vec![0u8; MAX_MESSAGE_LEN],
+        })
+    }
+
+    /// The socket, to poll for broker messages and EOF.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Sends raw bytes as one message (tests use this for malformed input).
+    pub fn send_raw(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(Error::Protocol(
+                "too many descriptors for one message".into(),
+            ));
+        }
+        rustix::net::sendmsg(
+            &self.sock,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+        .map_err(|e| Error::io("cannot send to the broker", e.into()))?;
+        Ok(())
+    }
+
+    /// Receives one reply (blocking), with any descriptors it carries.
+    pub fn recv(&mut self) -> Result<(Reply, Vec<OwnedFd>), Error> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let msg = rustix::net::recvmsg(
+            &self.sock,
+            &mut [IoSliceMut::new(&mut self.buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::io("cannot receive from the broker", e.into()))?;
+        let mut fds = Vec::new();
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = m {
+                fds.extend(rights);
+            }
+        }
+        if msg.bytes == 0 {
+            return Err(Error::BrokerGone);
+        }
+        let bytes = self.buf.get(..msg.bytes).unwrap_or_default();
+        let reply = Reply::decode(bytes)
+            .map_err(|e| Error::Protocol(format!("bad message from the broker: {e}")))?;
+        Ok((reply, fds))
+    }
+
+    /// Sends a request and waits for its reply; an ERROR reply is an `Err`.
+    pub fn call(
+        &mut self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Reply, Vec<OwnedFd>), Error> {
+        self.send_raw(&req.encode(), fds)?;
+        match self.recv()? {
+            (Reply::Error(e), _) => Err(Error::Broker(e)),
+            ok => Ok(ok),
+        }
+    }
+
+    /// HELLO with this crate's protocol version.
+    pub fn hello(&mut self) -> Result<(), Error> {
+        let req = Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            caps: caps::ALL,
+            pid: std::process::id(),
+        });
+        match self.call(&req, &[])? {
+            (Reply::Hello { .. }, _) => Ok(()),
+            (other, _) => Err(unexpected("HELLO", &other)),
+        }
+    }
+
+    /// ATTACH to `export`; with `takeover`, the broker fences the current
+    /// daemon first.
+    pub fn attach(&mut self, export: &str, takeover: bool) -> Result<Attachment, Error> {
+        let req = Request::Attach(Attach {
+            export: export.to_owned(),
+            takeover,
+        });
+        match self.call(&req, &[])? {
+            (Reply::Attached(a), fds) => Attachment::new(a, fds),
+            (other, _) => Err(unexpected("ATTACH", &other)),
+        }
+    }
+
+    /// RESTORE: the broker starts dispatching, replays first. Returns how
+    /// many requests are replayed.
+    pub fn restore(&mut self) -> Result<u32, Error> {
+        match self.call(&Request::Restore, &[])? {
+            (Reply::Restored { replayed }, _) => Ok(replayed),
+            (other, _) => Err(unexpected("RESTORE", &other)),
+        }
+    }
+
+    /// Sends DETACH; the broker answers DETACHED (see [`Self::recv`]) once
+    /// every request it dispatched to this daemon has completed.
+    pub fn send_detach(&self) -> Result<(), Error> {
+        self.send_raw(&Request::Detach.encode(), &[])
+    }
+
+    /// Deposits `fd` in the broker's fd store of the attached export.
+    pub fn fd_put(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
+        let req = Request::FdPut {
+            name: name.to_owned(),
+        };
+        match self.call(&req, &[fd])? {
+            (Reply::FdStored, _) => Ok(()),
+            (other, _) => Err(unexpected("FD_PUT", &other)),
+        }
+    }
+
+    /// Fetches a descriptor from the fd store; `None` if nothing is stored.
+    pub fn fd_get(&mut self, name: &str) -> Result<Option<OwnedFd>, Error> {
+        let req = Request::FdGet {
+            name: name.to_owned(),
+        };
+        match self.call(&req, &[]) {
+            Ok((Reply::Fd, mut fds)) if fds.len() == 1 => Ok(fds.pop()),
+            Ok((other, _)) => Err(unexpected("FD_GET", &other)),
+            Err(Error::Broker(e)) if e.code == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn unexpected(what: &str, reply: &Reply) -> Error {
+    Error::Protocol(format!("unexpected reply to {what}: {reply:?}"))
+}

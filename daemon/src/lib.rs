@@ -1,0 +1,110 @@
+//! holdfast daemon library: attach to a broker, recover, RESTORE, and serve
+//! an export's requests from a [`Backend`].
+//!
+//! To write your own daemon, implement [`Backend`] and call [`run_with`];
+//! or speak `holdfast_proto` directly with [`client::Connection`] and
+//! [`rings::Attachment`].
+
+pub mod backends;
+pub mod client;
+pub mod lease;
+pub mod rings;
+pub mod serve;
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use backends::{Backend, BackendSpec, OpenContext};
+use holdfast_proto::ErrorReply;
+
+/// Why a daemon stopped.
+#[derive(Debug)]
+pub enum Error {
+    Io {
+        context: String,
+        source: io::Error,
+    },
+    /// The broker answered with an error.
+    Broker(ErrorReply),
+    /// The broker sent something this daemon does not understand.
+    Protocol(String),
+    /// The broker closed the connection.
+    BrokerGone,
+    /// The backend's lease could not be taken.
+    Lease(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io { context, source } => write!(f, "{context}: {source}"),
+            Self::Broker(e) => write!(f, "the broker refused: {e}"),
+            Self::Protocol(s) => f.write_str(s),
+            Self::BrokerGone => f.write_str("the broker closed the connection"),
+            Self::Lease(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Writes one log line to stderr.
+pub fn log(msg: &str) {
+    eprintln!("holdfast-daemon[{}]: {msg}", std::process::id());
+}
+
+/// What a daemon serves, and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub socket: PathBuf,
+    pub export: String,
+    /// Fence the export's current daemon instead of being refused as busy.
+    pub takeover: bool,
+    pub workers: usize,
+    pub lease_timeout: Duration,
+}
+
+/// Attaches, opens the backend with `open` (which takes the lease), issues
+/// RESTORE and serves until SIGTERM/SIGINT (detaching cleanly) or until the
+/// broker goes away.
+pub fn run_with(
+    opts: &Options,
+    open: impl FnOnce(OpenContext<'_>) -> Result<Box<dyn Backend>, Error>,
+) -> Result<(), Error> {
+    // Before any thread starts, so that every thread blocks them.
+    let signals = serve::stop_signals()?;
+    let mut conn = client::Connection::connect(&opts.socket)?;
+    conn.hello()?;
+    let att = conn.attach(&opts.export, opts.takeover)?;
+    let geometry = att.geometry;
+    log(&format!(
+        "attached to {} (epoch {}, {} bytes, {} requests pending)",
+        opts.export, geometry.epoch, geometry.size, geometry.pending
+    ));
+    let backend = open(OpenContext {
+        conn: &mut conn,
+        export: &opts.export,
+        size: geometry.size,
+        lease_timeout: opts.lease_timeout,
+    })?;
+    let replayed = conn.restore()?;
+    log(&format!("restored; {replayed} requests replayed"));
+    serve::serve(conn, att, Arc::from(backend), opts.workers, signals)
+}
+
+/// [`run_with`] for a backend named on the command line.
+pub fn run(opts: &Options, backend: &BackendSpec) -> Result<(), Error> {
+    run_with(opts, |ctx| backend.open(ctx))
+}

@@ -1,0 +1,122 @@
+//! holdfast-daemon: the command line.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use holdfast_daemon::{BackendSpec, Error, Options, log};
+
+const USAGE: &str = "\
+holdfast-daemon: serve one export of a holdfast broker from a backend.
+
+Usage: holdfast-daemon --export NAME --backend SPEC [OPTIONS]
+
+Attaches to the broker, takes the backend's lease, issues restore (pending
+requests are replayed first) and serves until SIGTERM or SIGINT, on which it
+detaches cleanly after finishing the requests it holds.
+
+Backends:
+  file:PATH             a local file, created sparse if missing; flush = fdatasync
+  mem                   a memfd kept in the broker's fd store (survives daemon
+                        crashes, not broker restarts)
+
+Options:
+  --socket PATH         the broker's control socket [default: /run/holdfast/holdfast.sock]
+  --export NAME         the export to serve
+  --backend SPEC        where the export's bytes live
+  --takeover            replace a daemon already serving the export (the broker
+                        kills it and waits until it is gone)
+  --workers N           I/O threads [default: 16]
+  --lease-timeout SECS  how long to wait for a predecessor's lease [default: 30]
+  -h, --help            print this help
+  -V, --version         print the version
+
+Exit status: 0 after a clean detach, 1 on errors, 2 on bad usage.";
+
+fn string_value(p: &mut lexopt::Parser) -> Result<String, String> {
+    p.value()
+        .map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|v| format!("{v:?} is not valid UTF-8"))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("{flag} {v:?}: expected a number"))
+}
+
+fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
+    use lexopt::prelude::*;
+    let mut socket = "/run/holdfast/holdfast.sock".into();
+    let (mut export, mut backend) = (None, None);
+    let mut takeover = false;
+    let mut workers = 16usize;
+    let mut lease_timeout = 30u64;
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("socket") => socket = string_value(&mut p)?.into(),
+            Long("export") => {
+                let v = string_value(&mut p)?;
+                holdfast_proto::validate_name(&v).map_err(|e| format!("--export: {e}"))?;
+                export = Some(v);
+            }
+            Long("backend") => backend = Some(string_value(&mut p)?.parse::<BackendSpec>()?),
+            Long("takeover") => takeover = true,
+            Long("workers") => {
+                workers = number("--workers", &string_value(&mut p)?)?;
+                if !(1..=1024).contains(&workers) {
+                    return Err("--workers must be from 1 to 1024".into());
+                }
+            }
+            Long("lease-timeout") => {
+                lease_timeout = number("--lease-timeout", &string_value(&mut p)?)?;
+            }
+            Short('h') | Long("help") => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("holdfast-daemon {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    let export = export.ok_or("--export NAME is required")?;
+    let backend = backend.ok_or("--backend SPEC is required (file:PATH or mem)")?;
+    Ok(Some((
+        Options {
+            socket,
+            export,
+            takeover,
+            workers,
+            lease_timeout: Duration::from_secs(lease_timeout),
+        },
+        backend,
+    )))
+}
+
+fn main() -> ExitCode {
+    let (opts, backend) = match parse_args() {
+        Ok(Some(v)) => v,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("holdfast-daemon: {e}\nTry 'holdfast-daemon --help'.");
+            return ExitCode::from(2);
+        }
+    };
+    match holdfast_daemon::run(&opts, &backend) {
+        Ok(()) => {
+            log("detached");
+            ExitCode::SUCCESS
+        }
+        Err(e @ Error::BrokerGone) => {
+            log(&format!("{e}; exiting"));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            log(&format!("error: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
