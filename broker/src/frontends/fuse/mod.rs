@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuse_abi::linux::{
-    FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES,
-    FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_PARALLEL_DIROPS, FUSE_ROOT_ID, fuse_attr,
-    fuse_attr_out, fuse_dirent, fuse_entry_out, fuse_init_out, fuse_kstatfs, fuse_open_out,
-    fuse_out_header, fuse_statfs_out, fuse_write_out,
+    FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_NOFLUSH, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
+    FUSE_BIG_WRITES, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_PARALLEL_DIROPS, FUSE_ROOT_ID,
+    fuse_attr, fuse_attr_out, fuse_dirent, fuse_entry_out, fuse_init_out, fuse_kstatfs,
+    fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
 };
 use holdfast_proto::shm::Op;
 use zerocopy::{Immutable, IntoBytes};
@@ -453,8 +453,20 @@ impl Fs {
                     self.reply_attr(chan, unique, nodeid);
                 }
             }
-            FuseOp::Open { .. } => match export {
-                Some(_) => chan.ok(unique, &fuse_open_out::default()),
+            FuseOp::Open { flags } => match export {
+                // A reader has nothing to flush: no FLUSH (a daemon round
+                // trip, fdatasync) on its close.
+                Some(_) => chan.ok(
+                    unique,
+                    &fuse_open_out {
+                        open_flags: if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+                            FOPEN_NOFLUSH
+                        } else {
+                            0
+                        },
+                        ..Default::default()
+                    },
+                ),
                 None => chan.error(unique, if is_root { libc::EISDIR } else { libc::ENOENT }),
             },
             FuseOp::Opendir => {

@@ -1,0 +1,81 @@
+//! hf-faulty: a daemon that attaches and restores like a real one, then
+//! answers the first request it gets with a bad completion written straight
+//! into shared memory, and waits (to be fenced by the broker).
+//!
+//! Modes: slot-out-of-range, unknown-seq, wrong-epoch, result-too-long,
+//! bad-errno, tail-overrun.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use holdfast_daemon::client::Connection;
+use holdfast_proto::shm::Completion;
+
+fn main() {
+    let mut socket = None;
+    let mut export = None;
+    let mut mode = String::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--socket" => socket = args.next(),
+            "--export" => export = args.next(),
+            "--mode" => mode = args.next().unwrap(),
+            other => panic!("hf-faulty: unknown argument {other}"),
+        }
+    }
+    let mut conn = Connection::connect(socket.unwrap().as_ref()).unwrap();
+    conn.hello().unwrap();
+    let att = conn.attach(&export.unwrap(), false).unwrap();
+    conn.restore().unwrap();
+    eprintln!("hf-faulty: restored, waiting for a request");
+    let end = Instant::now() + Duration::from_secs(60);
+    while att.submission_tail() == 0 {
+        assert!(Instant::now() < end, "no request arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = att.submission(0);
+    att.set_submission_head(1);
+    let good = Completion {
+        seq: s.seq,
+        epoch: s.epoch,
+        slot: s.slot,
+        result: i32::try_from(s.len).unwrap(),
+    };
+    let bad = match mode.as_str() {
+        "slot-out-of-range" => Completion {
+            slot: 60_000,
+            ..good
+        },
+        "unknown-seq" => Completion {
+            seq: s.seq + 1_000_000,
+            ..good
+        },
+        "wrong-epoch" => Completion {
+            epoch: s.epoch + 1,
+            ..good
+        },
+        "result-too-long" => Completion {
+            result: good.result + 1,
+            ..good
+        },
+        "bad-errno" => Completion {
+            result: -100_000,
+            ..good
+        },
+        "tail-overrun" => {
+            att.publish_completions(1000);
+            eprintln!("hf-faulty: injected {mode}");
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        other => panic!("hf-faulty: unknown mode {other}"),
+    };
+    att.put_completion(0, &bad);
+    att.publish_completions(1);
+    eprintln!("hf-faulty: injected {mode}: {bad:?}");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

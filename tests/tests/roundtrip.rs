@@ -1,0 +1,193 @@
+//! Data round trip through broker and daemon: random writes and reads at
+//! random offsets and sizes (512 B to 1 MiB, aligned and unaligned, buffered
+//! and O_DIRECT), checked against an in-memory model; plus the edges of the
+//! file (end of export, truncate, fallocate, fsync).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Rng, Scratch, open_direct, seed};
+
+const SIZE: u64 = 64 << 20;
+const MAX_IO: u64 = 1 << 20;
+
+fn random_io(rng: &mut Rng, direct: bool) -> (u64, usize) {
+    if direct {
+        let len = rng.range(1, MAX_IO / 512 + 1) * 512;
+        let off = rng.range(0, (SIZE - len) / 512 + 1) * 512;
+        (off, len as usize)
+    } else {
+        let len = rng.range(512, MAX_IO + 1);
+        let off = rng.range(0, SIZE - len + 1);
+        (off, len as usize)
+    }
+}
+
+fn round_trip(backend: &str) {
+    let scratch = Scratch::new("roundtrip", Duration::from_secs(120));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "64MiB")]));
+    let backend = backend.replace("@", scratch.dir.to_str().unwrap());
+    let mut daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(10));
+
+    let path = broker.file("vol0");
+    let direct = open_direct(&path);
+    let buffered = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let mut rng = Rng::new(seed());
+    let mut abuf = AlignedBuf::new(MAX_IO as usize);
+
+    for i in 0..300 {
+        let use_direct = rng.next() % 2 == 0;
+        let (off, len) = random_io(&mut rng, use_direct);
+        let range = off as usize..off as usize + len;
+        if rng.next() % 3 != 0 {
+            rng.fill(&mut abuf[..len]);
+            let f: &File = if use_direct { &direct } else { &buffered };
+            f.write_all_at(&abuf[..len], off).unwrap_or_else(|e| {
+                panic!("op {i}: write {len} at {off} (direct={use_direct}): {e}")
+            });
+            model[range].copy_from_slice(&abuf[..len]);
+        } else {
+            let f: &File = if use_direct { &direct } else { &buffered };
+            f.read_exact_at(&mut abuf[..len], off)
+                .unwrap_or_else(|e| panic!("op {i}: read {len} at {off}: {e}"));
+            assert!(
+                abuf[..len] == model[range],
+                "op {i}: read {len} at {off} (direct={use_direct}) differs from the model"
+            );
+        }
+    }
+    buffered.sync_all().unwrap();
+
+    // Whole-export read back, in 1 MiB O_DIRECT reads.
+    for off in (0..SIZE).step_by(MAX_IO as usize) {
+        direct.read_exact_at(&mut abuf, off).unwrap();
+        assert!(
+            abuf[..] == model[off as usize..(off + MAX_IO) as usize],
+            "final read at {off}"
+        );
+    }
+    drop((direct, buffered));
+
+    // SIGTERM: the daemon detaches cleanly and exits 0.
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("daemon exits on SIGTERM");
+    assert!(
+        status.success(),
+        "daemon exit {status}:\n{}",
+        daemon.log_text()
+    );
+    let s = broker.status("vol0");
+    assert!(s["daemon"].is_null(), "{s}");
+    assert_eq!(s["daemons_lost"], 0, "{s}");
+
+    if let Some(path) = backend.strip_prefix("file:") {
+        let backing = std::fs::read(path).unwrap();
+        assert!(
+            backing[..SIZE as usize] == model[..],
+            "backing file differs from the model"
+        );
+    }
+}
+
+#[test]
+fn round_trip_file_backend() {
+    round_trip("file:@/vol0.img");
+}
+
+#[test]
+fn round_trip_mem_backend() {
+    round_trip("mem");
+}
+
+fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn edges_of_an_export() {
+    let scratch = Scratch::new("edges", Duration::from_secs(60));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "1MiB")]));
+    let img = scratch.path("vol0.img");
+    let _daemon = broker.daemon(&scratch, "vol0", &format!("file:{}", img.display()), &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(10));
+    let path = broker.file("vol0");
+    let f = open_direct(&path);
+    let mut buf = AlignedBuf::new(8192);
+
+    // Metadata comes from the broker.
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 1 << 20);
+    let names: Vec<_> = std::fs::read_dir(&broker.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["vol0".to_string()]);
+    assert!(std::fs::metadata(broker.mountpoint.join("nope")).is_err());
+
+    // A write past the end fails with ENOSPC and changes nothing.
+    buf.fill(0xab);
+    let err = f.write_at(&buf[..8192], (1 << 20) - 4096).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    // A read at the end returns nothing; across it, a short count.
+    assert_eq!(f.read_at(&mut buf[..4096], 1 << 20).unwrap(), 0);
+    assert_eq!(f.read_at(&mut buf[..8192], (1 << 20) - 4096).unwrap(), 4096);
+    assert!(buf[..4096].iter().all(|&b| b == 0));
+
+    // The size is fixed: truncation and chmod are refused.
+    let plain = OpenOptions::new().write(true).open(&path).unwrap();
+    assert_eq!(
+        plain.set_len(0).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    assert_eq!(plain.set_len(1 << 20).map_err(|e| e.raw_os_error()), Ok(()));
+
+    // Punch hole and zero range read back as zeroes; plain allocate works.
+    buf.fill(0x5a);
+    f.write_all_at(&buf[..8192], 0).unwrap();
+    fallocate(
+        &plain,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        0,
+        4096,
+    )
+    .unwrap();
+    fallocate(&plain, libc::FALLOC_FL_ZERO_RANGE, 4096, 2048).unwrap();
+    fallocate(&plain, 0, 0, 1 << 20).unwrap();
+    f.read_exact_at(&mut buf[..8192], 0).unwrap();
+    assert!(
+        buf[..6144].iter().all(|&b| b == 0),
+        "discarded range not zero"
+    );
+    assert!(
+        buf[6144..8192].iter().all(|&b| b == 0x5a),
+        "data after the range changed"
+    );
+    assert_eq!(
+        fallocate(&plain, 0, 1 << 20, 4096)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOSPC)
+    );
+
+    // fsync and fdatasync reach the daemon (fdatasync on the backing file).
+    plain.sync_all().unwrap();
+    plain.sync_data().unwrap();
+    let backing = std::fs::read(&img).unwrap();
+    assert!(backing[6144..8192].iter().all(|&b| b == 0x5a));
+    assert_eq!(broker.status("vol0")["failed"], 0);
+}
