@@ -1,0 +1,171 @@
+//! Crash restore under load: a writer/verifier process does O_DIRECT writes
+//! of checksummed 4 KiB blocks while the daemon is SIGKILLed at random
+//! moments and replaced. The writer must see no error, and every block must
+//! hold its last acknowledged write, through the mount and, for the file
+//! backend, in the backing file itself.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use holdfast_tests::{Broker, BrokerOpts, Rng, Scratch, seed, verifier, verifier_report};
+
+/// Runs `kills` SIGKILL/restart cycles of a daemon on `backend` under the
+/// writer; returns the broker's final status of vol0.
+fn crash_loop(name: &str, backend: &str, kills: u32) {
+    let scratch = Scratch::new(name, Duration::from_secs(300));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "32MiB")]));
+    let backend = backend.replace("@", scratch.dir.to_str().unwrap());
+    let mut daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
+    let (_, mut epoch) = broker.wait_active("vol0", 0, Duration::from_secs(10));
+
+    let state = scratch.path("gens");
+    let seed = seed();
+    let mut writer = verifier(
+        &scratch,
+        &broker.file("vol0"),
+        &[
+            "--seconds",
+            "600",
+            "--threads",
+            "4",
+            "--blocks",
+            "8192",
+            "--seed",
+            &seed.to_string(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
+    );
+    let mut rng = Rng::new(seed);
+    let mut hit_inflight = 0;
+    for i in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.range(5, 120)));
+        let before = broker.status("vol0");
+        daemon.kill();
+        if before["inflight"].as_u64().unwrap_or(0) > 0 {
+            hit_inflight += 1;
+        }
+        // Sometimes let requests pile up with no daemon at all.
+        if i % 5 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.range(10, 200)));
+        }
+        assert!(writer.is_running(), "writer died:\n{}", writer.log_text());
+        daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
+        epoch = broker.wait_active("vol0", epoch, Duration::from_secs(20)).1;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    writer.signal(libc::SIGTERM);
+    let report = verifier_report(&mut writer, Duration::from_secs(120));
+    let status = broker.status("vol0");
+    eprintln!(
+        "writer: {report}\nbroker: {status}\nkills with requests in flight: {hit_inflight}/{kills}"
+    );
+    assert_eq!(report["errors"], 0);
+    assert_eq!(report["verify_failures"], 0);
+    assert!(report["writes"].as_u64().unwrap() > u64::from(kills));
+    assert_eq!(status["daemons_lost"], u64::from(kills));
+    assert!(
+        status["replayed"].as_u64().unwrap() > 0,
+        "no kill hit a request in flight: {status}"
+    );
+    assert_eq!(status["failed"], 0);
+    assert_eq!(status["rejected_completions"], 0);
+
+    // Second oracle: the backing file itself, read after a clean detach.
+    if let Some(img) = backend.strip_prefix("file:") {
+        daemon.signal(libc::SIGTERM);
+        assert!(
+            daemon
+                .wait_timeout(Duration::from_secs(10))
+                .is_some_and(|s| s.success())
+        );
+        let mut check = verifier(
+            &scratch,
+            img.as_ref(),
+            &[
+                "--check",
+                state.to_str().unwrap(),
+                "--seed",
+                &seed.to_string(),
+            ],
+        );
+        let r = verifier_report(&mut check, Duration::from_secs(60));
+        assert_eq!(r["verify_failures"], 0, "backing file: {r}");
+    }
+}
+
+#[test]
+fn crash_loop_file_backend() {
+    crash_loop("crash-file", "file:@/vol0.img", 60);
+}
+
+#[test]
+fn crash_loop_mem_backend() {
+    crash_loop("crash-mem", "mem", 20);
+}
+
+/// SIGKILL through a pidfd, so a pid the broker reported cannot be confused
+/// with a later process.
+fn kill_pid(pid: u32) {
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    if let Ok(fd) = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
+        let _ = rustix::process::pidfd_send_signal(fd.as_fd(), rustix::process::Signal::KILL);
+    }
+}
+
+#[test]
+fn supervised_daemon_is_restarted() {
+    let scratch = Scratch::new("supervise", Duration::from_secs(180));
+    let img = scratch.path("vol0.img");
+    let socket = scratch.path("broker.sock");
+    let cmd = format!(
+        "{} --socket {} --export vol0 --backend file:{}",
+        holdfast_tests::bin("holdfast-daemon").display(),
+        socket.display(),
+        img.display()
+    );
+    let mut broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "16MiB")])
+            .arg("--supervise")
+            .arg(&cmd),
+    );
+    let (mut pid, mut epoch) = broker.wait_active("vol0", 0, Duration::from_secs(10));
+    let seed = seed();
+    let mut writer = verifier(
+        &scratch,
+        &broker.file("vol0"),
+        &[
+            "--seconds",
+            "600",
+            "--threads",
+            "2",
+            "--seed",
+            &seed.to_string(),
+        ],
+    );
+    let mut rng = Rng::new(seed);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(rng.range(20, 200)));
+        kill_pid(pid);
+        let (p, e) = broker.wait_active("vol0", epoch, Duration::from_secs(20));
+        assert_ne!(p, pid, "the supervisor did not start a new daemon");
+        (pid, epoch) = (p, e);
+    }
+    writer.signal(libc::SIGTERM);
+    let report = verifier_report(&mut writer, Duration::from_secs(60));
+    assert_eq!(report["errors"], 0);
+    assert_eq!(report["verify_failures"], 0);
+    // SIGTERM to the broker stops the supervised daemon cleanly too.
+    broker.stop();
+    assert!(
+        !broker.proc.log_text().contains("panicked"),
+        "{}",
+        broker.proc.log_text()
+    );
+    let alive = rustix::process::Pid::from_raw(pid as i32)
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    assert!(alive.is_none(), "the supervised daemon outlived the broker");
+}
