@@ -22,6 +22,8 @@ use crate::{Broker, info, warn};
 pub const MAX_CONNECTIONS: usize = 128;
 /// Consecutive bad messages after which a connection is closed.
 const MAX_ERRORS: u32 = 32;
+/// How long a refused peer gets to read its error before the socket closes.
+const REFUSE_LINGER: Duration = Duration::from_millis(500);
 /// How often an idle session thread wakes to look at its daemon anyway.
 const SESSION_TICK: Duration = Duration::from_millis(500);
 
@@ -40,13 +42,14 @@ pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            send(
-                sock.as_fd(),
+            // No waiting here: the accept loop must not stall.
+            refuse(
+                sock,
                 &Reply::error(
                     ErrorCode::LimitReached,
                     format!("the broker serves {MAX_CONNECTIONS} connections already"),
                 ),
-                &[],
+                Duration::ZERO,
             );
             continue;
         }
@@ -60,6 +63,27 @@ pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
             });
         if let Err(e) = spawned {
             warn!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// Sends a final error and closes without a reset: the peer's unread
+/// messages are drained first, since closing a Unix socket with unread data
+/// makes the peer's receive fail with ECONNRESET before it sees the reply.
+fn refuse(sock: OwnedFd, reply: &Reply, linger: Duration) {
+    send(sock.as_fd(), reply, &[]);
+    let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Write);
+    let end = std::time::Instant::now() + linger;
+    let mut buf = [0u8; 512];
+    for _ in 0..64 {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let readable = sys::poll_readable(&[sock.as_fd()], left).unwrap_or_default();
+        if !readable.first().copied().unwrap_or(false) {
+            return;
+        }
+        match seqpacket::recv(sock.as_fd(), &mut buf, RecvFlags::DONTWAIT) {
+            Ok(p) if p.len > 0 || p.truncated => {}
+            _ => return,
         }
     }
 }
@@ -143,11 +167,17 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Counts a bad message; returns false once the connection should close.
+    /// Counts a bad message; returns false once the connection should close
+    /// (after the last error was sent).
     fn bad(&mut self, reply: &Reply) -> bool {
         self.send(reply);
         self.errors = self.errors.saturating_add(1);
         self.errors < MAX_ERRORS
+    }
+
+    /// Ends the connection after a final error.
+    fn refuse(self, reply: &Reply) {
+        refuse(self.sock, reply, REFUSE_LINGER);
     }
 
     fn serve(mut self) {
@@ -162,7 +192,7 @@ impl<'a> Connection<'a> {
         self.peer_pid = u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0);
         if !self.broker.allow_uids.contains(&uid) {
             warn!("refused connection from uid {uid} (pid {})", self.peer_pid);
-            self.send(&Reply::error(
+            self.refuse(&Reply::error(
                 ErrorCode::NotPermitted,
                 format!("uid {uid} may not use this broker; start it with --allow-uid {uid}"),
             ));
@@ -183,6 +213,9 @@ impl<'a> Connection<'a> {
             };
             drop(fds);
             let reply = match req {
+                Request::Hello(_) if hello => {
+                    Reply::error(ErrorCode::BadState, "HELLO was already sent")
+                }
                 Request::Hello(h) => {
                     if h.version != PROTOCOL_VERSION {
                         Reply::error(

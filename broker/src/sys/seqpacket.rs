@@ -83,8 +83,8 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
 }
 
 /// Receives one packet into `buf`. A packet of length 0 means the peer
-/// closed the connection. Descriptors beyond [`MAX_FDS`] are closed by the
-/// kernel (the control data is cut) and reported as truncation.
+/// closed the connection. More than [`MAX_FDS`] descriptors is reported as
+/// truncation (the caller drops them, closing them).
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Result<Packet> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -102,7 +102,10 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Resul
     }
     Ok(Packet {
         len: msg.bytes.min(buf.len()),
+        // The control buffer rounds up and may hold a few more than
+        // MAX_FDS; more than MAX_FDS is refused all the same.
         truncated: msg.bytes > buf.len()
+            || fds.len() > MAX_FDS
             || msg.flags.contains(ReturnFlags::TRUNC)
             || msg.flags.contains(ReturnFlags::CTRUNC),
         fds,
@@ -119,4 +122,37 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     )?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn too_many_descriptors_is_truncation() {
+        let (a, b) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [f.as_fd(); 6];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty()).unwrap();
+        let mut buf = [0u8; 16];
+        let p = recv(b.as_fd(), &mut buf, RecvFlags::empty()).unwrap();
+        assert_eq!(p.len, 1);
+        assert!(p.truncated, "{} fds received", p.fds.len());
+
+        // Exactly MAX_FDS is fine.
+        send(a.as_fd(), b"y", &[f.as_fd(); MAX_FDS]).unwrap();
+        let p = recv(b.as_fd(), &mut buf, RecvFlags::empty()).unwrap();
+        assert!(!p.truncated);
+        assert_eq!(p.fds.len(), MAX_FDS);
+    }
 }

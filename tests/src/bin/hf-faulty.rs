@@ -3,7 +3,9 @@
 //! into shared memory, and waits (to be fenced by the broker).
 //!
 //! Modes: slot-out-of-range, unknown-seq, wrong-epoch, result-too-long,
-//! bad-errno, tail-overrun.
+//! bad-errno, tail-overrun; and no-restore, which never sends RESTORE (so
+//! only an operator's `holdfastctl restore` starts dispatch) and then
+//! answers its first request correctly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
@@ -27,8 +29,10 @@ fn main() {
     let mut conn = Connection::connect(socket.unwrap().as_ref()).unwrap();
     conn.hello().unwrap();
     let att = conn.attach(&export.unwrap(), false).unwrap();
-    conn.restore().unwrap();
-    eprintln!("hf-faulty: restored, waiting for a request");
+    if mode != "no-restore" {
+        conn.restore().unwrap();
+    }
+    eprintln!("hf-faulty: attached, waiting for a request");
     let end = Instant::now() + Duration::from_secs(60);
     while att.submission_tail() == 0 {
         assert!(Instant::now() < end, "no request arrived");
@@ -43,6 +47,7 @@ fn main() {
         result: i32::try_from(s.len).unwrap(),
     };
     let bad = match mode.as_str() {
+        "no-restore" => good,
         "slot-out-of-range" => Completion {
             slot: 60_000,
             ..good

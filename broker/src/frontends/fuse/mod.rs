@@ -453,17 +453,18 @@ impl Fs {
                     self.reply_attr(chan, unique, nodeid);
                 }
             }
-            FuseOp::Open { flags } => match export {
-                // A reader has nothing to flush: no FLUSH (a daemon round
-                // trip, fdatasync) on its close.
+            FuseOp::Open { .. } => match export {
+                // No FLUSH on close(2): writes are write-through (completed
+                // by a daemon before write(2) returns), and close promises no
+                // durability; fsync does, and is forwarded. A forwarded FLUSH
+                // would make every close, including the close-on-exec in any
+                // forked child, wait for a daemon: while none is attached, a
+                // process holding a written fd could not even exec the
+                // replacement daemon. See kmod-notes/fuse.md.
                 Some(_) => chan.ok(
                     unique,
                     &fuse_open_out {
-                        open_flags: if flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
-                            FOPEN_NOFLUSH
-                        } else {
-                            0
-                        },
+                        open_flags: FOPEN_NOFLUSH,
                         ..Default::default()
                     },
                 ),
