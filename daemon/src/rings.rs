@@ -74,7 +74,7 @@ impl Attachment {
     }
 
     fn word(&self, offset: usize) -> &AtomicU32 {
-        debug_assert!(offset + 4 <= self.rings.len() && offset % 4 == 0);
+        debug_assert!(offset + 4 <= self.rings.len() && offset.is_multiple_of(4));
         // SAFETY: the ring index offsets are fixed, aligned and inside the
         // mapping (RingLayout guarantees ENTRIES > CQ_FLAGS), which lives as
         // long as `self`.

@@ -44,10 +44,10 @@ fn round_trip(backend: &str) {
     let mut abuf = AlignedBuf::new(MAX_IO as usize);
 
     for i in 0..300 {
-        let use_direct = rng.next() % 2 == 0;
+        let use_direct = rng.next_u64().is_multiple_of(2);
         let (off, len) = random_io(&mut rng, use_direct);
         let range = off as usize..off as usize + len;
-        if rng.next() % 3 != 0 {
+        if !rng.next_u64().is_multiple_of(3) {
             rng.fill(&mut abuf[..len]);
             let f: &File = if use_direct { &direct } else { &buffered };
             f.write_all_at(&abuf[..len], off).unwrap_or_else(|e| {

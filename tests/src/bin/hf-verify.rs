@@ -82,6 +82,12 @@ fn report_error(c: &Counters, msg: String) {
     }
 }
 
+fn report_mismatch(c: &Counters, msg: String) {
+    if c.verify_failures.fetch_add(1, Ordering::SeqCst) < 10 {
+        eprintln!("hf-verify: {msg}");
+    }
+}
+
 fn verify_all(file: &File, seed: u64, gens: &[u64], c: &Counters) {
     const BATCH: usize = 64;
     let mut buf = AlignedBuf::new(BATCH * BLOCK);
@@ -95,9 +101,7 @@ fn verify_all(file: &File, seed: u64, gens: &[u64], c: &Counters) {
         for (i, g) in chunk.iter().enumerate() {
             let b = first + i as u64;
             if let Err(m) = pattern::check(&buf[i * BLOCK..(i + 1) * BLOCK], seed, b, *g) {
-                if c.verify_failures.fetch_add(1, Ordering::SeqCst) < 10 {
-                    eprintln!("hf-verify: final verify: {m}");
-                }
+                report_mismatch(c, format!("final verify: {m}"));
             }
         }
     }
@@ -168,9 +172,7 @@ fn main() {
                             Ok(()) => {
                                 c.reads.fetch_add(1, Ordering::Relaxed);
                                 if let Err(m) = pattern::check(&buf, seed, block, want) {
-                                    if c.verify_failures.fetch_add(1, Ordering::SeqCst) < 10 {
-                                        eprintln!("hf-verify: read-back: {m}");
-                                    }
+                                    report_mismatch(&c, format!("read-back: {m}"));
                                 }
                             }
                             Err(e) => report_error(&c, format!("read at block {block}: {e}")),

@@ -1,0 +1,187 @@
+//! The operator's view and levers: `holdfastctl status` (table and JSON),
+//! `holdfastctl restore` and `--fail-pending`, the daemon-wait bound, and
+//! what a program sees while no daemon is attached.
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct};
+
+/// Writes one block to `export` in a thread; the write waits while no daemon
+/// serves the export.
+fn write_in_thread(
+    broker: &Broker,
+    export: &str,
+    fill: u8,
+) -> std::thread::JoinHandle<std::io::Result<()>> {
+    let f = open_direct(&broker.file(export));
+    std::thread::spawn(move || {
+        let mut b = AlignedBuf::new(4096);
+        b.fill(fill);
+        f.write_all_at(&b, 0)
+    })
+}
+
+#[test]
+fn status_table_and_json() {
+    let scratch = Scratch::new("ctl-status", Duration::from_secs(60));
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "256MiB"), ("vol1", "1GiB")]),
+    );
+    let d = broker.daemon(&scratch, "vol0", "mem", &[]);
+    let (pid, epoch) = broker.wait_active("vol0", 0, Duration::from_secs(10));
+    assert_eq!(pid, d.pid());
+    assert_eq!(epoch, 1);
+
+    let out = broker.ctl(&["status"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("EXPORT")
+            && lines[0].contains("PENDING")
+            && lines[0].contains("REPLAYED")
+    );
+    assert!(
+        lines[1].starts_with("vol0") && lines[1].contains("256MiB") && lines[1].contains("active")
+    );
+    assert!(lines[1].contains(&pid.to_string()));
+    assert!(
+        lines[2].starts_with("vol1") && lines[2].contains("1GiB") && lines[2].contains("no daemon")
+    );
+
+    let s = broker.status("vol0");
+    assert_eq!(s["size"], 256u64 << 20);
+    assert_eq!(s["frontend"], "fuse");
+    assert_eq!(s["daemon"]["state"], "active");
+    for k in [
+        "inflight",
+        "pending",
+        "replayed",
+        "completed",
+        "failed",
+        "daemons_lost",
+    ] {
+        assert!(s[k].is_u64(), "{k} missing: {s}");
+    }
+    assert!(broker.status("vol1")["daemon"].is_null());
+
+    // Usage errors are clear and exit 2.
+    let out = broker.ctl(&["restart"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    let out = broker.ctl(&["restore", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no export named \"nope\""));
+    let out = Command::new(bin("holdfastctl"))
+        .args(["--socket", "/nonexistent/socket", "status"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to /nonexistent/socket"));
+}
+
+#[test]
+fn restore_fail_pending_fails_waiting_requests() {
+    let scratch = Scratch::new("ctl-fail", Duration::from_secs(60));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
+    let write = write_in_thread(&broker, "vol0", 1);
+    broker.wait_status("vol0", Duration::from_secs(10), "a pending request", |s| {
+        s["pending"] == 1
+    });
+
+    // With no daemon, an operator restore has nothing to replay to.
+    let out = broker.ctl(&["restore", "vol0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no daemon is attached"),
+        "{out:?}"
+    );
+    assert!(!write.is_finished());
+
+    let out = broker.ctl(&["restore", "vol0", "--fail-pending"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("failed 1 pending"));
+    let err = write.join().unwrap().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let s = broker.status("vol0");
+    assert_eq!(
+        (s["pending"].as_u64(), s["failed"].as_u64()),
+        (Some(0), Some(1)),
+        "{s}"
+    );
+}
+
+#[test]
+fn daemon_wait_bound_fails_pending_requests() {
+    let scratch = Scratch::new("ctl-wait", Duration::from_secs(60));
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "4MiB")])
+            .arg("--daemon-wait")
+            .arg("500ms"),
+    );
+    let started = Instant::now();
+    let err = write_in_thread(&broker, "vol0", 1)
+        .join()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(broker.status("vol0")["failed"], 1);
+}
+
+#[test]
+fn requests_wait_for_a_daemon_by_default() {
+    let scratch = Scratch::new("ctl-forever", Duration::from_secs(60));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
+    let write = write_in_thread(&broker, "vol0", 9);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!write.is_finished(), "the write did not wait for a daemon");
+    let s = broker.status("vol0");
+    assert!(s["waiting_ms"].as_u64().unwrap() >= 1500, "{s}");
+
+    // A program holding a written fd can still fork and exec while no
+    // daemon is attached (close-on-exec must not wait for one).
+    let started = Instant::now();
+    let st = Command::new("/bin/true").status().unwrap();
+    assert!(st.success());
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let _d = broker.daemon(&scratch, "vol0", "mem", &[]);
+    write.join().unwrap().unwrap();
+    let f = open_direct(&broker.file("vol0"));
+    let mut b = AlignedBuf::new(4096);
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 9));
+}
+
+#[test]
+fn operator_restore_starts_a_daemon_that_never_restores() {
+    let scratch = Scratch::new("ctl-restore", Duration::from_secs(60));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
+    let _faulty = scratch.spawn(
+        Command::new(bin("hf-faulty"))
+            .arg("--socket")
+            .arg(&broker.socket)
+            .arg("--export")
+            .arg("vol0")
+            .arg("--mode")
+            .arg("no-restore"),
+        "no-restore.log",
+    );
+    broker.wait_status("vol0", Duration::from_secs(10), "an attached daemon", |s| {
+        s["daemon"]["state"] == "attached"
+    });
+    let write = write_in_thread(&broker, "vol0", 3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!write.is_finished(), "dispatched before RESTORE");
+    assert_eq!(broker.status("vol0")["pending"], 1);
+
+    let out = broker.ctl(&["restore", "vol0"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restored"));
+    write.join().unwrap().unwrap();
+    assert_eq!(broker.status("vol0")["daemon"]["state"], "active");
+}
