@@ -3,6 +3,7 @@
 //! the file.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::{FdBackend, OpenContext};
@@ -15,11 +16,13 @@ pub fn open(path: &Path, ctx: OpenContext<'_>) -> Result<FdBackend, Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
     }
+    // A new backing file is readable by its owner only, like the export.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("cannot open {what}"), e))?;
     // The lease comes first: a predecessor may still be writing.
