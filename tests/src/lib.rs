@@ -285,6 +285,18 @@ impl Broker {
         )
     }
 
+    /// Starts `hf-faulty` (a misbehaving daemon) on `export` in `mode`.
+    pub fn faulty(&self, scratch: &Scratch, export: &str, mode: &str) -> Proc {
+        let mut cmd = Command::new(bin("hf-faulty"));
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--export")
+            .arg(export)
+            .arg("--mode")
+            .arg(mode);
+        scratch.spawn(&mut cmd, &format!("faulty-{export}-{mode}.log"))
+    }
+
     /// Runs `holdfastctl --socket S ARGS`.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(bin("holdfastctl"))
@@ -439,9 +451,82 @@ pub fn open_direct(p: &Path) -> File {
 
 /// Runs the writer/verifier `hf-verify` with `args` against `file`.
 pub fn verifier(scratch: &Scratch, file: &Path, args: &[&str]) -> Proc {
+    static N: AtomicU32 = AtomicU32::new(0);
     let mut cmd = Command::new(bin("hf-verify"));
     cmd.arg("--file").arg(file).args(args);
-    scratch.spawn(&mut cmd, "verify.log")
+    scratch.spawn(
+        &mut cmd,
+        &format!("verify-{}.log", N.fetch_add(1, Ordering::SeqCst)),
+    )
+}
+
+/// Starts a writer/verifier with `threads` threads on `file` that writes
+/// until [`stop_writer`]; with `state`, it saves the generation of every
+/// block there for [`check_backing`].
+pub fn writer(
+    scratch: &Scratch,
+    file: &Path,
+    threads: u32,
+    seed: u64,
+    state: Option<&Path>,
+) -> Proc {
+    let (threads, seed) = (threads.to_string(), seed.to_string());
+    let mut args = vec!["--seconds", "600", "--threads", &threads, "--seed", &seed];
+    let state = state.map(|p| p.to_str().unwrap());
+    if let Some(p) = state {
+        args.extend(["--state", p]);
+    }
+    verifier(scratch, file, &args)
+}
+
+/// Stops a [`writer`] (SIGTERM: it finishes, reads every block back) and
+/// fails the test unless it saw no I/O error and no block that lost its last
+/// acknowledged write. Returns the report.
+pub fn stop_writer(w: &mut Proc) -> serde_json::Value {
+    w.signal(libc::SIGTERM);
+    let report = verifier_report(w, Duration::from_secs(120));
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["verify_failures"], 0, "{report}");
+    report
+}
+
+/// Second oracle: reads the backing file `img` directly and checks that
+/// every block holds the generation a writer saved in `state`.
+pub fn check_backing(scratch: &Scratch, img: &Path, state: &Path, seed: u64) {
+    let mut check = verifier(
+        scratch,
+        img,
+        &[
+            "--check",
+            state.to_str().unwrap(),
+            "--seed",
+            &seed.to_string(),
+        ],
+    );
+    let r = verifier_report(&mut check, Duration::from_secs(60));
+    assert_eq!(
+        r["verify_failures"],
+        0,
+        "backing file {}: {r}",
+        img.display()
+    );
+}
+
+/// Writes one 4 KiB block of `fill` at `offset` of `export` (O_DIRECT) in a
+/// thread; while no daemon serves the export, the write waits.
+pub fn write_in_thread(
+    broker: &Broker,
+    export: &str,
+    offset: u64,
+    fill: u8,
+) -> std::thread::JoinHandle<std::io::Result<()>> {
+    use std::os::unix::fs::FileExt;
+    let f = open_direct(&broker.file(export));
+    std::thread::spawn(move || {
+        let mut b = AlignedBuf::new(4096);
+        b.fill(fill);
+        f.write_all_at(&b, offset)
+    })
 }
 
 /// Waits for the verifier to finish and returns its report (the last JSON

@@ -17,7 +17,8 @@ use holdfast_daemon::Error;
 use holdfast_daemon::client::Connection;
 use holdfast_proto::{Attach, ErrorCode, Hello, PROTOCOL_VERSION, Reply, Request};
 use holdfast_tests::{
-    AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct, seed, verifier, verifier_report,
+    AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct, seed, stop_writer, write_in_thread,
+    writer,
 };
 
 fn error_of(conn: &mut Connection, bytes: &[u8]) -> ErrorCode {
@@ -209,21 +210,6 @@ fn peers_with_other_uids_are_refused() {
     );
 }
 
-/// Writes a known block to vol0 in a thread (it waits while no good daemon
-/// serves it) and returns the handle and the block.
-fn pending_write(
-    broker: &Broker,
-    off: u64,
-    fill: u8,
-) -> std::thread::JoinHandle<std::io::Result<()>> {
-    let f = open_direct(&broker.file("vol0"));
-    std::thread::spawn(move || {
-        let mut b = AlignedBuf::new(4096);
-        b.fill(fill);
-        f.write_all_at(&b, off)
-    })
-}
-
 #[test]
 fn faulty_daemons_are_fenced_and_their_requests_replayed() {
     let scratch = Scratch::new("bad-shm", Duration::from_secs(180));
@@ -237,18 +223,7 @@ fn faulty_daemons_are_fenced_and_their_requests_replayed() {
     let _d1 = broker.daemon(&scratch, "vol1", &img1, &[]);
     broker.wait_active("vol1", 0, Duration::from_secs(10));
     let seed = seed();
-    let mut writer = verifier(
-        &scratch,
-        &broker.file("vol1"),
-        &[
-            "--seconds",
-            "600",
-            "--threads",
-            "2",
-            "--seed",
-            &seed.to_string(),
-        ],
-    );
+    let mut writer = writer(&scratch, &broker.file("vol1"), 2, seed, None);
 
     let modes = [
         "slot-out-of-range",
@@ -260,19 +235,10 @@ fn faulty_daemons_are_fenced_and_their_requests_replayed() {
     ];
     let mut epoch = 0;
     for (i, mode) in modes.iter().enumerate() {
-        let mut faulty = scratch.spawn(
-            Command::new(bin("hf-faulty"))
-                .arg("--socket")
-                .arg(&broker.socket)
-                .arg("--export")
-                .arg("vol0")
-                .arg("--mode")
-                .arg(mode),
-            &format!("faulty-{mode}.log"),
-        );
+        let mut faulty = broker.faulty(&scratch, "vol0", mode);
         epoch = broker.wait_active("vol0", epoch, Duration::from_secs(10)).1;
         let off = i as u64 * 4096;
-        let write = pending_write(&broker, off, i as u8 + 1);
+        let write = write_in_thread(&broker, "vol0", off, i as u8 + 1);
         // The broker rejects the completion and fences the daemon.
         let st = faulty
             .wait_timeout(Duration::from_secs(20))
@@ -312,8 +278,6 @@ fn faulty_daemons_are_fenced_and_their_requests_replayed() {
     assert_eq!(s["rejected_completions"], modes.len() as u64 - 1, "{s}");
     assert_eq!(s["failed"], 0, "{s}");
 
-    writer.signal(libc::SIGTERM);
-    let report = verifier_report(&mut writer, Duration::from_secs(60));
-    assert_eq!(report["errors"], 0, "vol1 was disturbed: {report}");
+    stop_writer(&mut writer);
     assert_eq!(broker.status("vol1")["daemons_lost"], 0);
 }

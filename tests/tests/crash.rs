@@ -7,7 +7,7 @@
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use holdfast_tests::{Broker, BrokerOpts, Rng, Scratch, seed, verifier, verifier_report};
+use holdfast_tests::{Broker, BrokerOpts, Rng, Scratch, check_backing, seed, stop_writer, writer};
 
 /// Runs `kills` SIGKILL/restart cycles of a daemon on `backend` under the
 /// writer; returns the broker's final status of vol0.
@@ -20,22 +20,7 @@ fn crash_loop(name: &str, backend: &str, kills: u32) {
 
     let state = scratch.path("gens");
     let seed = seed();
-    let mut writer = verifier(
-        &scratch,
-        &broker.file("vol0"),
-        &[
-            "--seconds",
-            "600",
-            "--threads",
-            "4",
-            "--blocks",
-            "8192",
-            "--seed",
-            &seed.to_string(),
-            "--state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
     let mut rng = Rng::new(seed);
     let mut hit_inflight = 0;
     for i in 0..kills {
@@ -54,14 +39,11 @@ fn crash_loop(name: &str, backend: &str, kills: u32) {
         epoch = broker.wait_active("vol0", epoch, Duration::from_secs(20)).1;
     }
     std::thread::sleep(Duration::from_millis(300));
-    writer.signal(libc::SIGTERM);
-    let report = verifier_report(&mut writer, Duration::from_secs(120));
+    let report = stop_writer(&mut writer);
     let status = broker.status("vol0");
     eprintln!(
         "writer: {report}\nbroker: {status}\nkills with requests in flight: {hit_inflight}/{kills}"
     );
-    assert_eq!(report["errors"], 0);
-    assert_eq!(report["verify_failures"], 0);
     assert!(report["writes"].as_u64().unwrap() > u64::from(kills));
     assert_eq!(status["daemons_lost"], u64::from(kills));
     assert!(
@@ -79,18 +61,7 @@ fn crash_loop(name: &str, backend: &str, kills: u32) {
                 .wait_timeout(Duration::from_secs(10))
                 .is_some_and(|s| s.success())
         );
-        let mut check = verifier(
-            &scratch,
-            img.as_ref(),
-            &[
-                "--check",
-                state.to_str().unwrap(),
-                "--seed",
-                &seed.to_string(),
-            ],
-        );
-        let r = verifier_report(&mut check, Duration::from_secs(60));
-        assert_eq!(r["verify_failures"], 0, "backing file: {r}");
+        check_backing(&scratch, img.as_ref(), &state, seed);
     }
 }
 
@@ -134,18 +105,7 @@ fn supervised_daemon_is_restarted() {
     );
     let (mut pid, mut epoch) = broker.wait_active("vol0", 0, Duration::from_secs(10));
     let seed = seed();
-    let mut writer = verifier(
-        &scratch,
-        &broker.file("vol0"),
-        &[
-            "--seconds",
-            "600",
-            "--threads",
-            "2",
-            "--seed",
-            &seed.to_string(),
-        ],
-    );
+    let mut writer = writer(&scratch, &broker.file("vol0"), 2, seed, None);
     let mut rng = Rng::new(seed);
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(rng.range(20, 200)));
@@ -154,10 +114,7 @@ fn supervised_daemon_is_restarted() {
         assert_ne!(p, pid, "the supervisor did not start a new daemon");
         (pid, epoch) = (p, e);
     }
-    writer.signal(libc::SIGTERM);
-    let report = verifier_report(&mut writer, Duration::from_secs(60));
-    assert_eq!(report["errors"], 0);
-    assert_eq!(report["verify_failures"], 0);
+    stop_writer(&mut writer);
     // SIGTERM to the broker stops the supervised daemon cleanly too.
     broker.stop();
     assert!(

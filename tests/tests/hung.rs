@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use holdfast_tests::{Broker, BrokerOpts, Proc, Scratch, seed, verifier, verifier_report};
+use holdfast_tests::{Broker, BrokerOpts, Proc, Scratch, check_backing, seed, stop_writer, writer};
 
 /// Starts a broker, a daemon and a writer, stops the daemon with SIGSTOP
 /// once it holds requests, and lets `replace` get a new daemon in.
@@ -27,20 +27,7 @@ fn hung(
 
     let seed = seed();
     let state = scratch.path("gens");
-    let mut writer = verifier(
-        &scratch,
-        &broker.file("vol0"),
-        &[
-            "--seconds",
-            "600",
-            "--threads",
-            "4",
-            "--seed",
-            &seed.to_string(),
-            "--state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
     std::thread::sleep(Duration::from_millis(300));
     stuck.signal(libc::SIGSTOP);
     broker.wait_status(
@@ -61,30 +48,14 @@ fn hung(
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
 
     std::thread::sleep(Duration::from_millis(300));
-    writer.signal(libc::SIGTERM);
-    let report = verifier_report(&mut writer, Duration::from_secs(60));
-    assert_eq!(report["errors"], 0, "{report}");
-    assert_eq!(report["verify_failures"], 0, "{report}");
+    stop_writer(&mut writer);
     let s = broker.status("vol0");
     assert_eq!(s["daemons_lost"], 1, "{s}");
     assert!(s["replayed"].as_u64().unwrap() > 0, "{s}");
 
     // No stale write landed after the replay: the backing file holds
     // exactly the last acknowledged generation of every block.
-    let mut check = verifier(
-        &scratch,
-        &img,
-        &[
-            "--check",
-            state.to_str().unwrap(),
-            "--seed",
-            &seed.to_string(),
-        ],
-    );
-    assert_eq!(
-        verifier_report(&mut check, Duration::from_secs(60))["verify_failures"],
-        0
-    );
+    check_backing(&scratch, &img, &state, seed);
 }
 
 #[test]

@@ -6,22 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct};
-
-/// Writes one block to `export` in a thread; the write waits while no daemon
-/// serves the export.
-fn write_in_thread(
-    broker: &Broker,
-    export: &str,
-    fill: u8,
-) -> std::thread::JoinHandle<std::io::Result<()>> {
-    let f = open_direct(&broker.file(export));
-    std::thread::spawn(move || {
-        let mut b = AlignedBuf::new(4096);
-        b.fill(fill);
-        f.write_all_at(&b, 0)
-    })
-}
+use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct, write_in_thread};
 
 #[test]
 fn status_table_and_json() {
@@ -86,7 +71,7 @@ fn status_table_and_json() {
 fn restore_fail_pending_fails_waiting_requests() {
     let scratch = Scratch::new("ctl-fail", Duration::from_secs(60));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
-    let write = write_in_thread(&broker, "vol0", 1);
+    let write = write_in_thread(&broker, "vol0", 0, 1);
     broker.wait_status("vol0", Duration::from_secs(10), "a pending request", |s| {
         s["pending"] == 1
     });
@@ -123,7 +108,7 @@ fn daemon_wait_bound_fails_pending_requests() {
             .arg("500ms"),
     );
     let started = Instant::now();
-    let err = write_in_thread(&broker, "vol0", 1)
+    let err = write_in_thread(&broker, "vol0", 0, 1)
         .join()
         .unwrap()
         .unwrap_err();
@@ -136,7 +121,7 @@ fn daemon_wait_bound_fails_pending_requests() {
 fn requests_wait_for_a_daemon_by_default() {
     let scratch = Scratch::new("ctl-forever", Duration::from_secs(60));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
-    let write = write_in_thread(&broker, "vol0", 9);
+    let write = write_in_thread(&broker, "vol0", 0, 9);
     std::thread::sleep(Duration::from_secs(2));
     assert!(!write.is_finished(), "the write did not wait for a daemon");
     let s = broker.status("vol0");
@@ -161,20 +146,11 @@ fn requests_wait_for_a_daemon_by_default() {
 fn operator_restore_starts_a_daemon_that_never_restores() {
     let scratch = Scratch::new("ctl-restore", Duration::from_secs(60));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
-    let _faulty = scratch.spawn(
-        Command::new(bin("hf-faulty"))
-            .arg("--socket")
-            .arg(&broker.socket)
-            .arg("--export")
-            .arg("vol0")
-            .arg("--mode")
-            .arg("no-restore"),
-        "no-restore.log",
-    );
+    let _faulty = broker.faulty(&scratch, "vol0", "no-restore");
     broker.wait_status("vol0", Duration::from_secs(10), "an attached daemon", |s| {
         s["daemon"]["state"] == "attached"
     });
-    let write = write_in_thread(&broker, "vol0", 3);
+    let write = write_in_thread(&broker, "vol0", 0, 3);
     std::thread::sleep(Duration::from_millis(300));
     assert!(!write.is_finished(), "dispatched before RESTORE");
     assert_eq!(broker.status("vol0")["pending"], 1);

@@ -25,6 +25,15 @@ pub struct Packet {
     pub fds: Vec<OwnedFd>,
 }
 
+fn socket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// Creates a listening socket at `path`, replacing a stale one, with `mode`.
 pub fn listen(path: &Path, mode: u32) -> io::Result<OwnedFd> {
     match std::fs::remove_file(path) {
@@ -32,12 +41,7 @@ pub fn listen(path: &Path, mode: u32) -> io::Result<OwnedFd> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let fd = socket()?;
     let addr = SocketAddrUnix::new(path)?;
     // Bind with a umask that leaves no access to others, then set the
     // requested mode: the socket is never briefly more open than asked.
@@ -114,12 +118,7 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Resul
 
 /// Connects to a listening socket (for holdfastctl).
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let fd = socket()?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
     Ok(fd)
 }
