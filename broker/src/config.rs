@@ -109,6 +109,14 @@ impl Config {
         if self.fuse_workers == 0 || self.fuse_workers > 64 {
             return Err("--fuse-workers must be from 1 to 64".into());
         }
+        // Each worker keeps one slot reserved to read into; requests need
+        // the rest.
+        if self.slot_count as usize <= self.fuse_workers {
+            return Err(format!(
+                "--slots ({}) must be larger than --fuse-workers ({})",
+                self.slot_count, self.fuse_workers
+            ));
+        }
         if !matches!(self.block_size, 512 | 4096) {
             return Err("--block-size must be 512 or 4096".into());
         }
@@ -176,9 +184,11 @@ pub fn parse_bound(s: &str) -> Result<Option<Duration>, String> {
     if !v.is_finite() || v < 0.0 {
         return Err(format!("{s:?} is not a duration"));
     }
-    Duration::try_from_secs_f64(v * scale)
-        .map(|d| (!d.is_zero()).then_some(d))
-        .map_err(|_| format!("{s:?} is too large"))
+    const MAX: Duration = Duration::from_secs(365 * 86_400);
+    match Duration::try_from_secs_f64(v * scale) {
+        Ok(d) if d <= MAX => Ok((!d.is_zero()).then_some(d)),
+        _ => Err(format!("{s:?} is too large (at most a year; use forever)")),
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +232,7 @@ mod tests {
         assert!(parse_bound("-1").is_err());
         assert!(parse_bound("soon").is_err());
         assert!(parse_bound("1e300").is_err());
+        assert!(parse_bound("1e12").is_err());
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub const MAX_CONNECTIONS: usize = 128;
 const MAX_ERRORS: u32 = 32;
 /// How long a refused peer gets to read its error before the socket closes.
 const REFUSE_LINGER: Duration = Duration::from_millis(500);
+/// A connection that sends no HELLO within this time is closed.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection (not a daemon session) idle this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often an idle session thread wakes to look at its daemon anyway.
 const SESSION_TICK: Duration = Duration::from_millis(500);
 
@@ -54,14 +58,15 @@ pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
             continue;
         }
         let broker = broker.clone();
-        let active = active.clone();
+        let count = active.clone();
         let spawned = std::thread::Builder::new()
             .name("holdfast-conn".into())
             .spawn(move || {
                 Connection::new(&broker, sock).serve();
-                active.fetch_sub(1, Ordering::SeqCst);
+                count.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
             warn!("cannot start a connection thread: {e}");
         }
     }
@@ -71,7 +76,7 @@ pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
 /// messages are drained first, since closing a Unix socket with unread data
 /// makes the peer's receive fail with ECONNRESET before it sees the reply.
 fn refuse(sock: OwnedFd, reply: &Reply, linger: Duration) {
-    send(sock.as_fd(), reply, &[]);
+    let _ = send(sock.as_fd(), reply, &[]);
     let _ = rustix::net::shutdown(&sock, rustix::net::Shutdown::Write);
     let end = std::time::Instant::now() + linger;
     let mut buf = [0u8; 512];
@@ -88,11 +93,15 @@ fn refuse(sock: OwnedFd, reply: &Reply, linger: Duration) {
     }
 }
 
-fn send(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) {
-    if let Err(e) = seqpacket::send(sock, &reply.encode(), fds) {
-        // The peer went away; its connection loop sees EOF next.
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            warn!("cannot send reply: {e}");
+/// Sends a reply; false if it could not be sent.
+fn send(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) -> bool {
+    match seqpacket::send(sock, &reply.encode(), fds) {
+        Ok(()) => true,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                warn!("cannot send reply (peer not reading?): {e}");
+            }
+            false
         }
     }
 }
@@ -112,6 +121,8 @@ struct Connection<'a> {
     buf: Vec<u8>,
     peer_pid: u32,
     errors: u32,
+    /// A reply could not be sent (the peer left, or does not read).
+    broken: bool,
 }
 
 /// How a daemon session ended.
@@ -130,11 +141,18 @@ impl<'a> Connection<'a> {
             buf: vec![0u8; MAX_MESSAGE_LEN],
             peer_pid: 0,
             errors: 0,
+            broken: false,
         }
     }
 
-    fn send(&self, reply: &Reply) {
-        send(self.sock.as_fd(), reply, &[]);
+    fn send(&mut self, reply: &Reply) {
+        self.send_with(reply, &[]);
+    }
+
+    fn send_with(&mut self, reply: &Reply, fds: &[BorrowedFd<'_>]) {
+        if !send(self.sock.as_fd(), reply, fds) {
+            self.broken = true;
+        }
     }
 
     fn recv(&mut self, flags: RecvFlags) -> Incoming {
@@ -172,7 +190,7 @@ impl<'a> Connection<'a> {
     fn bad(&mut self, reply: &Reply) -> bool {
         self.send(reply);
         self.errors = self.errors.saturating_add(1);
-        self.errors < MAX_ERRORS
+        self.errors < MAX_ERRORS && !self.broken
     }
 
     /// Ends the connection after a final error.
@@ -200,6 +218,12 @@ impl<'a> Connection<'a> {
         }
         let mut hello = false;
         loop {
+            // A peer that says nothing does not keep a connection forever.
+            let idle = if hello { IDLE_TIMEOUT } else { HELLO_TIMEOUT };
+            let readable = sys::poll_readable(&[self.sock.as_fd()], idle).unwrap_or_default();
+            if !readable.first().copied().unwrap_or(false) {
+                return;
+            }
             let (req, fds) = match self.recv(RecvFlags::empty()) {
                 Incoming::Eof => return,
                 Incoming::Nothing => continue,
@@ -270,6 +294,9 @@ impl<'a> Connection<'a> {
             } else {
                 self.errors = 0;
                 self.send(&reply);
+                if self.broken {
+                    return;
+                }
             }
         }
     }
@@ -320,8 +347,8 @@ impl<'a> Connection<'a> {
         let fds = [
             grant.rings_fd.as_fd(),
             export.data_fd().as_fd(),
-            grant.submit_kick.as_fd(),
-            grant.complete_kick.as_fd(),
+            grant.daemon_kicks.0.as_fd(),
+            grant.daemon_kicks.1.as_fd(),
         ];
         debug_assert_eq!(fds.len(), attach_fds::COUNT);
         if let Err(e) = seqpacket::send(
@@ -374,8 +401,9 @@ impl<'a> Connection<'a> {
             let ready = sys::poll_readable(&waits, SESSION_TICK).unwrap_or_default();
             g.rings.set_completion_wakeup(false);
             let is = |i: usize| ready.get(i).copied().unwrap_or(false);
-            if is(1) {
-                sys::drain(g.complete_kick.as_fd());
+            if is(1) && !sys::drain(g.complete_kick.as_fd()) {
+                // Polling a pipe with no writer would spin.
+                return End::Lost("the daemon closed its completion kick pipe".into());
             }
             if is(2) {
                 sys::drain(g.wake.as_fd());
@@ -412,6 +440,9 @@ impl<'a> Connection<'a> {
                     }
                 }
             }
+            if self.broken {
+                return End::Lost("cannot send to the daemon (not reading its socket?)".into());
+            }
             if detaching && export.drained(epoch) {
                 self.send(&Reply::Detached);
                 return End::Detached;
@@ -428,9 +459,10 @@ impl<'a> Connection<'a> {
         detaching: &mut bool,
     ) -> Option<Reply> {
         let result = match req {
-            Request::Restore => export
-                .restore(epoch)
-                .map(|replayed| Reply::Restored { replayed }),
+            Request::Restore => export.restore(epoch).map(|replayed| {
+                self.broker.note_restored(self.peer_pid);
+                Reply::Restored { replayed }
+            }),
             Request::Detach => match export.begin_detach(epoch) {
                 Ok(()) => {
                     *detaching = true;
@@ -452,7 +484,7 @@ impl<'a> Connection<'a> {
             }
             Request::FdGet { name } => match export.fd_get(epoch, &name) {
                 Ok(fd) => {
-                    send(self.sock.as_fd(), &Reply::Fd, &[fd.as_fd()]);
+                    self.send_with(&Reply::Fd, &[fd.as_fd()]);
                     return None;
                 }
                 Err(e) => Err(e),

@@ -53,7 +53,8 @@ struct Session {
     state: DaemonState,
     rings: Arc<Rings>,
     sq_tail: u32,
-    submit_kick: Arc<OwnedFd>,
+    /// The broker's write end of the submission kick pipe.
+    submit_kick: OwnedFd,
     /// Wakes the session thread (to fence, or to notice a restore).
     wake: Arc<OwnedFd>,
 }
@@ -75,8 +76,11 @@ pub struct Grant {
     pub epoch: u64,
     pub rings: Arc<Rings>,
     pub rings_fd: OwnedFd,
-    pub submit_kick: Arc<OwnedFd>,
+    /// The broker's read end of the completion kick pipe.
     pub complete_kick: OwnedFd,
+    /// The daemon's ends of the kick pipes (submission read end,
+    /// completion write end), to send with ATTACHED and then close.
+    pub daemon_kicks: (OwnedFd, OwnedFd),
     pub wake: Arc<OwnedFd>,
 }
 
@@ -170,7 +174,10 @@ impl Export {
 
     /// Returns a slot taken with [`Self::take_slot`] and not used.
     pub fn release_slot(&self, slot: u32) {
-        self.state.lock().inflight.release(slot);
+        let mut st = self.state.lock();
+        st.inflight.release(slot);
+        // A queued request may have been waiting for a slot.
+        self.dispatch(&mut st);
     }
 
     /// Adds a request from a frontend and dispatches it if a daemon is active.
@@ -231,7 +238,13 @@ impl Export {
         let now = Instant::now();
         let start = s.sq_tail;
         let mut heap_freed = false;
-        while let Some(d) = st.inflight.next_dispatch(s.epoch, now) {
+        let (layout, data) = (self.layout, &self.data);
+        let to_heap = |slot: u32, len: u64| {
+            let off = layout.slot_offset(slot)?;
+            data.copy_out(off, usize::try_from(len).ok()?)
+                .map(Vec::into_boxed_slice)
+        };
+        while let Some(d) = st.inflight.next_dispatch(s.epoch, now, to_heap) {
             if let Some(h) = d.heap {
                 heap_freed = true;
                 let _ = self
@@ -288,8 +301,21 @@ impl Export {
                 );
             }
             request_fence(cur);
-            let deadline = Instant::now() + fence_timeout;
-            while st.session.is_some() {
+            let fenced = cur.epoch;
+            let deadline = sys::deadline(fence_timeout);
+            while let Some(s) = st.session.as_ref() {
+                if s.epoch != fenced {
+                    // Another daemon took over first.
+                    return Err(ErrorReply::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "export {}: daemon pid {} attached first (epoch {})",
+                            self.name,
+                            s.pidfd.pid(),
+                            s.epoch
+                        ),
+                    ));
+                }
                 if self.changed.wait_until(&mut st, deadline).timed_out() {
                     return Err(ErrorReply::new(
                         ErrorCode::FenceFailed,
@@ -313,8 +339,8 @@ impl Export {
             sys::sealed_memfd(&format!("holdfast-rings-{}", self.name), layout.byte_len())
                 .map_err(internal)?;
         let rings = Arc::new(Rings::map(&rings_fd, layout).map_err(internal)?);
-        let submit_kick = Arc::new(sys::eventfd().map_err(internal)?);
-        let complete_kick = sys::eventfd().map_err(internal)?;
+        let (daemon_submit, submit_kick) = sys::kick_pipe().map_err(internal)?;
+        let (complete_kick, daemon_complete) = sys::kick_pipe().map_err(internal)?;
         let wake = Arc::new(sys::eventfd().map_err(internal)?);
         st.last_epoch = st.last_epoch.saturating_add(1);
         let epoch = st.last_epoch;
@@ -324,7 +350,7 @@ impl Export {
             state: DaemonState::Attached,
             rings: rings.clone(),
             sq_tail: 0,
-            submit_kick: submit_kick.clone(),
+            submit_kick,
             wake: wake.clone(),
         });
         info!(
@@ -345,8 +371,8 @@ impl Export {
             epoch,
             rings,
             rings_fd,
-            submit_kick,
             complete_kick,
+            daemon_kicks: (daemon_submit, daemon_complete),
             wake,
         })
     }
@@ -426,6 +452,8 @@ impl Export {
                 let failed = st.inflight.take_queued();
                 st.stats.failed = st.stats.failed.saturating_add(failed.len() as u64);
                 update_waiting(&mut st);
+                // Heap bytes were freed: wake writers waiting for room.
+                self.changed.notify_all();
                 failed
             };
             let n = u32::try_from(failed.len()).unwrap_or(u32::MAX);
@@ -607,6 +635,7 @@ impl Export {
                 failed = st.inflight.take_queued();
                 st.stats.failed = st.stats.failed.saturating_add(failed.len() as u64);
                 update_waiting(&mut st);
+                self.changed.notify_all();
                 warn!(
                     "{}: no daemon within the wait bound ({limit:?}): failing {} pending requests with EIO",
                     self.name,
@@ -617,10 +646,20 @@ impl Export {
         fail_all(failed);
     }
 
-    /// Stores a descriptor for the daemon of `epoch`.
+    /// Stores a descriptor for the daemon of `epoch`. Only regular files
+    /// (memfds are) are kept: closing one never blocks, and a socket or a
+    /// file on a FUSE mount could block the broker when it is replaced.
     pub fn fd_put(&self, epoch: u64, name: &str, fd: OwnedFd) -> Result<(), ErrorReply> {
         check_fd_name(name)?;
-        self.with_session(epoch, |st| {
+        let is_file = rustix::fs::fstat(&fd)
+            .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file());
+        if !is_file {
+            return Err(ErrorReply::new(
+                ErrorCode::Malformed,
+                "the fd store keeps regular files and memfds only",
+            ));
+        }
+        let replaced = self.with_session(epoch, |st| {
             if !st.fdstore.contains_key(name) && st.fdstore.len() >= MAX_STORED_FDS {
                 return Err(ErrorReply::new(
                     ErrorCode::LimitReached,
@@ -630,9 +669,11 @@ impl Export {
                     ),
                 ));
             }
-            st.fdstore.insert(name.to_owned(), fd);
-            Ok(())
-        })
+            Ok(st.fdstore.insert(name.to_owned(), fd))
+        })?;
+        // Closed here, outside the lock.
+        drop(replaced);
+        Ok(())
     }
 
     /// A duplicate of a stored descriptor, for the daemon of `epoch`.

@@ -206,10 +206,24 @@ impl Inflight {
     }
 
     /// The oldest queued request, made ready for the daemon of `epoch`, or
-    /// `None` if nothing is queued or no slot is free for it (order is kept:
-    /// a later request never overtakes it).
-    pub fn next_dispatch(&mut self, epoch: u64, now: Instant) -> Option<Dispatch> {
+    /// `None` if nothing is queued or no slot can be had for it (order is
+    /// kept: a later request never overtakes it).
+    ///
+    /// If the oldest request has no slot and none is free, it takes the slot
+    /// of the latest queued request that holds one; that request's write
+    /// data is moved to private memory with `to_heap(slot, len)`. Without
+    /// this, requests read straight into slots while no daemon was attached
+    /// could hold every slot behind a slotless one (an fsync) forever.
+    pub fn next_dispatch(
+        &mut self,
+        epoch: u64,
+        now: Instant,
+        to_heap: impl FnOnce(u32, u64) -> Option<Box<[u8]>>,
+    ) -> Option<Dispatch> {
         let seq = *self.queued.first()?;
+        if self.requests.get(&seq)?.slot.is_none() && self.free.is_empty() {
+            self.steal_slot(to_heap)?;
+        }
         let req = self.requests.get_mut(&seq)?;
         let slot = match req.slot {
             Some(s) => s,
@@ -238,6 +252,25 @@ impl Inflight {
             },
             heap,
         })
+    }
+
+    /// Frees the slot of the latest queued request holding one.
+    fn steal_slot(&mut self, to_heap: impl FnOnce(u32, u64) -> Option<Box<[u8]>>) -> Option<()> {
+        let victim = *self
+            .queued
+            .iter()
+            .rev()
+            .find(|s| self.requests.get(s).is_some_and(|r| r.slot.is_some()))?;
+        let req = self.requests.get_mut(&victim)?;
+        let slot = req.slot?;
+        if req.op == Op::Write {
+            let data = to_heap(slot, req.len)?;
+            self.heap_bytes = self.heap_bytes.saturating_add(data.len());
+            req.heap = Some(data);
+        }
+        req.slot = None;
+        self.free.push(slot);
+        Some(())
     }
 
     /// Validates a completion from the daemon of `epoch` and removes its
@@ -383,6 +416,10 @@ mod tests {
         }
     }
 
+    fn no_heap(_: u32, _: u64) -> Option<Box<[u8]>> {
+        None
+    }
+
     fn done(d: &Dispatch, result: i32) -> Completion {
         Completion {
             seq: d.entry.seq,
@@ -399,9 +436,9 @@ mod tests {
         let s = t.take_slot().unwrap();
         t.submit(Op::Write, 0, 4096, origin(1), Data::Slot(s));
         t.submit(Op::Read, 4096, 512, origin(2), Data::None);
-        let a = t.next_dispatch(1, now).unwrap();
-        let b = t.next_dispatch(1, now).unwrap();
-        assert!(t.next_dispatch(1, now).is_none());
+        let a = t.next_dispatch(1, now, no_heap).unwrap();
+        let b = t.next_dispatch(1, now, no_heap).unwrap();
+        assert!(t.next_dispatch(1, now, no_heap).is_none());
         assert_eq!((a.entry.seq, a.entry.slot), (1, s));
         assert_eq!(b.entry.seq, 2);
         assert_ne!(b.entry.slot, s);
@@ -425,14 +462,16 @@ mod tests {
         for i in 0..5 {
             t.submit(Op::Write, i * 512, 512, origin(i), Data::None);
         }
-        let ds: Vec<_> = (0..3).map(|_| t.next_dispatch(1, now).unwrap()).collect();
+        let ds: Vec<_> = (0..3)
+            .map(|_| t.next_dispatch(1, now, no_heap).unwrap())
+            .collect();
         // Daemon of epoch 1 completes the middle one, then is lost.
         let d = t.complete(1, &done(&ds[1], 512)).unwrap();
         t.release(d.slot);
         assert_eq!(t.reclaim(1), 2);
         assert_eq!(t.queued(), 4);
         assert_eq!(t.queued_replays(), 2);
-        let order: Vec<_> = std::iter::from_fn(|| t.next_dispatch(2, now))
+        let order: Vec<_> = std::iter::from_fn(|| t.next_dispatch(2, now, no_heap))
             .map(|d| (d.entry.seq, d.entry.flags))
             .collect();
         assert_eq!(
@@ -453,12 +492,12 @@ mod tests {
         for i in 0..4 {
             t.submit(Op::Read, 0, 512, origin(i), Data::None);
         }
-        let a = t.next_dispatch(1, now).unwrap();
-        let _b = t.next_dispatch(1, now).unwrap();
-        assert!(t.next_dispatch(1, now).is_none());
+        let a = t.next_dispatch(1, now, no_heap).unwrap();
+        let _b = t.next_dispatch(1, now, no_heap).unwrap();
+        assert!(t.next_dispatch(1, now, no_heap).is_none());
         let d = t.complete(1, &done(&a, 512)).unwrap();
         t.release(d.slot);
-        assert_eq!(t.next_dispatch(1, now).unwrap().entry.seq, 3);
+        assert_eq!(t.next_dispatch(1, now, no_heap).unwrap().entry.seq, 3);
     }
 
     #[test]
@@ -467,7 +506,7 @@ mod tests {
         let now = Instant::now();
         t.submit(Op::Write, 0, 3, origin(1), Data::Heap(vec![1, 2, 3].into()));
         assert_eq!(t.heap_bytes(), 3);
-        let d = t.next_dispatch(1, now).unwrap();
+        let d = t.next_dispatch(1, now, no_heap).unwrap();
         assert_eq!(d.heap.as_deref(), Some(&[1u8, 2, 3][..]));
         assert_eq!(t.heap_bytes(), 0);
         t.submit(Op::Write, 0, 2, origin(2), Data::Heap(vec![1, 2].into()));
@@ -482,8 +521,8 @@ mod tests {
         t.submit(Op::Read, 0, 4096, origin(1), Data::None);
         t.submit(Op::Flush, 0, 0, origin(2), Data::None);
         t.submit(Op::Write, 0, 512, origin(3), Data::None);
-        let r = t.next_dispatch(5, now).unwrap();
-        let f = t.next_dispatch(5, now).unwrap();
+        let r = t.next_dispatch(5, now, no_heap).unwrap();
+        let f = t.next_dispatch(5, now, no_heap).unwrap();
         let cases = [
             Completion {
                 slot: 3,
@@ -519,6 +558,40 @@ mod tests {
         assert_eq!(t.dispatched(5), 2);
         assert_eq!(t.complete(5, &done(&r, -5)).unwrap().result, Err(5));
         assert_eq!(t.complete(5, &done(&f, 0)).unwrap().result, Ok(0));
+    }
+
+    #[test]
+    fn a_slotless_head_takes_the_slot_of_a_later_queued_write() {
+        let mut t = Inflight::new(2);
+        let now = Instant::now();
+        // While no daemon is attached: an fsync, then two writes read
+        // straight into the only two slots.
+        t.submit(Op::Flush, 0, 0, origin(1), Data::None);
+        let a = t.take_slot().unwrap();
+        let b = t.take_slot().unwrap();
+        t.submit(Op::Write, 0, 512, origin(2), Data::Slot(a));
+        t.submit(Op::Write, 512, 512, origin(3), Data::Slot(b));
+        let mut moved = None;
+        let f = t
+            .next_dispatch(1, now, |slot, len| {
+                moved = Some((slot, len));
+                Some(vec![7u8; len as usize].into())
+            })
+            .expect("the fsync must not wait forever");
+        assert_eq!(f.entry.seq, 1);
+        // The latest queued write gave up its slot; its data is on the heap.
+        assert_eq!(moved, Some((b, 512)));
+        assert_eq!(f.entry.slot, b);
+        assert_eq!(t.heap_bytes(), 512);
+        let w2 = t.next_dispatch(1, now, no_heap).unwrap();
+        assert_eq!((w2.entry.seq, w2.entry.slot), (2, a));
+        // The third waits for a slot, then gets its data back from the heap.
+        assert!(t.next_dispatch(1, now, no_heap).is_none());
+        let d = t.complete(1, &done(&f, 0)).unwrap();
+        t.release(d.slot);
+        let w3 = t.next_dispatch(1, now, no_heap).unwrap();
+        assert_eq!(w3.entry.seq, 3);
+        assert_eq!(w3.heap.as_deref(), Some(&[7u8; 512][..]));
     }
 
     #[test]

@@ -37,9 +37,28 @@ pub struct Broker {
     pub exports: Vec<Arc<Export>>,
     pub allow_uids: Vec<u32>,
     pub fence_timeout: Duration,
+    /// Pids of the latest daemons that got as far as RESTORE (bounded).
+    restored: parking_lot::Mutex<std::collections::VecDeque<u32>>,
 }
 
+/// How many restored pids are remembered for the supervisor.
+const RESTORED_PIDS: usize = 64;
+
 impl Broker {
+    /// Records that daemon `pid` restored (it was healthy).
+    pub fn note_restored(&self, pid: u32) {
+        let mut r = self.restored.lock();
+        if r.len() >= RESTORED_PIDS {
+            r.pop_front();
+        }
+        r.push_back(pid);
+    }
+
+    /// Whether daemon `pid` ever restored.
+    pub fn restored(&self, pid: u32) -> bool {
+        self.restored.lock().contains(&pid)
+    }
+
     pub fn export(&self, name: &str) -> Option<&Arc<Export>> {
         self.exports.iter().find(|e| e.name == name)
     }
@@ -91,12 +110,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
         exports: exports.clone(),
         allow_uids,
         fence_timeout: cfg.fence_timeout,
+        restored: parking_lot::Mutex::default(),
     });
 
     let listener = sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.socket.display()))?;
-    let frontend = FuseFrontend::start(&cfg.mountpoint, exports.clone(), cfg.fuse_workers)
-        .map_err(|e| format!("cannot mount FUSE at {}: {e}", cfg.mountpoint.display()))?;
+    let frontend = FuseFrontend::start(&cfg.mountpoint, &exports, cfg.fuse_workers)
+        .map_err(|e| format!("cannot mount FUSE in {}: {e}", cfg.mountpoint.display()))?;
 
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -129,8 +149,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     let mut supervisors = Vec::new();
     for cmd in &cfg.supervise {
+        let b = broker.clone();
+        let healthy = Box::new(move |pid| b.restored(pid));
         supervisors.push(
-            Supervisor::start(cmd.clone()).map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?,
+            Supervisor::start(cmd.clone(), healthy)
+                .map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?,
         );
     }
 

@@ -1,5 +1,7 @@
 //! `--supervise CMD`: run a daemon command line and run it again whenever it
-//! exits, with a growing back-off for one that keeps failing at start-up.
+//! exits: at once if it had got as far as RESTORE (it was healthy and was
+//! killed or crashed while serving), with a growing back-off if it keeps
+//! failing before that (a bad command line, a missing backend).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -14,9 +16,9 @@ use crate::{info, warn};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// A daemon that ran at least this long did not fail at start-up: it is
-/// restarted after the shortest back-off.
-const HEALTHY_RUN: Duration = Duration::from_secs(1);
+
+/// Tells whether a daemon pid got as far as RESTORE.
+pub type Healthy = Box<dyn Fn(u32) -> bool + Send>;
 
 pub struct Supervisor {
     stop: Arc<AtomicBool>,
@@ -27,7 +29,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts supervising `cmd`, run as `/bin/sh -c "exec CMD"` so that the
     /// daemon itself is the supervised child.
-    pub fn start(cmd: String) -> std::io::Result<Self> {
+    pub fn start(cmd: String, healthy: Healthy) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let child = Arc::new(Mutex::new(None));
         let thread = {
@@ -35,7 +37,7 @@ impl Supervisor {
             let child = child.clone();
             std::thread::Builder::new()
                 .name("holdfast-supervise".into())
-                .spawn(move || run(&cmd, &stop, &child))?
+                .spawn(move || run(&cmd, &stop, &child, &healthy))?
         };
         Ok(Self {
             stop,
@@ -60,7 +62,7 @@ impl Supervisor {
     }
 }
 
-fn run(cmd: &str, stop: &AtomicBool, current: &Mutex<Option<Pidfd>>) {
+fn run(cmd: &str, stop: &AtomicBool, current: &Mutex<Option<Pidfd>>, healthy: &Healthy) {
     let mut backoff = MIN_BACKOFF;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
@@ -87,7 +89,7 @@ fn run(cmd: &str, stop: &AtomicBool, current: &Mutex<Option<Pidfd>>) {
             break;
         }
         let ran = started.elapsed();
-        backoff = if ran >= HEALTHY_RUN {
+        backoff = if healthy(child.id()) {
             MIN_BACKOFF
         } else {
             (backoff * 2).min(MAX_BACKOFF)

@@ -50,6 +50,11 @@ fn bad_arguments_exit_2_with_a_reason() {
         (&["--export", "v=1M", "--export", "v=2M"], "given twice"),
         (&["--export", "v=1000"], "not a multiple of the block size"),
         (&["--slots", "3"], "power of two"),
+        (
+            &["--slots", "4", "--fuse-workers", "4"],
+            "larger than --fuse-workers",
+        ),
+        (&["--fence-timeout", "1e12"], "too large"),
         (&["--request-timeout", "soon"], "not a duration"),
         (&["--socket-mode", "999"], "octal mode"),
         (&["--block-size", "1024"], "512 or 4096"),

@@ -62,6 +62,11 @@ impl Attachment {
         let submit_kick = fds.remove(attach_fds::SUBMIT_KICK);
         let data_fd = fds.remove(attach_fds::DATA);
         let rings_fd = fds.remove(attach_fds::RINGS);
+        // Draining and kicking must never block the I/O loop.
+        for fd in [&submit_kick, &complete_kick] {
+            rustix::io::ioctl_fionbio(fd, true)
+                .map_err(|e| Error::io("cannot make a kick pipe non-blocking", e.into()))?;
+        }
         Ok(Self {
             geometry,
             rings: map(&rings_fd, layout.byte_len(), "rings")?,
@@ -81,7 +86,7 @@ impl Attachment {
         unsafe { AtomicU32::from_ptr(self.rings.as_mut_ptr().add(offset).cast()) }
     }
 
-    /// The eventfd the broker writes when it submits.
+    /// The pipe the broker writes to when it submits.
     pub fn submit_kick(&self) -> BorrowedFd<'_> {
         self.submit_kick.as_fd()
     }
@@ -122,7 +127,8 @@ impl Attachment {
     pub fn publish_completions(&self, tail: u32) {
         self.word(offsets::CQ_TAIL).store(tail, Ordering::SeqCst);
         if self.word(offsets::CQ_FLAGS).load(Ordering::SeqCst) & NEED_WAKEUP != 0 {
-            let _ = rustix::io::write(&self.complete_kick, &1u64.to_ne_bytes());
+            // A full pipe (EAGAIN) is a wake-up already pending.
+            let _ = rustix::io::write(&self.complete_kick, &[1u8]);
         }
     }
 

@@ -162,8 +162,9 @@ pub fn serve(
             .collect();
         att.set_submission_wakeup(false);
         if ready[0] {
-            let mut b = [0u8; 8];
-            let _ = rustix::io::read(att.submit_kick(), &mut b);
+            // Empty the kick pipe (non-blocking); the ring itself says what to do.
+            let mut b = [0u8; 512];
+            while let Ok(1..) = rustix::io::read(att.submit_kick(), &mut b) {}
         }
         if ready[2] {
             let mut b = [0u8; 128];

@@ -21,9 +21,12 @@ pub mod attach_fds {
     pub const RINGS: usize = 0;
     /// memfd holding the export's slot buffers (the data area).
     pub const DATA: usize = 1;
-    /// eventfd the broker writes when it submits and the daemon asked to be woken.
+    /// Read end of a pipe the broker writes to when it submits and the
+    /// daemon asked to be woken. Read and discard to reset it.
     pub const SUBMIT_KICK: usize = 2;
-    /// eventfd the daemon writes when it completes and the broker asked to be woken.
+    /// Write end of a pipe the daemon writes (any bytes) to when it
+    /// completes and the broker asked to be woken. Closing it while attached
+    /// is a protocol violation.
     pub const COMPLETE_KICK: usize = 3;
     /// Number of descriptors.
     pub const COUNT: usize = 4;

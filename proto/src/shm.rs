@@ -12,9 +12,11 @@
 //!   waits there while no daemon is attached, so a daemon crash loses nothing.
 //!
 //! Wake-ups: each ring has a flags word. A consumer about to sleep sets
-//! [`NEED_WAKEUP`] (SeqCst), re-checks the tail, then blocks on its eventfd;
-//! a producer publishes its tail (SeqCst) and writes the eventfd only if the
-//! flag is set. A busy peer costs no syscall.
+//! [`NEED_WAKEUP`] (SeqCst), re-checks the tail, then polls its kick pipe;
+//! a producer publishes its tail (SeqCst) and writes the pipe only if the
+//! flag is set. A busy peer costs no syscall. (Pipes, not eventfds, so that
+//! each side owns the file description it writes through: see
+//! `attach_fds` in `control`.)
 //!
 //! Everything a daemon writes here is untrusted by the broker: indices,
 //! slots, sequence numbers and results are validated against the broker's

@@ -50,7 +50,10 @@ fn hung(
     std::thread::sleep(Duration::from_millis(300));
     stop_writer(&mut writer);
     let s = broker.status("vol0");
-    assert_eq!(s["daemons_lost"], 1, "{s}");
+    // At least the stopped one (a replacement slowed past the bound on a
+    // loaded machine would count too; the stopped one's SIGKILL is checked
+    // above).
+    assert!(s["daemons_lost"].as_u64().unwrap() >= 1, "{s}");
     assert!(s["replayed"].as_u64().unwrap() > 0, "{s}");
 
     // No stale write landed after the replay: the backing file holds
@@ -62,7 +65,7 @@ fn hung(
 fn hung_daemon_declared_lost_by_request_age() {
     hung(
         "hung-age",
-        &["--request-timeout", "1s"],
+        &["--request-timeout", "2s"],
         |scratch, broker, backend, epoch| {
             // The broker kills the stopped daemon on its own; a new one attaches.
             broker.wait_status(

@@ -161,3 +161,46 @@ fn operator_restore_starts_a_daemon_that_never_restores() {
     write.join().unwrap().unwrap();
     assert_eq!(broker.status("vol0")["daemon"]["state"], "active");
 }
+
+#[test]
+fn an_export_without_a_daemon_does_not_stall_another() {
+    // The kernel limits background requests (with FUSE_ASYNC_DIO, every
+    // O_DIRECT request) per FUSE connection; each export has its own.
+    let scratch = Scratch::new("ctl-isolation", Duration::from_secs(90));
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "4MiB"), ("vol1", "4MiB")]),
+    );
+    let _d1 = broker.daemon(&scratch, "vol1", "mem", &[]);
+    broker.wait_active("vol1", 0, Duration::from_secs(10));
+    // O_DIRECT reads: unlike O_DIRECT writes, they do not queue behind the
+    // inode lock, so all of them reach the connection's background limit.
+    let stuck: Vec<_> = (0..80u64)
+        .map(|i| {
+            let f = open_direct(&broker.file("vol0"));
+            std::thread::spawn(move || {
+                let mut b = AlignedBuf::new(4096);
+                f.read_exact_at(&mut b, i * 4096)
+            })
+        })
+        .collect();
+    broker.wait_status("vol0", Duration::from_secs(10), "vol0 saturated", |s| {
+        s["pending"].as_u64().unwrap_or(0) >= 64
+    });
+    let started = Instant::now();
+    for i in 0..100u64 {
+        write_in_thread(&broker, "vol1", i * 4096, 5)
+            .join()
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "vol1 stalled behind vol0: {:?}",
+        started.elapsed()
+    );
+    let _d0 = broker.daemon(&scratch, "vol0", "mem", &[]);
+    for w in stuck {
+        w.join().unwrap().unwrap();
+    }
+}

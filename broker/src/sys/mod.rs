@@ -6,12 +6,21 @@ pub mod seqpacket;
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::fs::{MemfdFlags, SealFlags};
 
-/// A non-blocking, close-on-exec eventfd (eventfd(2)).
+/// `now + d`, or a day from now if that overflows.
+pub fn deadline(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(now)
+}
+
+/// A non-blocking, close-on-exec eventfd (eventfd(2)), for wake-ups inside
+/// the broker only.
 pub fn eventfd() -> io::Result<OwnedFd> {
     Ok(rustix::event::eventfd(
         0,
@@ -19,16 +28,39 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Adds one to an eventfd, waking its reader. A full counter (EAGAIN) is
-/// already a pending wake-up.
+/// A wake-up channel shared with a daemon: a non-blocking pipe (pipe(2)),
+/// returned as (read end, write end); each side keeps one end. Not an
+/// eventfd: SCM_RIGHTS passes the open file description, which holds
+/// O_NONBLOCK, so a daemon could clear it on a shared eventfd and fill the
+/// counter, and the broker's next wake-up would block forever. A daemon
+/// cannot touch the flags of the broker's own pipe end, and a full pipe is
+/// just a wake-up already pending.
+pub fn kick_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    )?)
+}
+
+/// Wakes the reader of a kick pipe or eventfd (8 bytes, as eventfds need).
+/// A full pipe or counter (EAGAIN) is already a pending wake-up; a gone
+/// reader (EPIPE) is noticed elsewhere.
 pub fn kick(fd: BorrowedFd<'_>) {
     let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
-/// Resets an eventfd's counter.
-pub fn drain(fd: BorrowedFd<'_>) {
-    let mut buf = [0u8; 8];
-    let _ = rustix::io::read(fd, &mut buf);
+/// Empties a kick pipe or eventfd. Returns false if the pipe's writer
+/// closed its end (end of file).
+pub fn drain(fd: BorrowedFd<'_>) -> bool {
+    let mut buf = [0u8; 512];
+    // Bounded: a peer writing as fast as we read cannot keep us here.
+    for _ in 0..64 {
+        match rustix::io::read(fd, &mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+    true
 }
 
 /// A memfd of `len` bytes whose size is sealed (memfd_create(2),
@@ -100,5 +132,33 @@ pub fn wait_signal(signals: &[libc::c_int], timeout: Duration) -> Option<libc::c
         };
         let s = libc::sigtimedwait(&raw const set, std::ptr::null_mut(), &raw const ts);
         (s > 0).then_some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn kicking_a_full_pipe_never_blocks() {
+        let (read, write) = kick_pipe().unwrap();
+        // What a hostile daemon can do to its own end: make it blocking.
+        // The broker's end is its own open file description, still
+        // non-blocking, so a full pipe just refuses more bytes.
+        rustix::io::ioctl_fionbio(&read, false).unwrap();
+        for _ in 0..100_000 {
+            kick(write.as_fd());
+        }
+    }
+
+    #[test]
+    fn drain_reports_a_closed_writer() {
+        let (read, write) = kick_pipe().unwrap();
+        kick(write.as_fd());
+        kick(write.as_fd());
+        assert!(drain(read.as_fd()));
+        drop(write);
+        assert!(!drain(read.as_fd()));
     }
 }

@@ -84,7 +84,7 @@ impl Pidfd {
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_gone(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = super::deadline(timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let ts = Timespec {

@@ -64,7 +64,8 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<UCred> {
     Ok(rustix::net::sockopt::socket_peercred(sock)?)
 }
 
-/// Sends one packet with up to [`MAX_FDS`] descriptors.
+/// Sends one packet with up to [`MAX_FDS`] descriptors, without blocking:
+/// a peer that does not read its replies gets EAGAIN, not a stuck broker.
 pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -78,7 +79,7 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
         sock,
         &[IoSlice::new(bytes)],
         &mut control,
-        SendFlags::NOSIGNAL,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
     )?;
     if sent != bytes.len() {
         return Err(io::Error::new(io::ErrorKind::WriteZero, "short send"));

@@ -1,14 +1,18 @@
-//! The FUSE frontend: one mount on which every export is a regular file of
-//! the export's size. The broker answers metadata itself and turns READ,
-//! WRITE, FSYNC, FLUSH and FALLOCATE into requests of the export's in-flight
-//! table.
+//! The FUSE frontend: each export is its own FUSE connection, mounted on the
+//! regular file `MOUNTPOINT/NAME`, whose root is a regular file of the
+//! export's size. The broker answers metadata itself and turns READ, WRITE,
+//! FSYNC and FALLOCATE into requests of the export's in-flight table.
 //!
-//! Several worker threads each read from their own clone of the /dev/fuse
-//! connection. A worker reads each request with readv into an 80-byte
-//! private head (header plus WRITE arguments) and a slot buffer it reserved
-//! beforehand, so a WRITE's data lands in shared memory with no copy. When
-//! the reserved slot belongs to another export than the request's, or no
-//! slot was free, the data is copied once.
+//! One connection per export keeps exports apart in the kernel too: the
+//! kernel limits background requests (async direct I/O, readahead) per
+//! connection, so with a shared connection one export without a daemon
+//! would hold the limit and stall the others.
+//!
+//! Several worker threads each read from their own clone of the connection.
+//! A worker reads each request with readv into an 80-byte private head
+//! (header plus WRITE arguments) and a slot buffer it reserved beforehand,
+//! so a WRITE's data lands in shared memory with no copy. With no slot free,
+//! it reads into private memory and the data is copied once.
 
 mod request;
 mod sys;
@@ -18,14 +22,12 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuse_abi::linux::{
     FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_NOFLUSH, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
-    FUSE_BIG_WRITES, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_PARALLEL_DIROPS, FUSE_ROOT_ID,
-    fuse_attr, fuse_attr_out, fuse_dirent, fuse_entry_out, fuse_init_out, fuse_kstatfs,
-    fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
+    FUSE_BIG_WRITES, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_ROOT_ID, fuse_attr, fuse_attr_out,
+    fuse_init_out, fuse_kstatfs, fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
 };
 use holdfast_proto::shm::Op;
 use zerocopy::{Immutable, IntoBytes};
@@ -36,8 +38,6 @@ use crate::export::Export;
 use crate::inflight::Data;
 use crate::{info, warn};
 
-/// Node ids: 1 is the root directory; export `i` is `FIRST_EXPORT_NODE + i`.
-const FIRST_EXPORT_NODE: u64 = 2;
 /// The FUSE minor version this frontend implements (fuse-abi's headers).
 const FUSE_MINOR: u32 = 40;
 /// Attributes never change behind the kernel's back: cache them a day.
@@ -48,65 +48,94 @@ const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
 
-/// A running FUSE frontend.
+/// The mounted exports.
 pub struct FuseFrontend {
-    mountpoint: PathBuf,
+    mounts: Vec<PathBuf>,
 }
 
 impl FuseFrontend {
-    /// Mounts `exports` at `mountpoint` and starts `workers` threads.
-    pub fn start(mountpoint: &Path, exports: Vec<Arc<Export>>, workers: usize) -> io::Result<Self> {
-        let slot_size = exports.first().map_or(1 << 20, |e| e.slot_size());
-        let max_background = exports
-            .first()
-            .map_or(64, |e| u16::try_from(e.slot_count()).unwrap_or(u16::MAX));
-        sys::clear_stale_mount(mountpoint);
-        let dev = sys::open_dev()?;
-        sys::mount(dev.as_fd(), mountpoint, slot_size)?;
-        let fs = Arc::new(Fs {
-            exports,
-            slot_size,
-            max_background,
-            started: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            initialized: AtomicBool::new(false),
-        });
-        let mut devs = vec![dev];
-        for _ in 1..workers.max(1) {
-            let first = devs.first().map(|d| d.as_fd());
-            match first.map(sys::clone_dev) {
-                Some(Ok(d)) => devs.push(d),
-                Some(Err(e)) => {
-                    warn!("cannot clone the FUSE connection ({e}); running fewer workers");
-                    break;
-                }
-                None => break,
-            }
+    /// Mounts every export on `dir/NAME` (creating the directory and the
+    /// files to mount on) with `workers` threads each.
+    pub fn start(dir: &Path, exports: &[Arc<Export>], workers: usize) -> io::Result<Self> {
+        let mut frontend = Self { mounts: Vec::new() };
+        for export in exports {
+            let path = dir.join(&export.name);
+            let dev = mount_export(&path, export.slot_size())?;
+            // From here on, a failure detaches this mount too (Drop).
+            frontend.mounts.push(path);
+            start_workers(dev, export.clone(), workers)?;
         }
-        let n = devs.len();
-        for (i, dev) in devs.into_iter().enumerate() {
-            let fs = fs.clone();
-            let chan = Arc::new(Channel { dev });
-            std::thread::Builder::new()
-                .name(format!("holdfast-fuse{i}"))
-                .spawn(move || fs.worker(&chan))?;
-        }
-        info!(
-            "FUSE frontend mounted at {} with {n} workers",
-            mountpoint.display()
-        );
-        Ok(Self {
-            mountpoint: mountpoint.to_owned(),
-        })
+        Ok(frontend)
     }
 
-    /// Detaches the mount.
-    pub fn unmount(&self) {
-        if let Err(e) = sys::unmount(&self.mountpoint) {
-            warn!("cannot unmount {}: {e}", self.mountpoint.display());
+    /// Detaches every mount.
+    pub fn unmount(mut self) {
+        self.detach_all();
+    }
+
+    fn detach_all(&mut self) {
+        for path in self.mounts.drain(..) {
+            if let Err(e) = sys::unmount(&path) {
+                warn!("cannot unmount {}: {e}", path.display());
+            }
+            let _ = std::fs::remove_file(&path);
         }
     }
+}
+
+impl Drop for FuseFrontend {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// Creates the file to mount on (detaching a dead mount left there) and
+/// mounts a new FUSE connection on it.
+fn mount_export(path: &Path, max_read: u32) -> io::Result<OwnedFd> {
+    sys::clear_stale_mount(path);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let dev = sys::open_dev()?;
+    sys::mount(dev.as_fd(), path, max_read)?;
+    Ok(dev)
+}
+
+/// Starts `workers` threads on clones of the connection `dev`.
+fn start_workers(dev: OwnedFd, export: Arc<Export>, workers: usize) -> io::Result<()> {
+    let slot_size = export.slot_size();
+    let mut devs = vec![dev];
+    for _ in 1..workers.max(1) {
+        let cloned = devs.first().map(|d| sys::clone_dev(d.as_fd()));
+        match cloned {
+            Some(Ok(d)) => devs.push(d),
+            Some(Err(e)) => {
+                warn!("cannot clone the FUSE connection ({e}); running fewer workers");
+                break;
+            }
+            None => break,
+        }
+    }
+    let fs = Arc::new(Fs {
+        max_background: u16::try_from(export.slot_count()).unwrap_or(u16::MAX),
+        export,
+        slot_size,
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    let n = devs.len();
+    for (i, dev) in devs.into_iter().enumerate() {
+        let fs = fs.clone();
+        let chan = Arc::new(Channel { dev });
+        std::thread::Builder::new()
+            .name(format!("fuse-{}-{i}", fs.export.name))
+            .spawn(move || fs.worker(&chan))?;
+    }
+    info!("{}: FUSE mounted with {n} workers", fs.export.name);
+    Ok(())
 }
 
 /// One /dev/fuse clone; replies go to the clone the request came from.
@@ -157,11 +186,10 @@ impl Channel {
     }
 
     fn bytes(&self, unique: u64, bytes: &[u8]) {
-        let iov = libc::iovec {
+        let body = [libc::iovec {
             iov_base: bytes.as_ptr().cast_mut().cast(),
             iov_len: bytes.len(),
-        };
-        let body = [iov];
+        }];
         self.send(unique, 0, if bytes.is_empty() { &[] } else { &body });
     }
 }
@@ -197,54 +225,32 @@ impl ReplySink for Channel {
     }
 }
 
-/// A worker's buffers: the private head, and the body buffer its next
-/// request is read into (a reserved slot, or private memory).
+/// A worker's buffers: the private head, private memory for a body when no
+/// slot is free, and the slot reserved for the next request's body.
 struct Worker {
     head: [u8; HEAD_LEN],
     private: Vec<u8>,
-    slots: Slots,
+    reserved: Option<u32>,
 }
 
-#[derive(Clone, Copy)]
-struct Slots {
-    /// A slot (export index, slot) reserved to read into.
-    reserved: Option<(usize, u32)>,
-    /// The export to reserve a slot on: the one the last data request was for.
-    preferred: usize,
-}
-
+/// One export's FUSE file system.
 struct Fs {
-    exports: Vec<Arc<Export>>,
+    export: Arc<Export>,
     slot_size: u32,
     max_background: u16,
     started: u64,
-    initialized: AtomicBool,
 }
 
 impl Fs {
-    fn export(&self, nodeid: u64) -> Option<(usize, &Arc<Export>)> {
-        let i = usize::try_from(nodeid.checked_sub(FIRST_EXPORT_NODE)?).ok()?;
-        self.exports.get(i).map(|e| (i, e))
-    }
-
     fn worker(&self, chan: &Arc<Channel>) {
         let mut w = Worker {
             head: [0u8; HEAD_LEN],
             private: vec![0u8; self.slot_size as usize],
-            slots: Slots {
-                reserved: None,
-                preferred: 0,
-            },
+            reserved: None,
         };
         loop {
-            let s = &mut w.slots;
-            if s.reserved.map(|(e, _)| e) != Some(s.preferred) {
-                self.release(s);
-                s.reserved = self
-                    .exports
-                    .get(s.preferred)
-                    .and_then(|e| e.take_slot())
-                    .map(|slot| (s.preferred, slot));
+            if w.reserved.is_none() {
+                w.reserved = self.export.take_slot();
             }
             let body = self.body_ptr(&mut w);
             // SAFETY: `body` is a slot buffer of `slot_size` bytes in a live
@@ -266,37 +272,37 @@ impl Fs {
                 },
             }
         }
-        self.release(&mut w.slots);
-    }
-
-    fn release(&self, slots: &mut Slots) {
-        if let Some((e, s)) = slots.reserved.take()
-            && let Some(x) = self.exports.get(e)
-        {
-            x.release_slot(s);
+        if let Some(s) = w.reserved.take() {
+            self.export.release_slot(s);
         }
     }
 
     fn body_ptr(&self, w: &mut Worker) -> *mut u8 {
-        w.slots
-            .reserved
-            .and_then(|(e, s)| {
-                let x = self.exports.get(e)?;
-                x.data().ptr(x.slot_offset(s)?, self.slot_size as usize)
-            })
-            .unwrap_or_else(|| {
-                w.slots.reserved = None;
+        let slot = w.reserved.and_then(|s| {
+            self.export
+                .data()
+                .ptr(self.export.slot_offset(s)?, self.slot_size as usize)
+        });
+        match slot {
+            Some(p) => p,
+            None => {
+                // Cannot happen for a slot of this export; never read into
+                // a slot whose address is unknown.
+                if let Some(s) = w.reserved.take() {
+                    self.export.release_slot(s);
+                }
                 w.private.as_mut_ptr()
-            })
+            }
+        }
     }
 
     /// Copies `len` bytes of the body the request was read into.
     fn body_copy(&self, w: &Worker, len: usize) -> Vec<u8> {
-        match w.slots.reserved {
-            Some((e, s)) => self
-                .exports
-                .get(e)
-                .and_then(|x| x.data().copy_out(x.slot_offset(s)?, len))
+        match w.reserved {
+            Some(s) => self
+                .export
+                .slot_offset(s)
+                .and_then(|off| self.export.data().copy_out(off, len))
                 .unwrap_or_default(),
             None => w.private.get(..len).map(<[u8]>::to_vec).unwrap_or_default(),
         }
@@ -332,6 +338,8 @@ impl Fs {
             }
             return;
         }
+        // Arguments past the head are in the body buffer, which the daemon
+        // can write too: copy them to private memory before parsing.
         let in_head = w
             .head
             .get(IN_HEADER_LEN..n.min(HEAD_LEN))
@@ -344,7 +352,7 @@ impl Fs {
             Cow::Owned(v)
         };
         match request::parse(h.opcode, &args) {
-            Ok(op) => self.op(chan, &mut w.slots, h.nodeid, h.unique, op),
+            Ok(op) => self.op(chan, &mut w.reserved, h.nodeid, h.unique, op),
             Err(e) => {
                 warn!("{e}");
                 if !request::is_no_reply(h.opcode) {
@@ -363,19 +371,13 @@ impl Fs {
         offset: u64,
         size: u32,
     ) {
-        let Some((i, export)) = self.export(nodeid) else {
-            return chan.error(
-                unique,
-                if nodeid == FUSE_ROOT_ID {
-                    libc::EISDIR
-                } else {
-                    libc::ENOENT
-                },
-            );
-        };
+        let e = &self.export;
+        if nodeid != FUSE_ROOT_ID {
+            return chan.error(unique, libc::ENOENT);
+        }
         if offset
             .checked_add(u64::from(size))
-            .is_none_or(|end| end > export.size)
+            .is_none_or(|end| end > e.size)
         {
             return chan.error(unique, libc::ENOSPC);
         }
@@ -389,26 +391,27 @@ impl Fs {
             );
         }
         let origin = chan.origin(unique);
-        match w.slots.reserved {
-            Some((e, slot)) if e == i => {
-                w.slots.reserved = None;
-                export.submit(Op::Write, offset, u64::from(size), origin, Data::Slot(slot));
-            }
-            Some(_) => {
-                let bytes = self.body_copy(w, size as usize);
-                export.submit_write(offset, origin, &bytes);
-            }
+        match w.reserved.take() {
+            Some(slot) => e.submit(Op::Write, offset, u64::from(size), origin, Data::Slot(slot)),
             None => {
                 let bytes = w.private.get(..size as usize).unwrap_or_default();
-                export.submit_write(offset, origin, bytes);
+                e.submit_write(offset, origin, bytes);
             }
         }
-        w.slots.preferred = i;
     }
 
-    fn op(&self, chan: &Arc<Channel>, w: &mut Slots, nodeid: u64, unique: u64, op: FuseOp<'_>) {
-        let export = self.export(nodeid);
-        let is_root = nodeid == FUSE_ROOT_ID;
+    fn op(
+        &self,
+        chan: &Arc<Channel>,
+        reserved: &mut Option<u32>,
+        nodeid: u64,
+        unique: u64,
+        op: FuseOp<'_>,
+    ) {
+        let e = &self.export;
+        if nodeid != FUSE_ROOT_ID && !matches!(op, FuseOp::Init { .. } | FuseOp::Forget) {
+            return chan.error(unique, libc::ENOENT);
+        }
         match op {
             FuseOp::Init {
                 major,
@@ -418,109 +421,62 @@ impl Fs {
             } => self.init(chan, unique, major, minor, max_readahead, flags),
             FuseOp::Destroy => chan.bytes(unique, &[]),
             FuseOp::Forget | FuseOp::Interrupt => {}
-            FuseOp::Lookup { name } => {
-                let found = is_root
-                    .then(|| self.exports.iter().position(|e| e.name.as_bytes() == name))
-                    .flatten();
-                match found {
-                    Some(i) => {
-                        let node = FIRST_EXPORT_NODE.saturating_add(i as u64);
-                        chan.ok(
-                            unique,
-                            &fuse_entry_out {
-                                nodeid: node,
-                                generation: 1,
-                                entry_valid: ATTR_VALID_SECS,
-                                attr_valid: ATTR_VALID_SECS,
-                                entry_valid_nsec: 0,
-                                attr_valid_nsec: 0,
-                                attr: self.attr(node),
-                            },
-                        );
-                    }
-                    None => chan.error(unique, libc::ENOENT),
-                }
+            // The root is a file: nothing to look up or list.
+            FuseOp::Lookup { .. } | FuseOp::Opendir | FuseOp::Readdir { .. } => {
+                chan.error(unique, libc::ENOTDIR);
             }
-            FuseOp::Getattr => self.reply_attr(chan, unique, nodeid),
+            FuseOp::Getattr => self.reply_attr(chan, unique),
             FuseOp::Setattr(s) => {
-                // Exports have a fixed size and owner; time updates are
-                // accepted (and ignored) so that ordinary tools work.
-                let resize =
-                    s.valid & FATTR_SIZE != 0 && export.is_none_or(|(_, e)| s.size != e.size);
+                // The size and owner are fixed; time updates are accepted
+                // (and ignored) so that ordinary tools work.
+                let resize = s.valid & FATTR_SIZE != 0 && s.size != e.size;
                 if resize || s.valid & (FATTR_MODE | FATTR_UID | FATTR_GID) != 0 {
                     chan.error(unique, libc::EPERM);
                 } else {
-                    self.reply_attr(chan, unique, nodeid);
+                    self.reply_attr(chan, unique);
                 }
             }
-            FuseOp::Open { .. } => match export {
-                // No FLUSH on close(2): writes are write-through (completed
-                // by a daemon before write(2) returns), and close promises no
-                // durability; fsync does, and is forwarded. A forwarded FLUSH
-                // would make every close, including the close-on-exec in any
-                // forked child, wait for a daemon: while none is attached, a
-                // process holding a written fd could not even exec the
-                // replacement daemon. See kmod-notes/fuse.md.
-                Some(_) => chan.ok(
-                    unique,
-                    &fuse_open_out {
-                        open_flags: FOPEN_NOFLUSH,
-                        ..Default::default()
-                    },
-                ),
-                None => chan.error(unique, if is_root { libc::EISDIR } else { libc::ENOENT }),
-            },
-            FuseOp::Opendir => {
-                if is_root {
-                    chan.ok(unique, &fuse_open_out::default());
-                } else {
-                    chan.error(unique, libc::ENOTDIR);
-                }
-            }
-            FuseOp::Readdir { offset, size } => self.readdir(chan, unique, offset, size),
+            // No FLUSH on close(2): writes are write-through (completed by a
+            // daemon before write(2) returns), and close promises no
+            // durability; fsync does, and is forwarded. A forwarded FLUSH
+            // would make every close, including the close-on-exec in any
+            // forked child, wait for a daemon: while none is attached, a
+            // process holding a written fd could not even exec the
+            // replacement daemon. See kmod-notes/fuse.md.
+            FuseOp::Open { .. } => chan.ok(
+                unique,
+                &fuse_open_out {
+                    open_flags: FOPEN_NOFLUSH,
+                    ..Default::default()
+                },
+            ),
             FuseOp::Release | FuseOp::Releasedir | FuseOp::Fsyncdir | FuseOp::Access => {
                 chan.bytes(unique, &[]);
             }
             FuseOp::Statfs => self.statfs(chan, unique),
             FuseOp::Read { offset, size } => {
-                let Some((i, e)) = export else {
-                    return chan.error(unique, if is_root { libc::EISDIR } else { libc::ENOENT });
-                };
                 let left = e.size.saturating_sub(offset);
                 let len = left.min(u64::from(size)).min(u64::from(self.slot_size));
                 if len == 0 {
                     return chan.bytes(unique, &[]);
                 }
-                let data = match w.reserved {
-                    Some((r, slot)) if r == i => {
-                        w.reserved = None;
-                        Data::Slot(slot)
-                    }
-                    _ => Data::None,
-                };
-                w.preferred = i;
+                let data = reserved.take().map_or(Data::None, Data::Slot);
                 e.submit(Op::Read, offset, len, chan.origin(unique), data);
             }
-            FuseOp::Flush | FuseOp::Fsync { .. } => match export {
-                Some((_, e)) => e.submit(Op::Flush, 0, 0, chan.origin(unique), Data::None),
-                None => chan.bytes(unique, &[]),
-            },
+            FuseOp::Flush | FuseOp::Fsync { .. } => {
+                e.submit(Op::Flush, 0, 0, chan.origin(unique), Data::None);
+            }
             FuseOp::Fallocate {
                 offset,
                 length,
                 mode,
-            } => {
-                let Some((_, e)) = export else {
-                    return chan.error(unique, libc::ENODEV);
-                };
-                match fallocate_op(mode, offset, length, e.size) {
-                    Ok((op, len)) if len > 0 => {
-                        e.submit(op, offset, len, chan.origin(unique), Data::None)
-                    }
-                    Ok(_) => chan.bytes(unique, &[]),
-                    Err(errno) => chan.error(unique, errno),
+            } => match fallocate_op(mode, offset, length, e.size) {
+                Ok((op, len)) if len > 0 => {
+                    e.submit(op, offset, len, chan.origin(unique), Data::None)
                 }
-            }
+                Ok(_) => chan.bytes(unique, &[]),
+                Err(errno) => chan.error(unique, errno),
+            },
             FuseOp::Write { .. } => chan.error(unique, libc::EINVAL),
             FuseOp::Unsupported(_) => chan.error(unique, libc::ENOSYS),
         }
@@ -539,13 +495,7 @@ impl Fs {
             warn!("kernel FUSE protocol {major}.{minor} is too old (7.28 or later needed)");
             return chan.error(unique, libc::EPROTO);
         }
-        let want = u64::from(
-            FUSE_ASYNC_READ
-                | FUSE_BIG_WRITES
-                | FUSE_MAX_PAGES
-                | FUSE_PARALLEL_DIROPS
-                | FUSE_ASYNC_DIO,
-        );
+        let want = u64::from(FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO);
         let out = fuse_init_out {
             major: FUSE_KERNEL_VERSION,
             minor: FUSE_MINOR,
@@ -559,95 +509,45 @@ impl Fs {
             ..Default::default()
         };
         chan.ok(unique, &out);
-        if !self.initialized.swap(true, Ordering::SeqCst) {
-            info!("FUSE connection initialised (kernel protocol {major}.{minor})");
-        }
+        info!(
+            "{}: FUSE connection initialised (kernel protocol {major}.{minor})",
+            self.export.name
+        );
     }
 
-    fn attr(&self, nodeid: u64) -> fuse_attr {
+    fn reply_attr(&self, chan: &Channel, unique: u64) {
         let t = self.started;
-        let mut a = fuse_attr {
-            ino: nodeid,
+        let size = self.export.size;
+        let attr = fuse_attr {
+            ino: FUSE_ROOT_ID,
+            size,
+            blocks: size.div_ceil(512),
             atime: t,
             mtime: t,
             ctime: t,
+            mode: libc::S_IFREG | 0o600,
+            nlink: 1,
             blksize: 4096,
             ..Default::default()
         };
-        match self.export(nodeid) {
-            Some((_, e)) => {
-                a.size = e.size;
-                a.blocks = e.size.div_ceil(512);
-                a.mode = libc::S_IFREG | 0o600;
-                a.nlink = 1;
-            }
-            None => {
-                a.mode = libc::S_IFDIR | 0o755;
-                a.nlink = 2;
-            }
-        }
-        a
-    }
-
-    fn reply_attr(&self, chan: &Channel, unique: u64, nodeid: u64) {
-        if nodeid != FUSE_ROOT_ID && self.export(nodeid).is_none() {
-            return chan.error(unique, libc::ENOENT);
-        }
         chan.ok(
             unique,
             &fuse_attr_out {
                 attr_valid: ATTR_VALID_SECS,
                 attr_valid_nsec: 0,
                 dummy: 0,
-                attr: self.attr(nodeid),
+                attr,
             },
         );
     }
 
-    fn readdir(&self, chan: &Channel, unique: u64, offset: u64, size: u32) {
-        let mut entries: Vec<(u64, &[u8], u32)> = vec![
-            (FUSE_ROOT_ID, b".", libc::DT_DIR.into()),
-            (FUSE_ROOT_ID, b"..", libc::DT_DIR.into()),
-        ];
-        for (i, e) in self.exports.iter().enumerate() {
-            entries.push((
-                FIRST_EXPORT_NODE.saturating_add(i as u64),
-                e.name.as_bytes(),
-                libc::DT_REG.into(),
-            ));
-        }
-        let mut out = Vec::new();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (idx, (ino, name, kind)) in entries.iter().enumerate().skip(start) {
-            let dirent = fuse_dirent {
-                ino: *ino,
-                off: idx as u64 + 1,
-                namelen: u32::try_from(name.len()).unwrap_or(0),
-                type_: *kind,
-                name: Default::default(),
-            };
-            let entry_len = (size_of::<fuse_dirent>() + name.len()).next_multiple_of(8);
-            if out.len() + entry_len > size as usize {
-                break;
-            }
-            out.extend_from_slice(dirent.as_bytes());
-            out.extend_from_slice(name);
-            out.resize(out.len().next_multiple_of(8), 0);
-        }
-        chan.bytes(unique, &out);
-    }
-
     fn statfs(&self, chan: &Channel, unique: u64) {
-        let blocks: u64 = self.exports.iter().map(|e| e.size / 4096).sum();
         chan.ok(
             unique,
             &fuse_statfs_out {
                 st: fuse_kstatfs {
-                    blocks,
-                    bfree: 0,
-                    bavail: 0,
-                    files: self.exports.len() as u64,
-                    ffree: 0,
+                    blocks: self.export.size / 4096,
+                    files: 1,
                     bsize: 4096,
                     namelen: holdfast_proto::MAX_NAME_LEN as u32,
                     frsize: 4096,

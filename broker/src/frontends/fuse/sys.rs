@@ -38,12 +38,14 @@ pub fn clone_dev(dev: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(clone)
 }
 
-/// Mounts the connection `dev` at `mountpoint` (mount(2) with the "fuse"
-/// type and the options documented in fuse.rst). Files are root's, and the
-/// kernel checks permissions (`default_permissions`).
+/// Mounts the connection `dev` on the regular file `mountpoint` (mount(2)
+/// with the "fuse" type and the options in fuse.rst): the file system's
+/// root is itself a regular file, `0600` and root's, and the kernel checks
+/// permissions (`default_permissions`). A mount point and the root it gets
+/// must both be files or both directories (graft_tree in fs/namespace.c).
 pub fn mount(dev: BorrowedFd<'_>, mountpoint: &Path, max_read: u32) -> io::Result<()> {
     let opts = format!(
-        "fd={},rootmode=40755,user_id=0,group_id=0,allow_other,default_permissions,max_read={max_read}",
+        "fd={},rootmode=100600,user_id=0,group_id=0,allow_other,default_permissions,max_read={max_read}",
         dev.as_raw_fd()
     );
     let target = CString::new(mountpoint.as_os_str().as_bytes())
