@@ -18,8 +18,8 @@ Options:
   --socket-mode MODE      octal permissions of the socket [default: 600]
   --allow-uid UID         also accept connections from UID (repeatable;
                           root and the broker's own uid are always accepted)
-  --mountpoint DIR        where the FUSE file system is mounted; each export is
-                          the file DIR/NAME [default: /run/holdfast/mnt]
+  --mountpoint DIR        directory of the exports: each export is the file
+                          DIR/NAME, its own FUSE mount [default: /run/holdfast/mnt]
   --export NAME=SIZE      an export, e.g. vol0=256MiB (repeatable)
   --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
                           again whenever it exits (repeatable)
@@ -30,8 +30,9 @@ Options:
                           EIO [default: forever]
   --fence-timeout T       how long to wait for a killed daemon to be gone before
                           warning (it is waited for regardless) [default: 10s]
-  --fuse-workers N        FUSE worker threads [default: 4]
-  --slots N               in-flight slots per export, a power of two [default: 64]
+  --fuse-workers N        FUSE worker threads per export [default: 4]
+  --slots N               in-flight slots per export, a power of two larger
+                          than --fuse-workers [default: 64]
   --slot-size SIZE        largest I/O per request [default: 1MiB]
   --block-size N          logical block size, 512 or 4096 [default: 512]
   -h, --help              print this help
