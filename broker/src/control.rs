@@ -341,22 +341,23 @@ impl<'a> Connection<'a> {
             )
         })?;
         let pidfd = Arc::new(pidfd);
-        let grant = export
+        let mut grant = export
             .attach(pidfd.clone(), takeover, self.broker.fence_timeout)
             .map_err(Reply::Error)?;
-        let fds = [
-            grant.rings_fd.as_fd(),
-            export.data_fd().as_fd(),
-            grant.daemon_kicks.0.as_fd(),
-            grant.daemon_kicks.1.as_fd(),
-        ];
-        debug_assert_eq!(fds.len(), attach_fds::COUNT);
-        if let Err(e) = seqpacket::send(
-            self.sock.as_fd(),
-            &Reply::Attached(grant.reply).encode(),
-            &fds,
-        ) {
-            warn!("{}: cannot send ATTACHED: {e}", export.name);
+        // The daemon's pipe ends are sent, then closed here: the broker
+        // never holds them.
+        if let Some((submit, complete)) = grant.daemon_kicks.take() {
+            let fds = [
+                grant.rings_fd.as_fd(),
+                export.data_fd().as_fd(),
+                submit.as_fd(),
+                complete.as_fd(),
+            ];
+            debug_assert_eq!(fds.len(), attach_fds::COUNT);
+            let reply = Reply::Attached(grant.reply).encode();
+            if let Err(e) = seqpacket::send(self.sock.as_fd(), &reply, &fds) {
+                warn!("{}: cannot send ATTACHED: {e}", export.name);
+            }
         }
         let end = self.session(export, &grant, &pidfd);
         match end {

@@ -79,8 +79,9 @@ pub struct Grant {
     /// The broker's read end of the completion kick pipe.
     pub complete_kick: OwnedFd,
     /// The daemon's ends of the kick pipes (submission read end,
-    /// completion write end), to send with ATTACHED and then close.
-    pub daemon_kicks: (OwnedFd, OwnedFd),
+    /// completion write end), to send with ATTACHED and then close, so that
+    /// the broker never holds the daemon's ends.
+    pub daemon_kicks: Option<(OwnedFd, OwnedFd)>,
     pub wake: Arc<OwnedFd>,
 }
 
@@ -372,7 +373,7 @@ impl Export {
             rings,
             rings_fd,
             complete_kick,
-            daemon_kicks: (daemon_submit, daemon_complete),
+            daemon_kicks: Some((daemon_submit, daemon_complete)),
             wake,
         })
     }
