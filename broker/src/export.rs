@@ -193,6 +193,13 @@ impl Export {
     /// if there is one, else held in private memory (waiting for room under
     /// the heap limit first).
     pub fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]) {
+        // Held data must fit a slot when it is dispatched (see `dispatch`).
+        if bytes.len() > self.layout.slot_size() as usize {
+            origin
+                .sink
+                .complete(origin.tag, Op::Write, Outcome::Failed(libc::EINVAL));
+            return;
+        }
         let len = bytes.len() as u64;
         let mut st = self.state.lock();
         let data = match st.inflight.take_slot() {
@@ -248,6 +255,9 @@ impl Export {
         while let Some(d) = st.inflight.next_dispatch(s.epoch, now, to_heap) {
             if let Some(h) = d.heap {
                 heap_freed = true;
+                // Cannot fail: the slot is the table's and held data is at
+                // most a slot long (checked in `submit_write`, and stolen
+                // slots are copied out whole).
                 let _ = self
                     .layout
                     .slot_offset(d.entry.slot)

@@ -42,7 +42,7 @@ pub mod offsets {
     pub const ENTRIES: usize = 384;
 }
 
-/// Ring flag: the consumer is about to sleep on its eventfd.
+/// Ring flag: the consumer is about to sleep on its kick pipe.
 pub const NEED_WAKEUP: u32 = 1;
 
 /// Most slots an export can have.
