@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use holdfast_proto::{
-    ErrorCode, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, caps, control::attach_fds,
+    ErrorCode, HandoffRequest, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, caps,
+    control::attach_fds,
 };
 use rustix::net::RecvFlags;
 
-use crate::export::{Export, Grant};
+use crate::export::{Export, Grant, Notice, QuiescedError};
 use crate::sys::pidfd::Pidfd;
 use crate::sys::{self, seqpacket};
 use crate::{Broker, info, warn};
@@ -125,9 +126,19 @@ struct Connection<'a> {
     broken: bool,
 }
 
+/// How a daemon joins an export.
+#[derive(Clone, Copy)]
+enum Join {
+    /// ATTACH, fencing a current daemon first with `takeover`.
+    Attach { takeover: bool },
+    /// PREPARE: as a handoff's successor.
+    Successor,
+}
+
 /// How a daemon session ended.
 enum End {
-    /// DETACH completed: nothing in flight, nothing to fence.
+    /// DETACH completed, or released by a handoff: nothing in flight,
+    /// nothing to fence.
     Detached,
     /// Lost (EOF, exit, hang, violation, takeover): fence, then replay.
     Lost(String),
@@ -274,13 +285,37 @@ impl<'a> Connection<'a> {
                             self.broker.export_names()
                         ),
                     ),
-                    Some(export) => match self.attach(export, a.takeover) {
+                    Some(export) => match self.attach(
+                        export,
+                        Join::Attach {
+                            takeover: a.takeover,
+                        },
+                    ) {
                         Ok(()) => return,
                         Err(reply) => reply,
                     },
                 },
+                Request::Prepare { export } => match self.broker.export(&export) {
+                    None => Reply::error(
+                        ErrorCode::NoSuchExport,
+                        format!("no export named {export:?}"),
+                    ),
+                    Some(export) => match self.attach(export, Join::Successor) {
+                        Ok(()) => return,
+                        Err(reply) => reply,
+                    },
+                },
+                Request::Handoff(h) => {
+                    let reply = self.operator_handoff(h);
+                    if self.broken {
+                        return;
+                    }
+                    reply
+                }
                 Request::Restore
                 | Request::Detach
+                | Request::Ready
+                | Request::Quiesced
                 | Request::FdPut { .. }
                 | Request::FdGet { .. } => {
                     Reply::error(ErrorCode::NotAttached, "ATTACH to an export first")
@@ -319,7 +354,7 @@ impl<'a> Connection<'a> {
                 },
             },
             Request::Hello(_) => Reply::error(ErrorCode::BadState, "HELLO was already sent"),
-            Request::Attach(_) => {
+            Request::Attach(_) | Request::Prepare { .. } => {
                 Reply::error(ErrorCode::BadState, "this connection is attached already")
             }
             other => Reply::error(
@@ -329,8 +364,34 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// ATTACH; on success runs the daemon session until it ends.
-    fn attach(&mut self, export: &Arc<Export>, takeover: bool) -> Result<(), Reply> {
+    /// HANDOFF from an operator: arms it, says so, and answers with the
+    /// report when it ends.
+    fn operator_handoff(&mut self, req: HandoffRequest) -> Reply {
+        let export = match self.broker.export(&req.export) {
+            Some(e) => e.clone(),
+            None => {
+                return Reply::error(
+                    ErrorCode::NoSuchExport,
+                    format!("no export named {:?}", req.export),
+                );
+            }
+        };
+        let id = match self.broker.start_handoff(&export, &req) {
+            Ok((id, armed)) => {
+                self.send(&armed);
+                id
+            }
+            Err(e) => return Reply::Error(e),
+        };
+        let sock = self.sock.as_fd();
+        match export.wait_handoff(id, || seqpacket::hung_up(sock)) {
+            Some(report) => Reply::HandoffDone(report),
+            None => Reply::error(ErrorCode::Internal, "the handoff ended without a report"),
+        }
+    }
+
+    /// ATTACH or PREPARE; on success runs the daemon session until it ends.
+    fn attach(&mut self, export: &Arc<Export>, join: Join) -> Result<(), Reply> {
         let pidfd = Pidfd::of_peer(self.sock.as_fd(), self.peer_pid).map_err(|e| {
             Reply::error(
                 ErrorCode::Internal,
@@ -341,9 +402,13 @@ impl<'a> Connection<'a> {
             )
         })?;
         let pidfd = Arc::new(pidfd);
-        let mut grant = export
-            .attach(pidfd.clone(), takeover, self.broker.fence_timeout)
-            .map_err(Reply::Error)?;
+        let granted = match join {
+            Join::Attach { takeover } => {
+                export.attach(pidfd.clone(), takeover, self.broker.fence_timeout)
+            }
+            Join::Successor => export.prepare(pidfd.clone()),
+        };
+        let mut grant = granted.map_err(Reply::Error)?;
         // The daemon's pipe ends are sent, then closed here: the broker
         // never holds them.
         if let Some((submit, complete)) = grant.daemon_kicks.take() {
@@ -396,7 +461,7 @@ impl<'a> Connection<'a> {
             let waits = [
                 self.sock.as_fd(),
                 g.complete_kick.as_fd(),
-                g.wake.as_fd(),
+                g.link.wake_fd(),
                 pidfd.as_fd(),
             ];
             let ready = sys::poll_readable(&waits, SESSION_TICK).unwrap_or_default();
@@ -407,7 +472,19 @@ impl<'a> Connection<'a> {
                 return End::Lost("the daemon closed its completion kick pipe".into());
             }
             if is(2) {
-                sys::drain(g.wake.as_fd());
+                sys::drain(g.link.wake_fd());
+                for notice in g.link.take() {
+                    let reply = match notice {
+                        Notice::Quiesce => Reply::Quiesce,
+                        Notice::Activate => Reply::Activate,
+                        Notice::Revive => Reply::Revive,
+                        Notice::Release => {
+                            self.send(&Reply::Detached);
+                            return End::Detached;
+                        }
+                    };
+                    self.send(&reply);
+                }
             }
             if let Err(v) = export.reap(epoch, &g.rings, &mut head) {
                 return End::Lost(format!("protocol violation: {v}"));
@@ -432,11 +509,24 @@ impl<'a> Connection<'a> {
                             return End::Lost("too many malformed messages".into());
                         }
                     }
+                    Incoming::Request(Request::Quiesced, _) => {
+                        // Completions published before QUIESCED count.
+                        if let Err(v) = export.reap(epoch, &g.rings, &mut head) {
+                            return End::Lost(format!("protocol violation: {v}"));
+                        }
+                        match export.quiesced(epoch) {
+                            Ok(()) => {}
+                            Err(QuiescedError::Refused(e)) => self.send(&Reply::Error(e)),
+                            Err(QuiescedError::Violation(why)) => {
+                                return End::Lost(format!("protocol violation: {why}"));
+                            }
+                        }
+                    }
                     Incoming::Request(req, fds) => {
-                        if let Some(reply) =
-                            self.session_request(export, epoch, req, fds, &mut detaching)
-                        {
-                            self.send(&reply);
+                        match self.session_request(export, epoch, req, fds, &mut detaching) {
+                            Ok(Some(reply)) => self.send(&reply),
+                            Ok(None) => {}
+                            Err(why) => return End::Lost(format!("protocol violation: {why}")),
                         }
                     }
                 }
@@ -451,14 +541,15 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// One request from a daemon; `Err` ends the session as lost.
     fn session_request(
         &mut self,
-        export: &Export,
+        export: &Arc<Export>,
         epoch: u64,
         req: Request,
         mut fds: Vec<OwnedFd>,
         detaching: &mut bool,
-    ) -> Option<Reply> {
+    ) -> Result<Option<Reply>, String> {
         let result = match req {
             Request::Restore => export.restore(epoch).map(|replayed| {
                 self.broker.note_restored(self.peer_pid);
@@ -468,9 +559,22 @@ impl<'a> Connection<'a> {
                 Ok(()) => {
                     *detaching = true;
                     info!("{}: epoch {epoch} detaching", export.name);
-                    return None;
+                    return Ok(None);
                 }
                 Err(e) => Err(e),
+            },
+            Request::Ready => match export.ready(epoch) {
+                Ok(()) => return Ok(None),
+                Err(e) => Err(e),
+            },
+            // A supervised daemon asking for its own upgrade (SIGHUP): no
+            // waiting here, this thread serves the daemon.
+            Request::Handoff(h) => match self.broker.export(&h.export) {
+                Some(e) => self.broker.start_handoff(e, &h).map(|(_, armed)| armed),
+                None => Ok(Reply::error(
+                    ErrorCode::NoSuchExport,
+                    format!("no export named {:?}", h.export),
+                )),
             },
             Request::FdPut { name } => {
                 if fds.len() != 1 {
@@ -486,12 +590,12 @@ impl<'a> Connection<'a> {
             Request::FdGet { name } => match export.fd_get(epoch, &name) {
                 Ok(fd) => {
                     self.send_with(&Reply::Fd, &[fd.as_fd()]);
-                    return None;
+                    return Ok(None);
                 }
                 Err(e) => Err(e),
             },
             other => Ok(self.common(other)),
         };
-        Some(result.unwrap_or_else(Reply::Error))
+        Ok(Some(result.unwrap_or_else(Reply::Error)))
     }
 }

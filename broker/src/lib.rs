@@ -17,20 +17,26 @@ pub mod shm;
 pub mod supervise;
 pub mod sys;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use holdfast_proto::ExportStatus;
+use holdfast_proto::{ErrorCode, ErrorReply, ExportStatus, HandoffRequest, Reply};
 
 use crate::config::Config;
-use crate::export::{Export, ExportConfig};
+use crate::export::{Export, ExportConfig, HandoffParams};
 use crate::frontends::fuse::FuseFrontend;
 use crate::supervise::Supervisor;
 
 /// Write data held in private memory per export while all slots are taken.
 const HEAP_LIMIT: usize = 256 << 20;
-/// How often the request-age and daemon-wait bounds are checked.
+/// How often the request-age, daemon-wait and handoff bounds are checked.
 const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+/// How long a handoff's successor has to attach and send READY, unless the
+/// HANDOFF request says.
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a handoff's old daemon has to drain, unless the HANDOFF
+/// request says.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What connection threads share.
 pub struct Broker {
@@ -39,6 +45,8 @@ pub struct Broker {
     pub fence_timeout: Duration,
     /// Pids of the latest daemons that got as far as RESTORE (bounded).
     restored: parking_lot::Mutex<std::collections::VecDeque<u32>>,
+    /// Set once, after the control socket listens.
+    supervisors: OnceLock<Vec<Supervisor>>,
 }
 
 /// How many restored pids are remembered for the supervisor.
@@ -70,6 +78,59 @@ impl Broker {
 
     pub fn status(&self) -> Vec<ExportStatus> {
         self.exports.iter().map(|e| e.status("fuse")).collect()
+    }
+
+    /// Arms a handoff of `export` and, for `spawn`, starts its successor
+    /// with the command line the current daemon is supervised with.
+    /// Returns the handoff's id and the HANDOFF_ARMED reply.
+    pub fn start_handoff(
+        &self,
+        export: &Export,
+        req: &HandoffRequest,
+    ) -> Result<(u64, Reply), ErrorReply> {
+        let bound = |ms: u32, default: Duration| match ms {
+            0 => default,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let params = HandoffParams {
+            dry_run: req.dry_run,
+            ready_timeout: bound(req.ready_timeout_ms, DEFAULT_READY_TIMEOUT),
+            drain_timeout: bound(req.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT),
+        };
+        let (id, pid, epoch) = export.begin_handoff(params)?;
+        if req.spawn {
+            let supervisor = self
+                .supervisors
+                .get()
+                .and_then(|all| all.iter().find(|s| s.current_pid() == Some(pid)));
+            let spawned = match supervisor {
+                None => Err(ErrorReply::new(
+                    ErrorCode::BadState,
+                    format!(
+                        "export {}: its daemon pid {pid} is not supervised by this broker (--supervise); \
+                         start a successor yourself: holdfastctl handoff {} --exec CMD",
+                        export.name, export.name
+                    ),
+                )),
+                Some(s) => s.spawn_successor().map(drop).map_err(|e| {
+                    ErrorReply::new(
+                        ErrorCode::Internal,
+                        format!("export {}: cannot start the successor: {e}", export.name),
+                    )
+                }),
+            };
+            if let Err(e) = spawned {
+                export.cancel_handoff(id, &e.text);
+                return Err(e);
+            }
+        }
+        Ok((
+            id,
+            Reply::HandoffArmed {
+                from_pid: pid,
+                from_epoch: epoch,
+            },
+        ))
     }
 }
 
@@ -111,6 +172,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         allow_uids,
         fence_timeout: cfg.fence_timeout,
         restored: parking_lot::Mutex::default(),
+        supervisors: OnceLock::new(),
     });
 
     let listener = sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
@@ -156,6 +218,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 .map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?,
         );
     }
+    let _ = broker.supervisors.set(supervisors);
 
     info!(
         "ready: socket {}, mount {}, exports: {}",
@@ -169,7 +232,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     };
     info!("signal {sig}: shutting down");
-    for s in supervisors {
+    for s in broker.supervisors.get().into_iter().flatten() {
         s.shutdown(Duration::from_secs(3));
     }
     frontend.unmount();

@@ -2,28 +2,76 @@
 //! exits: at once if it had got as far as RESTORE (it was healthy and was
 //! killed or crashed while serving), with a growing back-off if it keeps
 //! failing before that (a bad command line, a missing backend).
+//!
+//! For a handoff (`holdfastctl upgrade`, SIGHUP to the daemon) the
+//! supervisor starts the same command line as a successor; when the old
+//! daemon exits, the successor becomes the supervised daemon instead of a
+//! restart.
 
-use std::process::{Command, Stdio};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rustix::process::Signal;
 
-use crate::sys::pidfd::Pidfd;
+use crate::sys::{self, pidfd::Pidfd};
 use crate::{info, warn};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the supervisor looks at successors and the stop flag.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Set in a successor's environment: `holdfast-daemon` then attaches with
+/// PREPARE, as with `--successor`.
+pub const SUCCESSOR_ENV: &str = "HOLDFAST_SUCCESSOR";
 
 /// Tells whether a daemon pid got as far as RESTORE.
 pub type Healthy = Box<dyn Fn(u32) -> bool + Send>;
 
+struct Daemon {
+    child: Child,
+    pidfd: Option<Arc<Pidfd>>,
+    started: Instant,
+}
+
+impl Daemon {
+    fn spawn(cmd: &str, successor: bool) -> std::io::Result<Self> {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(format!("exec {cmd}")).stdin(Stdio::null());
+        if successor {
+            c.env(SUCCESSOR_ENV, "1");
+        }
+        let child = c.spawn()?;
+        // The child is not reaped until we wait for it, so its pid is ours.
+        let pidfd = Pidfd::open(child.id()).ok().map(Arc::new);
+        Ok(Self {
+            child,
+            pidfd,
+            started: Instant::now(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+#[derive(Default)]
+struct Children {
+    current: Option<Daemon>,
+    successors: Vec<Daemon>,
+}
+
 pub struct Supervisor {
+    cmd: String,
     stop: Arc<AtomicBool>,
-    child: Arc<Mutex<Option<Pidfd>>>,
-    thread: Option<JoinHandle<()>>,
+    children: Arc<Mutex<Children>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Supervisor {
@@ -31,77 +79,132 @@ impl Supervisor {
     /// daemon itself is the supervised child.
     pub fn start(cmd: String, healthy: Healthy) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let child = Arc::new(Mutex::new(None));
+        let children = Arc::new(Mutex::new(Children::default()));
         let thread = {
-            let stop = stop.clone();
-            let child = child.clone();
+            let (stop, children, cmd) = (stop.clone(), children.clone(), cmd.clone());
             std::thread::Builder::new()
                 .name("holdfast-supervise".into())
-                .spawn(move || run(&cmd, &stop, &child, &healthy))?
+                .spawn(move || run(&cmd, &stop, &children, &healthy))?
         };
         Ok(Self {
+            cmd,
             stop,
-            child,
-            thread: Some(thread),
+            children,
+            thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Stops restarting; asks the daemon to detach (SIGTERM), and kills it
-    /// if it has not exited within `grace`.
-    pub fn shutdown(mut self, grace: Duration) {
+    /// The pid of the supervised daemon, if one runs.
+    pub fn current_pid(&self) -> Option<u32> {
+        self.children.lock().current.as_ref().map(Daemon::pid)
+    }
+
+    /// Starts the command line as a handoff successor; returns its pid.
+    pub fn spawn_successor(&self) -> std::io::Result<u32> {
+        let d = Daemon::spawn(&self.cmd, true)?;
+        let pid = d.pid();
+        info!("supervise: started successor pid {pid}: {}", self.cmd);
+        self.children.lock().successors.push(d);
+        Ok(pid)
+    }
+
+    /// Stops restarting; asks every daemon to detach (SIGTERM), and kills
+    /// those that have not exited within `grace`.
+    pub fn shutdown(&self, grace: Duration) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(p) = self.child.lock().as_ref() {
-            let _ = p.signal(rustix::process::Signal::TERM);
-            if !p.wait_gone(grace) {
-                let _ = p.kill();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+        let mut c = self.children.lock();
+        let all: Vec<Daemon> = c.current.take().into_iter().chain(c.successors.drain(..)).collect();
+        for d in &all {
+            if let Some(p) = &d.pidfd {
+                let _ = p.signal(Signal::TERM);
             }
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        for mut d in all {
+            if let Some(p) = &d.pidfd
+                && !p.wait_gone(grace)
+            {
+                let _ = p.kill();
+            }
+            let _ = d.child.wait();
         }
     }
 }
 
-fn run(cmd: &str, stop: &AtomicBool, current: &Mutex<Option<Pidfd>>, healthy: &Healthy) {
+fn run(cmd: &str, stop: &AtomicBool, children: &Mutex<Children>, healthy: &Healthy) {
     let mut backoff = MIN_BACKOFF;
     while !stop.load(Ordering::SeqCst) {
-        let started = Instant::now();
-        let spawned = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(format!("exec {cmd}"))
-            .stdin(Stdio::null())
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("supervise: cannot start {cmd:?}: {e}");
-                sleep_unless_stopped(backoff, stop);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
+        let pidfd = {
+            let mut c = children.lock();
+            if c.current.is_none() {
+                match Daemon::spawn(cmd, false) {
+                    Ok(d) => {
+                        info!("supervise: started daemon pid {}: {cmd}", d.pid());
+                        c.current = Some(d);
+                    }
+                    Err(e) => {
+                        drop(c);
+                        warn!("supervise: cannot start {cmd:?}: {e}");
+                        sleep_unless_stopped(backoff, stop);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
             }
+            c.current.as_ref().and_then(|d| d.pidfd.clone())
         };
-        // The child is not reaped until wait() below, so its pid is ours.
-        *current.lock() = Pidfd::open(child.id()).ok();
-        info!("supervise: started daemon pid {}: {cmd}", child.id());
-        let status = child.wait();
-        *current.lock() = None;
+        match &pidfd {
+            Some(p) => {
+                let _ = sys::poll_readable(&[p.as_fd()], TICK);
+            }
+            None => std::thread::sleep(TICK),
+        }
+        let mut c = children.lock();
+        c.successors.retain_mut(|d| match d.child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(s)) => {
+                info!("supervise: successor pid {} exited ({s})", d.pid());
+                false
+            }
+            Err(_) => false,
+        });
+        let Some(cur) = c.current.as_mut() else {
+            continue;
+        };
+        let status = match cur.child.try_wait() {
+            Ok(None) => continue,
+            Ok(Some(s)) => s.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let Some(old) = c.current.take() else {
+            continue;
+        };
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let ran = started.elapsed();
-        backoff = if healthy(child.id()) {
+        if !c.successors.is_empty() {
+            let next = c.successors.remove(0);
+            info!(
+                "supervise: daemon pid {} exited ({status}); its successor pid {} is now supervised",
+                old.pid(),
+                next.pid()
+            );
+            c.current = Some(next);
+            continue;
+        }
+        drop(c);
+        backoff = if healthy(old.pid()) {
             MIN_BACKOFF
         } else {
             (backoff * 2).min(MAX_BACKOFF)
         };
-        match status {
-            Ok(s) => info!(
-                "supervise: daemon pid {} exited ({s}) after {:.1}s; restarting in {backoff:?}",
-                child.id(),
-                ran.as_secs_f64()
-            ),
-            Err(e) => warn!("supervise: waiting for the daemon failed: {e}"),
-        }
+        info!(
+            "supervise: daemon pid {} exited ({status}) after {:.1}s; restarting in {backoff:?}",
+            old.pid(),
+            old.started.elapsed().as_secs_f64()
+        );
         sleep_unless_stopped(backoff, stop);
     }
 }

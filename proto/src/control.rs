@@ -7,8 +7,13 @@
 //! A session starts with HELLO. A daemon then sends ATTACH, recovers its own
 //! state (fd store, lease), and sends RESTORE, after which the broker
 //! dispatches pending requests (flagged REPLAYED) and then new ones.
+//!
+//! A planned handoff (see [`crate::handoff`]) adds PREPARE, READY and
+//! QUIESCED from daemons, HANDOFF from the operator, and the notices
+//! QUIESCE, ACTIVATE and REVIVE that the broker sends a daemon unasked.
 
 use crate::error::{ErrorCode, ErrorReply};
+use crate::handoff::{HandoffProgress, HandoffReport, HandoffRequest};
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::{MAX_EXPORTS, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
 
@@ -41,6 +46,10 @@ mod kind {
     pub const OPERATOR_RESTORE: u16 = 0x0006;
     pub const FD_PUT: u16 = 0x0007;
     pub const FD_GET: u16 = 0x0008;
+    pub const PREPARE: u16 = 0x0009;
+    pub const READY: u16 = 0x000a;
+    pub const QUIESCED: u16 = 0x000b;
+    pub const HANDOFF: u16 = 0x000c;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const ATTACHED: u16 = 0x8002;
@@ -50,6 +59,11 @@ mod kind {
     pub const OPERATOR_RESTORED: u16 = 0x8006;
     pub const FD_STORED: u16 = 0x8007;
     pub const FD: u16 = 0x8008;
+    pub const HANDOFF_ARMED: u16 = 0x8009;
+    pub const HANDOFF_DONE: u16 = 0x800a;
+    pub const QUIESCE: u16 = 0x800b;
+    pub const ACTIVATE: u16 = 0x800c;
+    pub const REVIVE: u16 = 0x800d;
     pub const ERROR: u16 = 0x80ff;
 }
 
@@ -98,6 +112,19 @@ pub enum Request {
     FdGet {
         name: String,
     },
+    /// Attach as the successor of the export's daemon in a handoff: the
+    /// broker answers ATTACHED; the successor warms up without the lease.
+    Prepare {
+        export: String,
+    },
+    /// The successor has warmed up and can take over.
+    Ready,
+    /// The old daemon has completed every request it was given and
+    /// released its lease (answer to QUIESCE).
+    Quiesced,
+    /// Start a handoff; answered HANDOFF_ARMED at once and, on an operator
+    /// connection, HANDOFF_DONE when it ends.
+    Handoff(HandoffRequest),
 }
 
 /// Shape of the export and of the shared memory, sent with ATTACHED.
@@ -129,6 +156,16 @@ pub enum DaemonState {
     Detaching = 3,
     /// Declared lost; the broker is killing it and waiting until it is gone.
     Fencing = 4,
+    /// A handoff successor warming up (no lease, receives nothing).
+    Preparing = 5,
+    /// A successor that sent READY.
+    Ready = 6,
+    /// A successor sent ACTIVATE, taking the lease.
+    Activating = 7,
+    /// Sent QUIESCE: receives nothing new, finishing what it has.
+    Quiescing = 8,
+    /// Drained and without its lease, waiting to be released or revived.
+    Quiesced = 9,
 }
 
 impl DaemonState {
@@ -138,6 +175,11 @@ impl DaemonState {
             2 => Self::Active,
             3 => Self::Detaching,
             4 => Self::Fencing,
+            5 => Self::Preparing,
+            6 => Self::Ready,
+            7 => Self::Activating,
+            8 => Self::Quiescing,
+            9 => Self::Quiesced,
             _ => return None,
         })
     }
@@ -147,6 +189,11 @@ impl DaemonState {
             Self::Active => "active",
             Self::Detaching => "detaching",
             Self::Fencing => "fencing",
+            Self::Preparing => "preparing",
+            Self::Ready => "ready",
+            Self::Activating => "activating",
+            Self::Quiescing => "quiescing",
+            Self::Quiesced => "quiesced",
         }
     }
 }
@@ -166,6 +213,8 @@ pub struct ExportStatus {
     pub size: u64,
     pub frontend: String,
     pub daemon: Option<DaemonStatus>,
+    /// The successor of a running handoff.
+    pub successor: Option<DaemonStatus>,
     /// Requests dispatched to the daemon and not yet completed.
     pub inflight: u32,
     /// Requests waiting for a daemon (new, or to be replayed).
@@ -183,6 +232,10 @@ pub struct ExportStatus {
     pub rejected_completions: u64,
     /// How long pending requests have waited without an active daemon, in ms.
     pub waiting_ms: Option<u64>,
+    /// The running handoff.
+    pub handoff: Option<HandoffProgress>,
+    /// The last handoff that ended.
+    pub last_handoff: Option<HandoffReport>,
 }
 
 /// A message the broker sends to a client.
@@ -207,6 +260,20 @@ pub enum Reply {
     FdStored,
     /// Sent with the requested descriptor.
     Fd,
+    /// A handoff started: the successor may PREPARE now.
+    HandoffArmed {
+        from_pid: u32,
+        from_epoch: u64,
+    },
+    HandoffDone(HandoffReport),
+    /// Notice to the current daemon in a handoff: finish what you have,
+    /// release the lease, answer QUIESCED.
+    Quiesce,
+    /// Notice to a READY successor: take the lease, then RESTORE.
+    Activate,
+    /// Notice to a quiescing or quiesced daemon whose successor failed:
+    /// take the lease back, then RESTORE.
+    Revive,
     Error(ErrorReply),
 }
 
@@ -267,6 +334,18 @@ impl Request {
                 w.str(name, MAX_NAME_LEN);
                 w
             }
+            Self::Prepare { export } => {
+                let mut w = header(kind::PREPARE);
+                w.str(export, MAX_NAME_LEN);
+                w
+            }
+            Self::Ready => header(kind::READY),
+            Self::Quiesced => header(kind::QUIESCED),
+            Self::Handoff(h) => {
+                let mut w = header(kind::HANDOFF);
+                h.put(&mut w);
+                w
+            }
         };
         w.finish()
     }
@@ -296,6 +375,12 @@ impl Request {
             kind::FD_GET => Self::FdGet {
                 name: r.str("fd_get.name", MAX_NAME_LEN)?,
             },
+            kind::PREPARE => Self::Prepare {
+                export: r.str("prepare.export", MAX_NAME_LEN)?,
+            },
+            kind::READY => Self::Ready,
+            kind::QUIESCED => Self::Quiesced,
+            kind::HANDOFF => Self::Handoff(HandoffRequest::get(&mut r)?),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -313,6 +398,10 @@ impl Request {
             Self::OperatorRestore { .. } => "OPERATOR_RESTORE",
             Self::FdPut { .. } => "FD_PUT",
             Self::FdGet { .. } => "FD_GET",
+            Self::Prepare { .. } => "PREPARE",
+            Self::Ready => "READY",
+            Self::Quiesced => "QUIESCED",
+            Self::Handoff(_) => "HANDOFF",
         }
     }
 }
@@ -331,10 +420,8 @@ fn put_export(w: &mut Writer, e: &ExportStatus) {
     w.str(&e.name, MAX_NAME_LEN)
         .u64(e.size)
         .str(&e.frontend, MAX_TEXT_LEN);
-    match e.daemon {
-        Some(d) => w.bool(true).u32(d.pid).u64(d.epoch).u8(d.state as u8),
-        None => w.bool(false),
-    };
+    put_daemon(w, e.daemon.as_ref());
+    put_daemon(w, e.successor.as_ref());
     w.u32(e.inflight)
         .u32(e.pending)
         .u64(e.replayed_total)
@@ -343,29 +430,49 @@ fn put_export(w: &mut Writer, e: &ExportStatus) {
         .u64(e.daemons_lost)
         .u64(e.rejected_completions);
     put_opt_u64(w, e.waiting_ms);
+    w.bool(e.handoff.is_some());
+    if let Some(h) = &e.handoff {
+        h.put(w);
+    }
+    w.bool(e.last_handoff.is_some());
+    if let Some(h) = &e.last_handoff {
+        h.put(w);
+    }
+}
+
+fn put_daemon(w: &mut Writer, d: Option<&DaemonStatus>) {
+    match d {
+        Some(d) => w.bool(true).u32(d.pid).u64(d.epoch).u8(d.state as u8),
+        None => w.bool(false),
+    };
+}
+
+fn get_daemon(r: &mut Reader<'_>) -> Result<Option<DaemonStatus>, DecodeError> {
+    if !r.bool("export.daemon")? {
+        return Ok(None);
+    }
+    let pid = r.u32("daemon.pid")?;
+    let epoch = r.u64("daemon.epoch")?;
+    let state = r.u8("daemon.state")?;
+    let state = DaemonState::from_u8(state).ok_or(DecodeError::BadValue {
+        field: "daemon.state",
+        value: u64::from(state),
+    })?;
+    Ok(Some(DaemonStatus { pid, epoch, state }))
 }
 
 fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
     let name = r.str("export.name", MAX_NAME_LEN)?;
     let size = r.u64("export.size")?;
     let frontend = r.str("export.frontend", MAX_TEXT_LEN)?;
-    let daemon = if r.bool("export.daemon")? {
-        let pid = r.u32("daemon.pid")?;
-        let epoch = r.u64("daemon.epoch")?;
-        let state = r.u8("daemon.state")?;
-        let state = DaemonState::from_u8(state).ok_or(DecodeError::BadValue {
-            field: "daemon.state",
-            value: u64::from(state),
-        })?;
-        Some(DaemonStatus { pid, epoch, state })
-    } else {
-        None
-    };
+    let daemon = get_daemon(r)?;
+    let successor = get_daemon(r)?;
     Ok(ExportStatus {
         name,
         size,
         frontend,
         daemon,
+        successor,
         inflight: r.u32("export.inflight")?,
         pending: r.u32("export.pending")?,
         replayed_total: r.u64("export.replayed_total")?,
@@ -374,6 +481,14 @@ fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
         daemons_lost: r.u64("export.daemons_lost")?,
         rejected_completions: r.u64("export.rejected_completions")?,
         waiting_ms: get_opt_u64(r, "export.waiting_ms")?,
+        handoff: match r.bool("export.handoff")? {
+            true => Some(HandoffProgress::get(r)?),
+            false => None,
+        },
+        last_handoff: match r.bool("export.last_handoff")? {
+            true => Some(HandoffReport::get(r)?),
+            false => None,
+        },
     })
 }
 
@@ -426,6 +541,22 @@ impl Reply {
             }
             Self::FdStored => header(kind::FD_STORED),
             Self::Fd => header(kind::FD),
+            Self::HandoffArmed {
+                from_pid,
+                from_epoch,
+            } => {
+                let mut w = header(kind::HANDOFF_ARMED);
+                w.u32(*from_pid).u64(*from_epoch);
+                w
+            }
+            Self::HandoffDone(report) => {
+                let mut w = header(kind::HANDOFF_DONE);
+                report.put(&mut w);
+                w
+            }
+            Self::Quiesce => header(kind::QUIESCE),
+            Self::Activate => header(kind::ACTIVATE),
+            Self::Revive => header(kind::REVIVE),
             Self::Error(e) => {
                 let mut w = header(kind::ERROR);
                 w.u16(e.code as u16).str(&e.text, MAX_TEXT_LEN);
@@ -469,6 +600,14 @@ impl Reply {
             },
             kind::FD_STORED => Self::FdStored,
             kind::FD => Self::Fd,
+            kind::HANDOFF_ARMED => Self::HandoffArmed {
+                from_pid: r.u32("armed.from_pid")?,
+                from_epoch: r.u64("armed.from_epoch")?,
+            },
+            kind::HANDOFF_DONE => Self::HandoffDone(HandoffReport::get(&mut r)?),
+            kind::QUIESCE => Self::Quiesce,
+            kind::ACTIVATE => Self::Activate,
+            kind::REVIVE => Self::Revive,
             kind::ERROR => {
                 let code = r.u16("error.code")?;
                 let text = r.str("error.text", MAX_TEXT_LEN)?;
@@ -507,6 +646,34 @@ mod tests {
             daemons_lost: 8,
             rejected_completions: 9,
             waiting_ms: i.is_multiple_of(3).then_some(1234),
+            successor: i.is_multiple_of(2).then_some(DaemonStatus {
+                pid: 99,
+                epoch: 8,
+                state: DaemonState::Ready,
+            }),
+            handoff: i.is_multiple_of(2).then_some(HandoffProgress {
+                phase: crate::handoff::HandoffPhase::Quiescing,
+                dry_run: false,
+                elapsed_ms: 12,
+            }),
+            last_handoff: Some(sample_report()),
+        }
+    }
+
+    fn sample_report() -> HandoffReport {
+        HandoffReport {
+            outcome: crate::handoff::HandoffOutcome::Aborted,
+            reason: "the successor exited".into(),
+            from_pid: 1,
+            from_epoch: 2,
+            to_pid: 3,
+            to_epoch: 4,
+            warmup_us: 5,
+            drain_us: 6,
+            stall_us: 7,
+            total_us: 8,
+            replayed: 9,
+            fenced: true,
         }
     }
 
@@ -530,6 +697,18 @@ mod tests {
             },
             Request::FdPut { name: "mem".into() },
             Request::FdGet { name: "mem".into() },
+            Request::Prepare {
+                export: "vol0".into(),
+            },
+            Request::Ready,
+            Request::Quiesced,
+            Request::Handoff(HandoffRequest {
+                export: "vol0".into(),
+                dry_run: true,
+                spawn: true,
+                ready_timeout_ms: 60_000,
+                drain_timeout_ms: 5_000,
+            }),
         ]
     }
 
@@ -557,6 +736,14 @@ mod tests {
             },
             Reply::FdStored,
             Reply::Fd,
+            Reply::HandoffArmed {
+                from_pid: 7,
+                from_epoch: 8,
+            },
+            Reply::HandoffDone(sample_report()),
+            Reply::Quiesce,
+            Reply::Activate,
+            Reply::Revive,
             Reply::error(ErrorCode::Busy, "export vol0 is busy"),
         ]
     }
@@ -686,7 +873,11 @@ mod tests {
             .map(|i| ExportStatus {
                 name: "x".repeat(MAX_NAME_LEN),
                 frontend: "cachefiles".into(),
-                ..sample_export(i)
+                last_handoff: Some(HandoffReport {
+                    reason: "x".repeat(crate::handoff::MAX_REASON_LEN),
+                    ..sample_report()
+                }),
+                ..sample_export(0)
             })
             .collect();
         let buf = Reply::Status(exports).encode();

@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod error;
+pub mod handoff;
 pub mod shm;
 mod wire;
 
@@ -18,15 +19,16 @@ pub use control::{
     Attach, Attached, DaemonState, DaemonStatus, ExportStatus, Hello, Reply, Request,
 };
 pub use error::{ErrorCode, ErrorReply};
+pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};
 pub use wire::DecodeError;
 
 /// The control protocol version this crate speaks. A broker answers a HELLO
 /// with another version with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest control message either side sends or accepts, in bytes. A status
 /// reply for [`MAX_EXPORTS`] exports fits.
-pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
 
 /// Most exports one broker serves; bounds the status reply.
 pub const MAX_EXPORTS: usize = 256;
@@ -43,8 +45,10 @@ pub mod caps {
     pub const TAKEOVER: u64 = 1 << 0;
     /// The peer uses the broker's fd store.
     pub const FDSTORE: u64 = 1 << 1;
+    /// The peer speaks the planned-handoff messages.
+    pub const HANDOFF: u64 = 1 << 2;
     /// Everything this version of the crate knows.
-    pub const ALL: u64 = TAKEOVER | FDSTORE;
+    pub const ALL: u64 = TAKEOVER | FDSTORE | HANDOFF;
 }
 
 /// Checks an export or fd-store name: 1 to [`MAX_NAME_LEN`] bytes of

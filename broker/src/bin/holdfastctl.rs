@@ -2,11 +2,16 @@
 
 use std::fmt::Write as _;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
-use holdfast_broker::sys::seqpacket;
-use holdfast_proto::{ExportStatus, Hello, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request};
+use holdfast_broker::supervise::SUCCESSOR_ENV;
+use holdfast_broker::sys::{self, pidfd::Pidfd, seqpacket};
+use holdfast_proto::{
+    DaemonStatus, ExportStatus, HandoffOutcome, HandoffReport, HandoffRequest, Hello,
+    MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request,
+};
 
 const USAGE: &str = "\
 holdfastctl: inspect and operate a holdfast broker.
@@ -18,15 +23,55 @@ Commands:
                                 requests in flight, pending, replayed so far
   restore EXPORT                replay pending requests to the attached daemon
   restore EXPORT --fail-pending fail every pending request with EIO
+  handoff EXPORT [--exec CMD]   replace the export's daemon with a successor
+                                without failing or losing a request: CMD is
+                                started (sh -c, with HOLDFAST_SUCCESSOR=1 and
+                                HOLDFAST_SOCKET set), or without --exec, start
+                                `holdfast-daemon ... --successor` yourself.
+                                Waits for the end and prints the figures.
+  upgrade EXPORT                handoff to a successor the broker starts with
+                                the command line it supervises the daemon with
+
+Handoff options:
+  --dry-run             warm a successor up, then release it; the current
+                        daemon keeps serving
+  --timeout SECS        for the successor to attach and be ready [default: 60]
+  --drain-timeout SECS  for the old daemon to drain (then it is killed and its
+                        requests replayed to the successor) [default: 5]
+  --json                print the report as JSON
 
 Options:
   --socket PATH   the broker's control socket [default: $HOLDFAST_SOCKET or
                   /run/holdfast/holdfast.sock]
-  -h, --help      print this help";
+  -h, --help      print this help
+
+Exit status: 0 on success (a handoff that completed, or a dry run that warmed
+a successor up), 1 on failure (a handoff that was aborted), 2 on bad usage.";
 
 enum Command {
-    Status { json: bool },
-    Restore { export: String, fail_pending: bool },
+    Status {
+        json: bool,
+    },
+    Restore {
+        export: String,
+        fail_pending: bool,
+    },
+    Handoff {
+        req: HandoffRequest,
+        exec: Option<String>,
+        json: bool,
+    },
+}
+
+/// Seconds on the command line to whole milliseconds on the wire.
+fn seconds_ms(flag: &str, v: &str) -> Result<u32, String> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| format!("{flag} {v:?}: expected a number of seconds"))?;
+    if !(0.001..=86_400.0).contains(&secs) {
+        return Err(format!("{flag} must be from 0.001 to 86400 seconds"));
+    }
+    Ok((secs * 1000.0).round() as u32)
 }
 
 fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
@@ -36,13 +81,31 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         PathBuf::from,
     );
     let mut words = Vec::new();
-    let (mut json, mut fail_pending) = (false, false);
+    let (mut json, mut fail_pending, mut dry_run) = (false, false, false);
+    let (mut exec, mut ready_ms, mut drain_ms) = (None, 0u32, 0u32);
+    let mut handoff_flags = false;
     let mut parser = lexopt::Parser::from_env();
+    let text = |p: &mut lexopt::Parser| -> Result<String, String> {
+        p.value()
+            .map_err(|e| e.to_string())?
+            .into_string()
+            .map_err(|v| format!("{v:?} is not UTF-8"))
+    };
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("socket") => socket = parser.value().map_err(|e| e.to_string())?.into(),
             Long("json") => json = true,
             Long("fail-pending") => fail_pending = true,
+            Long("dry-run") => (dry_run, handoff_flags) = (true, true),
+            Long("exec") => (exec, handoff_flags) = (Some(text(&mut parser)?), true),
+            Long("timeout") => {
+                ready_ms = seconds_ms("--timeout", &text(&mut parser)?)?;
+                handoff_flags = true;
+            }
+            Long("drain-timeout") => {
+                drain_ms = seconds_ms("--drain-timeout", &text(&mut parser)?)?;
+                handoff_flags = true;
+            }
             Short('h') | Long("help") => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -57,12 +120,35 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["status"] if !fail_pending => Command::Status { json },
-        ["restore", export] if !json => Command::Restore {
+        ["status"] if !fail_pending && !handoff_flags => Command::Status { json },
+        ["restore", export] if !json && !handoff_flags => Command::Restore {
             export: (*export).to_owned(),
             fail_pending,
         },
-        ["restore"] => return Err("restore needs an export name".into()),
+        [verb @ ("handoff" | "upgrade"), export] if !fail_pending => {
+            let spawn = *verb == "upgrade";
+            if spawn && exec.is_some() {
+                return Err(
+                    "upgrade starts the supervised command line; use handoff --exec CMD for another"
+                        .into(),
+                );
+            }
+            holdfast_proto::validate_name(export)?;
+            Command::Handoff {
+                req: HandoffRequest {
+                    export: (*export).to_owned(),
+                    dry_run,
+                    spawn,
+                    ready_timeout_ms: ready_ms,
+                    drain_timeout_ms: drain_ms,
+                },
+                exec,
+                json,
+            }
+        }
+        [verb @ ("restore" | "handoff" | "upgrade")] => {
+            return Err(format!("{verb} needs an export name"));
+        }
         [] => return Err("no command given".into()),
         other => return Err(format!("unknown command or arguments: {}", other.join(" "))),
     };
@@ -71,6 +157,11 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
 
 fn call(sock: &OwnedFd, req: &Request) -> Result<Reply, String> {
     seqpacket::send(sock.as_fd(), &req.encode(), &[]).map_err(|e| format!("send: {e}"))?;
+    receive(sock)
+}
+
+/// The next message from the broker; an ERROR is an `Err`.
+fn receive(sock: &OwnedFd) -> Result<Reply, String> {
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     let pkt = seqpacket::recv(sock.as_fd(), &mut buf, rustix::net::RecvFlags::empty())
         .map_err(|e| format!("receive: {e}"))?;
@@ -151,7 +242,79 @@ fn table(exports: &[ExportStatus]) -> String {
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+    for e in exports {
+        if let (Some(h), succ) = (&e.handoff, &e.successor) {
+            let who = succ.map_or("no successor yet".into(), |d| {
+                format!("successor pid {} (epoch {}) {}", d.pid, d.epoch, d.state.name())
+            });
+            let _ = writeln!(
+                out,
+                "{}: handoff{} {} for {:.1}s: {who}",
+                e.name,
+                if h.dry_run { " (dry run)" } else { "" },
+                h.phase.name(),
+                h.elapsed_ms as f64 / 1000.0
+            );
+        }
+        if let Some(r) = &e.last_handoff {
+            let _ = writeln!(out, "{}: last handoff {}", e.name, report_line(r));
+        }
+    }
     out
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3} ms", us as f64 / 1000.0)
+}
+
+/// One line with a handoff's figures.
+fn report_line(r: &HandoffReport) -> String {
+    let mut l = format!(
+        "{}: pid {} (epoch {}) -> pid {} (epoch {}); warm-up {}, drain {}, stall {}, total {}, replayed {}",
+        r.outcome.name(),
+        r.from_pid,
+        r.from_epoch,
+        r.to_pid,
+        r.to_epoch,
+        ms(r.warmup_us),
+        ms(r.drain_us),
+        ms(r.stall_us),
+        ms(r.total_us),
+        r.replayed
+    );
+    if !r.reason.is_empty() {
+        let _ = write!(l, "; {}", r.reason);
+    }
+    l
+}
+
+fn daemon_json(d: Option<&DaemonStatus>) -> String {
+    d.map_or("null".into(), |d| {
+        format!(
+            "{{\"pid\":{},\"epoch\":{},\"state\":{}}}",
+            d.pid,
+            d.epoch,
+            json_str(d.state.name())
+        )
+    })
+}
+
+fn report_json(r: &HandoffReport) -> String {
+    format!(
+        "{{\"outcome\":{},\"reason\":{},\"from_pid\":{},\"from_epoch\":{},\"to_pid\":{},\"to_epoch\":{},\"warmup_us\":{},\"drain_us\":{},\"stall_us\":{},\"total_us\":{},\"replayed\":{},\"fenced\":{}}}",
+        json_str(r.outcome.name()),
+        json_str(&r.reason),
+        r.from_pid,
+        r.from_epoch,
+        r.to_pid,
+        r.to_epoch,
+        r.warmup_us,
+        r.drain_us,
+        r.stall_us,
+        r.total_us,
+        r.replayed,
+        r.fenced
+    )
 }
 
 fn json_str(s: &str) -> String {
@@ -174,19 +337,22 @@ fn json(exports: &[ExportStatus]) -> String {
     let items: Vec<String> = exports
         .iter()
         .map(|e| {
-            let daemon = e.daemon.map_or("null".into(), |d| {
+            let handoff = e.handoff.map_or("null".into(), |h| {
                 format!(
-                    "{{\"pid\":{},\"epoch\":{},\"state\":{}}}",
-                    d.pid,
-                    d.epoch,
-                    json_str(d.state.name())
+                    "{{\"phase\":{},\"dry_run\":{},\"elapsed_ms\":{}}}",
+                    json_str(h.phase.name()),
+                    h.dry_run,
+                    h.elapsed_ms
                 )
             });
             format!(
-                "{{\"name\":{},\"size\":{},\"frontend\":{},\"daemon\":{daemon},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
+                "{{\"name\":{},\"size\":{},\"frontend\":{},\"daemon\":{},\"successor\":{},\"handoff\":{handoff},\"last_handoff\":{},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
                 json_str(&e.name),
                 e.size,
                 json_str(&e.frontend),
+                daemon_json(e.daemon.as_ref()),
+                daemon_json(e.successor.as_ref()),
+                e.last_handoff.as_ref().map_or("null".into(), report_json),
                 e.inflight,
                 e.pending,
                 e.replayed_total,
@@ -199,6 +365,91 @@ fn json(exports: &[ExportStatus]) -> String {
         })
         .collect();
     format!("{{\"exports\":[{}]}}", items.join(","))
+}
+
+/// Starts a handoff successor: `sh -c "exec CMD"`, told by its environment
+/// that it is a successor and where the broker is.
+fn start_successor(cmd: &str, socket: &Path) -> Result<Child, String> {
+    Process::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec {cmd}"))
+        .env(SUCCESSOR_ENV, "1")
+        .env("HOLDFAST_SOCKET", socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the successor {cmd:?}: {e}"))
+}
+
+/// Runs a handoff: arms it, starts the successor for --exec, waits for
+/// the report. Returns whether it succeeded.
+fn handoff(
+    sock: &OwnedFd,
+    socket: &Path,
+    req: HandoffRequest,
+    exec: Option<&str>,
+    as_json: bool,
+) -> Result<bool, String> {
+    let export = req.export.clone();
+    let from_pid = match call(sock, &Request::Handoff(req))? {
+        Reply::HandoffArmed {
+            from_pid,
+            from_epoch,
+        } => {
+            eprintln!("{export}: handoff armed: daemon pid {from_pid} (epoch {from_epoch})");
+            from_pid
+        }
+        other => return Err(format!("unexpected reply {other:?}")),
+    };
+    let mut child = exec.map(|c| start_successor(c, socket)).transpose()?;
+    if let Some(c) = &child {
+        eprintln!("{export}: started successor pid {}", c.id());
+    }
+    // The report, unless the successor we started exits first without
+    // one; closing the connection then cancels the handoff.
+    let mut exited_at: Option<Instant> = None;
+    let report = loop {
+        let ready = sys::poll_readable(&[sock.as_fd()], Duration::from_millis(100))
+            .map_err(|e| format!("poll: {e}"))?;
+        if ready.first().copied().unwrap_or(false) {
+            match receive(sock)? {
+                Reply::HandoffDone(r) => break r,
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        if let Some(c) = child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            child = None;
+            exited_at = Some(Instant::now());
+            eprintln!("{export}: the successor exited ({status})");
+        }
+        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+            return Err(format!(
+                "{export}: the successor exited before it attached; the handoff is cancelled"
+            ));
+        }
+    };
+    if as_json {
+        println!("{}", report_json(&report));
+    } else {
+        println!("{export}: handoff {}", report_line(&report));
+    }
+    if report.outcome == HandoffOutcome::Completed {
+        // The old daemon exits once it has read DETACHED.
+        let gone = Pidfd::open(from_pid).map_or(true, |p| p.wait_gone(Duration::from_secs(10)));
+        let what = if gone { "exited" } else { "is still running after 10s" };
+        eprintln!("{export}: old daemon pid {from_pid} {what}");
+    }
+    if let Some(mut c) = child
+        && report.outcome != HandoffOutcome::Completed
+    {
+        // A released or failed successor exits; reap it.
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end && matches!(c.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(report.outcome != HandoffOutcome::Aborted)
 }
 
 fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
@@ -237,6 +488,11 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
             }
             other => return Err(format!("unexpected reply {other:?}")),
         },
+        Command::Handoff { req, exec, json } => {
+            if !handoff(&sock, socket, req, exec.as_deref(), json)? {
+                return Err("the handoff was aborted; the current daemon keeps serving".into());
+            }
+        }
     }
     Ok(())
 }

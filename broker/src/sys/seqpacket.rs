@@ -117,6 +117,17 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Resul
     })
 }
 
+/// Whether the peer has closed its end (without reading anything).
+pub fn hung_up(sock: BorrowedFd<'_>) -> bool {
+    let mut pfd = [rustix::event::PollFd::new(&sock, rustix::event::PollFlags::empty())];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut pfd, Some(&zero)).is_ok()
+        && pfd[0].revents().contains(rustix::event::PollFlags::HUP)
+}
+
 /// Connects to a listening socket (for holdfastctl).
 pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     let fd = socket()?;

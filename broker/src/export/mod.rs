@@ -2,16 +2,22 @@
 //! serves. It owns the data area, the in-flight table and the record of the
 //! attached daemon, all under one lock that is never held across a syscall
 //! that can block (replies to the kernel are written after it is released).
+//! A planned handoff's state machine is in `handoff`.
+
+mod handoff;
+
+pub use handoff::{HandoffParams, QuiescedError};
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use holdfast_proto::shm::{DataLayout, FLAG_REPLAYED, Op, RingLayout};
 use holdfast_proto::{
-    Attached, DaemonState, DaemonStatus, ErrorCode, ErrorReply, ExportStatus, MAX_NAME_LEN,
+    Attached, DaemonState, DaemonStatus, ErrorCode, ErrorReply, ExportStatus, HandoffReport,
+    MAX_NAME_LEN,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -46,7 +52,53 @@ struct Stats {
     rejected: u64,
 }
 
-/// The broker's record of the daemon attached to an export.
+/// What the broker tells a daemon unasked, through its session thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    Quiesce,
+    Activate,
+    Revive,
+    /// DETACHED: the daemon is released (handed off, or a dry run's
+    /// successor) and its session ends without a fence.
+    Release,
+}
+
+/// The export's line to one session thread: a wake-up and the notices to
+/// send.
+pub struct Link {
+    wake: OwnedFd,
+    notices: Mutex<Vec<Notice>>,
+}
+
+impl Link {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            wake: sys::eventfd()?,
+            notices: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Readable when the session thread should look at its export.
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    fn kick(&self) {
+        sys::kick(self.wake.as_fd());
+    }
+
+    fn notify(&self, n: Notice) {
+        self.notices.lock().push(n);
+        self.kick();
+    }
+
+    /// The notices to send, oldest first.
+    pub fn take(&self) -> Vec<Notice> {
+        std::mem::take(&mut *self.notices.lock())
+    }
+}
+
+/// The broker's record of a daemon attached to an export.
 struct Session {
     epoch: u64,
     pidfd: Arc<Pidfd>,
@@ -55,13 +107,31 @@ struct Session {
     sq_tail: u32,
     /// The broker's write end of the submission kick pipe.
     submit_kick: OwnedFd,
-    /// Wakes the session thread (to fence, or to notice a restore).
-    wake: Arc<OwnedFd>,
+    link: Arc<Link>,
+    /// Why it was declared lost, for the handoff report.
+    lost_why: Option<String>,
+}
+
+impl Session {
+    fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            pid: self.pidfd.pid(),
+            epoch: self.epoch,
+            state: self.state,
+        }
+    }
 }
 
 struct State {
     inflight: Inflight,
+    /// The export's daemon: the one requests are dispatched to.
     session: Option<Session>,
+    /// A handoff's successor, until it restores and becomes `session`.
+    successor: Option<Session>,
+    handoff: Option<handoff::Handoff>,
+    /// The last handoff that ended, with its id.
+    last_handoff: Option<(u64, HandoffReport)>,
+    next_handoff: u64,
     last_epoch: u64,
     stats: Stats,
     fdstore: BTreeMap<String, OwnedFd>,
@@ -74,6 +144,7 @@ struct State {
 pub struct Grant {
     pub reply: Attached,
     pub epoch: u64,
+    pub pid: u32,
     pub rings: Arc<Rings>,
     pub rings_fd: OwnedFd,
     /// The broker's read end of the completion kick pipe.
@@ -82,7 +153,7 @@ pub struct Grant {
     /// completion write end), to send with ATTACHED and then close, so that
     /// the broker never holds the daemon's ends.
     pub daemon_kicks: Option<(OwnedFd, OwnedFd)>,
-    pub wake: Arc<OwnedFd>,
+    pub link: Arc<Link>,
 }
 
 /// Why a daemon's session must end with a fence.
@@ -137,6 +208,10 @@ impl Export {
             state: Mutex::new(State {
                 inflight: Inflight::new(cfg.slot_count),
                 session: None,
+                successor: None,
+                handoff: None,
+                last_handoff: None,
+                next_handoff: 0,
                 last_epoch: 0,
                 stats: Stats::default(),
                 fdstore: BTreeMap::new(),
@@ -235,8 +310,7 @@ impl Export {
     }
 
     /// Writes every dispatchable queued request to the active daemon's ring.
-    fn dispatch(&self, st: &mut MutexGuard<'_, State>) {
-        let st = &mut **st;
+    fn dispatch(&self, st: &mut State) {
         let Some(s) = st.session.as_mut() else {
             return;
         };
@@ -287,6 +361,16 @@ impl Export {
         fence_timeout: Duration,
     ) -> Result<Grant, ErrorReply> {
         let mut st = self.state.lock();
+        if let Some(h) = &st.handoff {
+            return Err(ErrorReply::new(
+                ErrorCode::Busy,
+                format!(
+                    "export {}: a handoff is running ({}); wait for it to end",
+                    self.name,
+                    h.phase.name()
+                ),
+            ));
+        }
         if let Some(cur) = st.session.as_mut() {
             let gone = cur.pidfd.is_gone();
             if !takeover && !gone {
@@ -338,6 +422,25 @@ impl Export {
                 }
             }
         }
+        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Attached)?;
+        st.session = Some(session);
+        info!(
+            "{}: daemon pid {} attached, epoch {}, {} requests pending",
+            self.name,
+            grant.pid,
+            grant.epoch,
+            st.inflight.queued()
+        );
+        Ok(grant)
+    }
+
+    /// Shared memory, kick pipes and a new epoch for a daemon.
+    fn new_session(
+        &self,
+        st: &mut State,
+        pidfd: Arc<Pidfd>,
+        state: DaemonState,
+    ) -> Result<(Session, Grant), ErrorReply> {
         let internal = |e: io::Error| {
             ErrorReply::new(
                 ErrorCode::Internal,
@@ -352,25 +455,21 @@ impl Export {
         let rings = Arc::new(Rings::map(&rings_fd, layout).map_err(internal)?);
         let (daemon_submit, submit_kick) = sys::kick_pipe().map_err(internal)?;
         let (complete_kick, daemon_complete) = sys::kick_pipe().map_err(internal)?;
-        let wake = Arc::new(sys::eventfd().map_err(internal)?);
+        let link = Arc::new(Link::new().map_err(internal)?);
         st.last_epoch = st.last_epoch.saturating_add(1);
         let epoch = st.last_epoch;
-        st.session = Some(Session {
+        let pid = pidfd.pid();
+        let session = Session {
             epoch,
-            pidfd: pidfd.clone(),
-            state: DaemonState::Attached,
+            pidfd,
+            state,
             rings: rings.clone(),
             sq_tail: 0,
             submit_kick,
-            wake: wake.clone(),
-        });
-        info!(
-            "{}: daemon pid {} attached, epoch {epoch}, {} requests pending",
-            self.name,
-            pidfd.pid(),
-            st.inflight.queued()
-        );
-        Ok(Grant {
+            link: link.clone(),
+            lost_why: None,
+        };
+        let grant = Grant {
             reply: Attached {
                 size: self.size,
                 block_size: self.block_size,
@@ -380,14 +479,17 @@ impl Export {
                 pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
             },
             epoch,
+            pid,
             rings,
             rings_fd,
             complete_kick,
             daemon_kicks: Some((daemon_submit, daemon_complete)),
-            wake,
-        })
+            link,
+        };
+        Ok((session, grant))
     }
 
+    /// Runs `f` if `epoch` is the export's daemon (not a successor).
     fn with_session<T>(
         &self,
         epoch: u64,
@@ -395,19 +497,30 @@ impl Export {
     ) -> Result<T, ErrorReply> {
         let mut st = self.state.lock();
         if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
-            return Err(ErrorReply::new(
-                ErrorCode::NotAttached,
-                format!(
-                    "this connection is no longer the daemon of export {}",
-                    self.name
-                ),
-            ));
+            return Err(self.no_longer(epoch));
         }
         f(&mut st)
     }
 
-    /// RESTORE from the daemon of `epoch`: starts dispatching, replays first.
+    fn no_longer(&self, epoch: u64) -> ErrorReply {
+        ErrorReply::new(
+            ErrorCode::NotAttached,
+            format!(
+                "this connection (epoch {epoch}) is not the daemon of export {}",
+                self.name
+            ),
+        )
+    }
+
+    /// RESTORE from the daemon of `epoch`: starts dispatching, replays
+    /// first. From an activated successor, this ends its handoff.
     pub fn restore(&self, epoch: u64) -> Result<u32, ErrorReply> {
+        {
+            let mut st = self.state.lock();
+            if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
+                return self.promote(&mut st);
+            }
+        }
         self.with_session(epoch, |st| {
             let replays = self.activate(st)?;
             info!(
@@ -488,11 +601,15 @@ impl Export {
     pub fn begin_detach(&self, epoch: u64) -> Result<(), ErrorReply> {
         self.with_session(epoch, |st| {
             if let Some(s) = st.session.as_mut() {
-                if s.state == DaemonState::Fencing {
-                    return Err(ErrorReply::new(
-                        ErrorCode::BadState,
-                        "the daemon is being fenced",
-                    ));
+                let refused = match s.state {
+                    DaemonState::Fencing => Some("the daemon is being fenced"),
+                    DaemonState::Quiescing | DaemonState::Quiesced => Some(
+                        "a handoff is draining this daemon; it is released when its successor takes over",
+                    ),
+                    _ => None,
+                };
+                if let Some(why) = refused {
+                    return Err(ErrorReply::new(ErrorCode::BadState, why));
                 }
                 s.state = DaemonState::Detaching;
             }
@@ -509,9 +626,8 @@ impl Export {
     pub fn fence_requested(&self, epoch: u64) -> bool {
         self.state
             .lock()
-            .session
-            .as_ref()
-            .is_some_and(|s| s.epoch == epoch && s.state == DaemonState::Fencing)
+            .daemon(epoch)
+            .is_some_and(|s| s.state == DaemonState::Fencing)
     }
 
     /// Reads and applies the completions the daemon of `epoch` published.
@@ -580,14 +696,20 @@ impl Export {
     /// fenced (gone): its dispatched requests are queued again for replay.
     pub fn end_session(&self, epoch: u64, lost: bool) {
         let mut st = self.state.lock();
+        if lost {
+            st.stats.lost = st.stats.lost.saturating_add(1);
+        }
+        if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
+            let gone = st.successor.take();
+            self.successor_ended(&mut st, gone, lost);
+            self.changed.notify_all();
+            return;
+        }
         if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
             return;
         }
         let reclaimed = st.inflight.reclaim(epoch);
-        st.session = None;
-        if lost {
-            st.stats.lost = st.stats.lost.saturating_add(1);
-        }
+        let gone = st.session.take();
         update_waiting(&mut st);
         info!(
             "{}: epoch {epoch} ended ({}), {reclaimed} requests to replay, {} pending",
@@ -595,6 +717,7 @@ impl Export {
             if lost { "daemon lost" } else { "detached" },
             st.inflight.queued()
         );
+        self.current_ended(&mut st, gone, lost, reclaimed);
         self.changed.notify_all();
     }
 
@@ -602,13 +725,14 @@ impl Export {
     /// then waits until it is gone and ends the session).
     pub fn declare_lost(&self, epoch: u64, why: &str) {
         let mut st = self.state.lock();
-        if let Some(s) = st.session.as_mut().filter(|s| s.epoch == epoch) {
+        if let Some(s) = st.daemon_mut(epoch) {
             if s.state != DaemonState::Fencing {
                 warn!(
                     "{}: daemon pid {} (epoch {epoch}) declared lost: {why}",
                     self.name,
                     s.pidfd.pid()
                 );
+                s.lost_why = Some(why.to_owned());
             }
             request_fence(s);
         }
@@ -624,6 +748,7 @@ impl Export {
         let mut failed = Vec::new();
         {
             let mut st = self.state.lock();
+            self.check_handoff(&mut st, now);
             let oldest = st.inflight.oldest_dispatch();
             if let (Some(limit), Some(at), Some(s)) = (request_timeout, oldest, st.session.as_mut())
             {
@@ -687,28 +812,27 @@ impl Export {
         Ok(())
     }
 
-    /// A duplicate of a stored descriptor, for the daemon of `epoch`.
+    /// A duplicate of a stored descriptor, for the daemon of `epoch` (or
+    /// a handoff's successor, which warms up from it).
     pub fn fd_get(&self, epoch: u64, name: &str) -> Result<OwnedFd, ErrorReply> {
         check_fd_name(name)?;
-        self.with_session(epoch, |st| {
-            let fd = st.fdstore.get(name).ok_or_else(|| {
-                ErrorReply::new(
-                    ErrorCode::NotFound,
-                    format!("export {}: no descriptor stored as {name:?}", self.name),
-                )
-            })?;
-            fd.try_clone()
-                .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot duplicate: {e}")))
-        })
+        let st = self.state.lock();
+        if st.daemon(epoch).is_none() {
+            return Err(self.no_longer(epoch));
+        }
+        let fd = st.fdstore.get(name).ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::NotFound,
+                format!("export {}: no descriptor stored as {name:?}", self.name),
+            )
+        })?;
+        fd.try_clone()
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot duplicate: {e}")))
     }
 
     pub fn status(&self, frontend: &str) -> ExportStatus {
         let st = self.state.lock();
-        let daemon = st.session.as_ref().map(|s| DaemonStatus {
-            pid: s.pidfd.pid(),
-            epoch: s.epoch,
-            state: s.state,
-        });
+        let daemon = st.session.as_ref().map(Session::status);
         let inflight = st
             .session
             .as_ref()
@@ -725,9 +849,10 @@ impl Export {
             failed_total: st.stats.failed,
             daemons_lost: st.stats.lost,
             rejected_completions: st.stats.rejected,
-            waiting_ms: st
-                .waiting_since
-                .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            waiting_ms: st.waiting_since.map(|t| millis(t.elapsed())),
+            successor: st.successor.as_ref().map(Session::status),
+            handoff: st.handoff.as_ref().map(handoff::Handoff::progress),
+            last_handoff: st.last_handoff.as_ref().map(|(_, r)| r.clone()),
         }
     }
 }
@@ -748,7 +873,28 @@ fn request_fence(s: &mut Session) {
     if let Err(e) = s.pidfd.kill() {
         warn!("cannot SIGKILL daemon pid {}: {e}", s.pidfd.pid());
     }
-    sys::kick(s.wake.as_fd());
+    s.link.kick();
+}
+
+impl State {
+    /// The daemon or successor of `epoch`.
+    fn daemon(&self, epoch: u64) -> Option<&Session> {
+        [self.session.as_ref(), self.successor.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.epoch == epoch)
+    }
+
+    fn daemon_mut(&mut self, epoch: u64) -> Option<&mut Session> {
+        [self.session.as_mut(), self.successor.as_mut()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.epoch == epoch)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn update_waiting(st: &mut State) {
