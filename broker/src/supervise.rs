@@ -116,7 +116,12 @@ impl Supervisor {
             let _ = t.join();
         }
         let mut c = self.children.lock();
-        let all: Vec<Daemon> = c.current.take().into_iter().chain(c.successors.drain(..)).collect();
+        let all: Vec<Daemon> = c
+            .current
+            .take()
+            .into_iter()
+            .chain(c.successors.drain(..))
+            .collect();
         for d in &all {
             if let Some(p) = &d.pidfd {
                 let _ = p.signal(Signal::TERM);

@@ -1,5 +1,5 @@
-//! The control connection to a broker: HELLO, ATTACH, RESTORE, DETACH and
-//! the fd store, over SOCK_SEQPACKET with descriptors in SCM_RIGHTS.
+//! The control connection to a broker: HELLO, ATTACH or PREPARE, RESTORE,
+//! DETACH, the handoff messages and the fd store, over SOCK_SEQPACKET with descriptors in SCM_RIGHTS.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -134,6 +134,23 @@ impl Connection {
         }
     }
 
+    /// PREPARE: attach to `export` as the successor in a handoff.
+    pub fn prepare(&mut self, export: &str) -> Result<Attachment, Error> {
+        let req = Request::Prepare {
+            export: export.to_owned(),
+        };
+        match self.call(&req, &[])? {
+            (Reply::Attached(a), fds) => Attachment::new(a, fds),
+            (other, _) => Err(unexpected("PREPARE", &other)),
+        }
+    }
+
+    /// Sends a request whose answer (if any) comes later, read with
+    /// [`Self::recv`].
+    pub fn send(&self, req: &Request) -> Result<(), Error> {
+        self.send_raw(&req.encode(), &[])
+    }
+
     /// RESTORE: the broker starts dispatching, replays first. Returns how
     /// many requests are replayed.
     pub fn restore(&mut self) -> Result<u32, Error> {
@@ -141,12 +158,6 @@ impl Connection {
             (Reply::Restored { replayed }, _) => Ok(replayed),
             (other, _) => Err(unexpected("RESTORE", &other)),
         }
-    }
-
-    /// Sends DETACH; the broker answers DETACHED (see [`Self::recv`]) once
-    /// every request it dispatched to this daemon has completed.
-    pub fn send_detach(&self) -> Result<(), Error> {
-        self.send_raw(&Request::Detach.encode(), &[])
     }
 
     /// Deposits `fd` in the broker's fd store of the attached export.

@@ -7,6 +7,7 @@
 
 pub mod backends;
 pub mod client;
+pub mod fault;
 pub mod lease;
 pub mod rings;
 pub mod serve;
@@ -18,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backends::{Backend, BackendSpec, OpenContext};
-use holdfast_proto::ErrorReply;
+use holdfast_proto::{ErrorReply, Request};
+
+use crate::fault::Point;
 
 /// Why a daemon stopped.
 #[derive(Debug)]
@@ -72,36 +75,61 @@ pub struct Options {
     pub export: String,
     /// Fence the export's current daemon instead of being refused as busy.
     pub takeover: bool,
+    /// Join as the successor of a handoff (PREPARE) instead of ATTACH.
+    pub successor: bool,
     pub workers: usize,
     pub lease_timeout: Duration,
 }
 
-/// Attaches, opens the backend with `open` (which takes the lease), issues
-/// RESTORE and serves until SIGTERM/SIGINT (detaching cleanly) or until the
-/// broker goes away.
+/// Attaches (or, as a successor, prepares), opens the backend with `open`,
+/// takes its lease (a successor: once activated), issues RESTORE and serves
+/// until SIGTERM/SIGINT (detaching cleanly), until a handoff releases it, or
+/// until the broker goes away.
 pub fn run_with(
     opts: &Options,
     open: impl FnOnce(OpenContext<'_>) -> Result<Box<dyn Backend>, Error>,
 ) -> Result<(), Error> {
     // Before any thread starts, so that every thread blocks them.
-    let signals = serve::stop_signals()?;
+    let signals = serve::Signals::new()?;
     let mut conn = client::Connection::connect(&opts.socket)?;
     conn.hello()?;
-    let att = conn.attach(&opts.export, opts.takeover)?;
+    let att = if opts.successor {
+        conn.prepare(&opts.export)?
+    } else {
+        conn.attach(&opts.export, opts.takeover)?
+    };
     let geometry = att.geometry;
     log(&format!(
-        "attached to {} (epoch {}, {} bytes, {} requests pending)",
-        opts.export, geometry.epoch, geometry.size, geometry.pending
+        "{} {} (epoch {}, {} bytes, {} requests pending)",
+        if opts.successor {
+            "preparing to take over"
+        } else {
+            "attached to"
+        },
+        opts.export,
+        geometry.epoch,
+        geometry.size,
+        geometry.pending
     ));
-    let backend = open(OpenContext {
+    let backend: Arc<dyn Backend> = Arc::from(open(OpenContext {
         conn: &mut conn,
         export: &opts.export,
         size: geometry.size,
-        lease_timeout: opts.lease_timeout,
-    })?;
+    })?);
+    if opts.successor {
+        fault::inject(Point::SuccessorAfterPrepare);
+        conn.send(&Request::Ready)?;
+        log("warmed up; sent READY");
+        fault::inject(Point::SuccessorAfterReady);
+        if !serve::await_activate(&mut conn, &signals)? {
+            return Ok(());
+        }
+        fault::inject(Point::SuccessorAfterActivate);
+    }
+    backend.acquire_lease(opts.lease_timeout)?;
     let replayed = conn.restore()?;
     log(&format!("restored; {replayed} requests replayed"));
-    serve::serve(conn, att, Arc::from(backend), opts.workers, signals)
+    serve::serve(conn, att, backend, opts, signals)
 }
 
 /// [`run_with`] for a backend named on the command line.

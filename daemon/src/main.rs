@@ -1,9 +1,13 @@
 //! holdfast-daemon: the command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use holdfast_daemon::{BackendSpec, Error, Options, log};
+
+/// Set by `holdfastctl handoff --exec` and the broker's supervisor.
+const SUCCESSOR_ENV: &str = "HOLDFAST_SUCCESSOR";
 
 const USAGE: &str = "\
 holdfast-daemon: serve one export of a holdfast broker from a backend.
@@ -14,23 +18,33 @@ Attaches to the broker, takes the backend's lease, issues restore (pending
 requests are replayed first) and serves until SIGTERM or SIGINT, on which it
 detaches cleanly after finishing the requests it holds.
 
+With --successor it takes over from the export's running daemon in a
+handoff armed by `holdfastctl handoff EXPORT`: it warms up while the old
+daemon serves, takes the lease when the broker activates it, and serves; the
+old daemon drains and exits 0. SIGHUP to a daemon that the broker supervises
+hands its export off to a fresh copy of the supervised command line.
+
 Backends:
   file:PATH             a local file, created sparse if missing; flush = fdatasync
   mem                   a memfd kept in the broker's fd store (survives daemon
                         crashes, not broker restarts)
 
 Options:
-  --socket PATH         the broker's control socket [default: /run/holdfast/holdfast.sock]
+  --socket PATH         the broker's control socket [default: $HOLDFAST_SOCKET
+                        or /run/holdfast/holdfast.sock]
   --export NAME         the export to serve
   --backend SPEC        where the export's bytes live
   --takeover            replace a daemon already serving the export (the broker
                         kills it and waits until it is gone)
+  --successor           take over in a planned handoff (also when the
+                        environment has HOLDFAST_SUCCESSOR=1)
   --workers N           I/O threads [default: 16]
   --lease-timeout SECS  how long to wait for a predecessor's lease [default: 30]
   -h, --help            print this help
   -V, --version         print the version
 
-Exit status: 0 after a clean detach, 1 on errors, 2 on bad usage.";
+Exit status: 0 after a clean detach or a handoff to a successor (and for a
+successor released by a dry run), 1 on errors, 2 on bad usage.";
 
 fn string_value(p: &mut lexopt::Parser) -> Result<String, String> {
     p.value()
@@ -46,9 +60,11 @@ fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
 
 fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     use lexopt::prelude::*;
-    let mut socket = "/run/holdfast/holdfast.sock".into();
+    let mut socket = std::env::var_os("HOLDFAST_SOCKET")
+        .map_or_else(|| "/run/holdfast/holdfast.sock".into(), PathBuf::from);
     let (mut export, mut backend) = (None, None);
     let mut takeover = false;
+    let mut successor = std::env::var_os(SUCCESSOR_ENV).is_some_and(|v| v == "1");
     let mut workers = 16usize;
     let mut lease_timeout = 30u64;
     let mut p = lexopt::Parser::from_env();
@@ -62,6 +78,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
             }
             Long("backend") => backend = Some(string_value(&mut p)?.parse::<BackendSpec>()?),
             Long("takeover") => takeover = true,
+            Long("successor") => successor = true,
             Long("workers") => {
                 workers = number("--workers", &string_value(&mut p)?)?;
                 if !(1..=1024).contains(&workers) {
@@ -83,12 +100,17 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
         }
     }
     let export = export.ok_or("--export NAME is required")?;
+    if takeover && successor {
+        return Err("--takeover and --successor exclude each other".into());
+    }
+    holdfast_daemon::fault::check_env()?;
     let backend = backend.ok_or("--backend SPEC is required (file:PATH or mem)")?;
     Ok(Some((
         Options {
             socket,
             export,
             takeover,
+            successor,
             workers,
             lease_timeout: Duration::from_secs(lease_timeout),
         },
@@ -107,7 +129,7 @@ fn main() -> ExitCode {
     };
     match holdfast_daemon::run(&opts, &backend) {
         Ok(()) => {
-            log("detached");
+            log("exiting");
             ExitCode::SUCCESS
         }
         Err(e @ Error::BrokerGone) => {

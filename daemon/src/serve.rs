@@ -1,51 +1,139 @@
 //! The I/O loop: the main thread consumes the submission ring and watches
-//! the control socket and signals; worker threads run requests against the
-//! backend and publish completions.
+//! the control socket (and the handoff notices on it) and signals; worker
+//! threads run requests against the backend and publish completions.
 
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use holdfast_proto::Reply;
 use holdfast_proto::shm::{Completion, Op, Submission};
+use holdfast_proto::{HandoffRequest, Reply, Request};
 use parking_lot::Mutex;
-use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::backends::Backend;
 use crate::client::Connection;
+use crate::fault::{self, Point};
 use crate::rings::Attachment;
-use crate::{Error, log};
+use crate::{Error, Options, log};
 
 /// How long the main loop sleeps between checks when idle.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// Signals that ask the daemon to detach and exit.
-const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+/// The signals a daemon acts on: SIGTERM and SIGINT detach and exit;
+/// SIGHUP asks the broker for a handoff to a fresh copy of this daemon
+/// (when the broker supervises it).
+pub struct Signals {
+    fd: OwnedFd,
+}
 
-/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts
-/// later) and returns a signalfd that reports them. Call before starting
-/// threads.
-pub fn stop_signals() -> Result<OwnedFd, Error> {
-    // SAFETY: plain libc calls on a local sigset; signalfd returns a new fd.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&raw mut set);
-        for s in STOP_SIGNALS {
-            libc::sigaddset(&raw mut set, s);
+/// What a signal asks for.
+enum Signal {
+    Stop,
+    Upgrade,
+}
+
+impl Signals {
+    const HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+    /// Blocks the signals in this thread (and the threads it starts later)
+    /// and opens a signalfd for them. Call before starting threads.
+    pub fn new() -> Result<Self, Error> {
+        // SAFETY: plain libc calls on a local sigset; signalfd returns a new fd.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut set);
+            for s in Self::HANDLED {
+                libc::sigaddset(&raw mut set, s);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(Error::io(
+                    "pthread_sigmask",
+                    std::io::Error::from_raw_os_error(rc),
+                ));
+            }
+            let fd = libc::signalfd(-1, &raw const set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                return Err(Error::io("signalfd", std::io::Error::last_os_error()));
+            }
+            Ok(Self {
+                fd: OwnedFd::from_raw_fd(fd),
+            })
         }
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(Error::io(
-                "pthread_sigmask",
-                std::io::Error::from_raw_os_error(rc),
-            ));
-        }
-        let fd = libc::signalfd(-1, &raw const set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(Error::io("signalfd", std::io::Error::last_os_error()));
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
     }
+
+    /// The signals received since the last call.
+    fn take(&self) -> Vec<Signal> {
+        // One struct signalfd_siginfo (linux/signalfd.h) per signal; the
+        // signal number is its first u32.
+        let mut buf = [0u8; 128];
+        let mut out = Vec::new();
+        while let Ok(128) = rustix::io::read(&self.fd, &mut buf) {
+            let signo = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            out.push(if signo == libc::SIGHUP as u32 {
+                Signal::Upgrade
+            } else {
+                Signal::Stop
+            });
+        }
+        out
+    }
+}
+
+fn poll(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Vec<bool> {
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::from_borrowed_fd(*fd, PollFlags::IN))
+        .collect();
+    let timeout = timeout.map(|t| Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    let _ = rustix::event::poll(&mut pfds, timeout.as_ref());
+    pfds.iter()
+        .map(|f| {
+            f.revents()
+                .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
+        })
+        .collect()
+}
+
+/// A successor that sent READY waits here for ACTIVATE (true), or to be
+/// released (a dry run) or stopped by a signal (false).
+pub fn await_activate(conn: &mut Connection, signals: &Signals) -> Result<bool, Error> {
+    loop {
+        let ready = poll(&[conn.socket(), signals.fd.as_fd()], None);
+        if ready[1] && signals.take().iter().any(|s| matches!(s, Signal::Stop)) {
+            log("signal received before activation: leaving (the handoff is aborted)");
+            return Ok(false);
+        }
+        if ready[0] {
+            match conn.recv()? {
+                (Reply::Activate, _) => {
+                    log("activated: taking the lease");
+                    return Ok(true);
+                }
+                (Reply::Detached, _) => {
+                    log("released by the broker (dry run): exiting");
+                    return Ok(false);
+                }
+                (Reply::Error(e), _) => return Err(Error::Broker(e)),
+                (other, _) => log(&format!("unexpected message from the broker: {other:?}")),
+            }
+        }
+    }
+}
+
+/// Where this daemon is in a handoff that replaces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Got QUIESCE: finishing what it has.
+    Quiescing,
+    /// Sent QUIESCED without its lease; waiting to be released or revived.
+    Quiesced,
 }
 
 /// Runs one request against the backend; returns the completion result.
@@ -78,26 +166,37 @@ fn execute(att: &Attachment, backend: &dyn Backend, s: &Submission) -> i32 {
 }
 
 /// Serves requests until the broker confirms a DETACH (after SIGTERM or
-/// SIGINT: returns `Ok`) or goes away (returns `Err(BrokerGone)`).
+/// SIGINT) or releases this daemon after a handoff (both return `Ok`), or
+/// goes away (returns `Err(BrokerGone)`).
 pub fn serve(
     mut conn: Connection,
     att: Attachment,
     backend: Arc<dyn Backend>,
-    workers: usize,
-    signals: OwnedFd,
+    opts: &Options,
+    signals: Signals,
 ) -> Result<(), Error> {
     let att = Arc::new(att);
     let entries = att.geometry.slot_count;
     let (tx, rx) = crossbeam_channel::bounded::<Submission>(entries as usize);
     let completion_tail = Arc::new(Mutex::new(0u32));
+    // Requests handed to workers and not completed; the last one to
+    // complete while quiescing wakes the main loop through `drained`.
+    let outstanding = Arc::new(AtomicUsize::new(0));
+    let quiescing = Arc::new(AtomicBool::new(false));
+    let drained: Arc<OwnedFd> = Arc::new(
+        rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| Error::io("eventfd", e.into()))?,
+    );
     let mut threads = Vec::new();
-    for i in 0..workers.max(1) {
+    for i in 0..opts.workers.max(1) {
         let (rx, att, backend, tail) = (
             rx.clone(),
             att.clone(),
             backend.clone(),
             completion_tail.clone(),
         );
+        let (outstanding, quiescing, drained) =
+            (outstanding.clone(), quiescing.clone(), drained.clone());
         let t = std::thread::Builder::new()
             .name(format!("holdfast-io{i}"))
             .spawn(move || {
@@ -109,10 +208,17 @@ pub fn serve(
                         slot: s.slot,
                         result,
                     };
-                    let mut tail = tail.lock();
-                    att.put_completion(*tail, &c);
-                    *tail = tail.wrapping_add(1);
-                    att.publish_completions(*tail);
+                    {
+                        let mut tail = tail.lock();
+                        att.put_completion(*tail, &c);
+                        *tail = tail.wrapping_add(1);
+                        att.publish_completions(*tail);
+                    }
+                    if outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+                        && quiescing.load(Ordering::SeqCst)
+                    {
+                        let _ = rustix::io::write(&*drained, &1u64.to_ne_bytes());
+                    }
                 }
             })
             .map_err(|e| Error::io("cannot start a worker thread", e))?;
@@ -122,6 +228,7 @@ pub fn serve(
 
     let mut head = 0u32;
     let mut detaching = false;
+    let mut phase = Phase::Serving;
     let outcome = loop {
         let tail = att.submission_tail();
         if tail.wrapping_sub(head) > entries {
@@ -132,57 +239,118 @@ pub fn serve(
         while head != tail {
             let s = att.submission(head);
             head = head.wrapping_add(1);
+            outstanding.fetch_add(1, Ordering::SeqCst);
             if tx.send(s).is_err() {
                 break;
             }
         }
         att.set_submission_head(head);
+        if phase == Phase::Quiescing && outstanding.load(Ordering::SeqCst) == 0 {
+            // Everything the broker gave this daemon has completed: give
+            // the backend up.
+            if let Err(e) = backend
+                .release_lease()
+                .and_then(|()| conn.send(&Request::Quiesced))
+            {
+                break Err(e);
+            }
+            log("quiesced: every request completed, lease released");
+            phase = Phase::Quiesced;
+        }
         // Ask to be woken, then look again before sleeping.
         att.set_submission_wakeup(true);
         if att.submission_tail() != head {
             att.set_submission_wakeup(false);
             continue;
         }
-        let mut fds = [
-            PollFd::from_borrowed_fd(att.submit_kick(), PollFlags::IN),
-            PollFd::from_borrowed_fd(conn.socket(), PollFlags::IN),
-            PollFd::from_borrowed_fd(signals.as_fd(), PollFlags::IN),
-        ];
-        let timeout = Timespec {
-            tv_sec: IDLE_POLL.as_secs() as i64,
-            tv_nsec: 0,
-        };
-        let _ = rustix::event::poll(&mut fds, Some(&timeout));
-        let ready: Vec<bool> = fds
-            .iter()
-            .map(|f| {
-                f.revents()
-                    .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
-            })
-            .collect();
+        let ready = poll(
+            &[
+                att.submit_kick(),
+                conn.socket(),
+                signals.fd.as_fd(),
+                drained.as_fd(),
+            ],
+            Some(IDLE_POLL),
+        );
         att.set_submission_wakeup(false);
         if ready[0] {
             // Empty the kick pipe (non-blocking); the ring itself says what to do.
             let mut b = [0u8; 512];
             while let Ok(1..) = rustix::io::read(att.submit_kick(), &mut b) {}
         }
+        if ready[3] {
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(&*drained, &mut b);
+        }
         if ready[2] {
-            let mut b = [0u8; 128];
-            let _ = rustix::io::read(signals.as_fd(), &mut b);
-            if !detaching {
-                log("signal received: detaching (finishing requests in flight)");
-                detaching = true;
-                if let Err(e) = conn.send_detach() {
-                    break Err(e);
+            let mut failed = None;
+            for sig in signals.take() {
+                let sent = match sig {
+                    Signal::Stop if !detaching => {
+                        log("signal received: detaching (finishing requests in flight)");
+                        detaching = true;
+                        conn.send(&Request::Detach)
+                    }
+                    Signal::Stop => Ok(()),
+                    Signal::Upgrade => {
+                        log("SIGHUP: asking the broker to hand this export off to a fresh daemon");
+                        conn.send(&Request::Handoff(HandoffRequest {
+                            export: opts.export.clone(),
+                            dry_run: false,
+                            spawn: true,
+                            ready_timeout_ms: 0,
+                            drain_timeout_ms: 0,
+                        }))
+                    }
+                };
+                if let Err(e) = sent {
+                    failed = Some(e);
+                    break;
                 }
+            }
+            if let Some(e) = failed {
+                break Err(e);
             }
         }
         if ready[1] {
-            match conn.recv() {
-                Ok((Reply::Detached, _)) => break Ok(()),
-                Ok((Reply::Error(e), _)) => log(&format!("broker: {e}")),
-                Ok((other, _)) => log(&format!("unexpected message from the broker: {other:?}")),
+            let msg = match conn.recv() {
+                Ok((msg, _)) => msg,
                 Err(e) => break Err(e),
+            };
+            match msg {
+                Reply::Detached => {
+                    if phase == Phase::Quiesced {
+                        log("handed off to the successor; exiting");
+                    }
+                    break Ok(());
+                }
+                Reply::Quiesce => {
+                    fault::inject(Point::PredecessorDuringQuiesce);
+                    log("QUIESCE: a successor is taking over; finishing requests in flight");
+                    quiescing.store(true, Ordering::SeqCst);
+                    phase = Phase::Quiescing;
+                }
+                Reply::Revive => {
+                    quiescing.store(false, Ordering::SeqCst);
+                    if phase == Phase::Quiesced
+                        && let Err(e) = backend.acquire_lease(opts.lease_timeout)
+                    {
+                        break Err(e);
+                    }
+                    phase = Phase::Serving;
+                    log("REVIVE: the successor failed; serving again");
+                    if let Err(e) = conn.send(&Request::Restore) {
+                        break Err(e);
+                    }
+                }
+                Reply::Restored { replayed } => {
+                    log(&format!("restored; {replayed} requests replayed"));
+                }
+                Reply::HandoffArmed { .. } => {
+                    log("the broker is starting a successor");
+                }
+                Reply::Error(e) => log(&format!("broker: {e}")),
+                other => log(&format!("unexpected message from the broker: {other:?}")),
             }
         }
     };

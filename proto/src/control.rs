@@ -870,7 +870,7 @@ mod tests {
     #[test]
     fn full_status_fits_message_limit() {
         let exports: Vec<_> = (0..MAX_EXPORTS as u32)
-            .map(|i| ExportStatus {
+            .map(|_| ExportStatus {
                 name: "x".repeat(MAX_NAME_LEN),
                 frontend: "cachefiles".into(),
                 last_handoff: Some(HandoffReport {

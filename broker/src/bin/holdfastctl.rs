@@ -245,7 +245,12 @@ fn table(exports: &[ExportStatus]) -> String {
     for e in exports {
         if let (Some(h), succ) = (&e.handoff, &e.successor) {
             let who = succ.map_or("no successor yet".into(), |d| {
-                format!("successor pid {} (epoch {}) {}", d.pid, d.epoch, d.state.name())
+                format!(
+                    "successor pid {} (epoch {}) {}",
+                    d.pid,
+                    d.epoch,
+                    d.state.name()
+                )
             });
             let _ = writeln!(
                 out,
@@ -437,7 +442,11 @@ fn handoff(
     if report.outcome == HandoffOutcome::Completed {
         // The old daemon exits once it has read DETACHED.
         let gone = Pidfd::open(from_pid).map_or(true, |p| p.wait_gone(Duration::from_secs(10)));
-        let what = if gone { "exited" } else { "is still running after 10s" };
+        let what = if gone {
+            "exited"
+        } else {
+            "is still running after 10s"
+        };
         eprintln!("{export}: old daemon pid {from_pid} {what}");
     }
     if let Some(mut c) = child

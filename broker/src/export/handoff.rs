@@ -237,7 +237,10 @@ impl Export {
         if cur.state != DaemonState::Quiescing {
             return Err(QuiescedError::Refused(ErrorReply::new(
                 ErrorCode::BadState,
-                format!("QUIESCED was not asked for (the daemon is {})", cur.state.name()),
+                format!(
+                    "QUIESCED was not asked for (the daemon is {})",
+                    cur.state.name()
+                ),
             )));
         }
         let held = st.inflight.dispatched(epoch);
@@ -393,16 +396,19 @@ impl Export {
     /// Ends the running handoff unsuccessfully: a successor that is still
     /// attached is fenced, and a quiesced daemon is revived.
     fn abort(&self, st: &mut State, reason: String) {
-        if let Some(s) = st.successor.as_mut().filter(|s| s.state != DaemonState::Fencing) {
+        if let Some(s) = st
+            .successor
+            .as_mut()
+            .filter(|s| s.state != DaemonState::Fencing)
+        {
             s.lost_why = Some(format!("handoff aborted: {reason}"));
             request_fence(s);
         }
-        if let Some(cur) = st.session.as_mut().filter(|s| {
-            matches!(
-                s.state,
-                DaemonState::Quiescing | DaemonState::Quiesced
-            )
-        }) {
+        if let Some(cur) = st
+            .session
+            .as_mut()
+            .filter(|s| matches!(s.state, DaemonState::Quiescing | DaemonState::Quiesced))
+        {
             // It takes its lease back and sends RESTORE; until then its
             // requests wait.
             cur.state = DaemonState::Attached;
@@ -501,9 +507,7 @@ impl Export {
                 if st.handoff.as_ref().is_none_or(|h| h.id != id) {
                     return None;
                 }
-                let _ = self
-                    .changed
-                    .wait_for(&mut st, Duration::from_millis(100));
+                let _ = self.changed.wait_for(&mut st, Duration::from_millis(100));
             }
             if gone() {
                 self.cancel_handoff(

@@ -119,7 +119,10 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: RecvFlags) -> io::Resul
 
 /// Whether the peer has closed its end (without reading anything).
 pub fn hung_up(sock: BorrowedFd<'_>) -> bool {
-    let mut pfd = [rustix::event::PollFd::new(&sock, rustix::event::PollFlags::empty())];
+    let mut pfd = [rustix::event::PollFd::new(
+        &sock,
+        rustix::event::PollFlags::empty(),
+    )];
     let zero = rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -25,9 +25,9 @@ pub fn open(path: &Path, ctx: OpenContext<'_>) -> Result<FdBackend, Error> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(format!("cannot open {what}"), e))?;
-    // The lease comes first: a predecessor may still be writing.
     let lock = File::open(path).map_err(|e| Error::io(format!("cannot open {what}"), e))?;
-    let lease = Lease::acquire(lock, &what, ctx.lease_timeout)?;
+    let lease = Lease::new(lock, &what);
+    // Growing is safe without the lease: a predecessor never shrinks it.
     let len = file
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat {what}"), e))?

@@ -39,7 +39,7 @@ pub fn open(ctx: OpenContext<'_>) -> Result<FdBackend, Error> {
     let what = format!("the {} memfd", ctx.export);
     let lock = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(|e| Error::io(format!("cannot reopen {what}"), e))?;
-    let lease = Lease::acquire(lock, &what, ctx.lease_timeout)?;
+    let lease = Lease::new(lock, what);
     let len = file
         .metadata()
         .map_err(|e| Error::io("cannot stat the memfd", e))?

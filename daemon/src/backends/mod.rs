@@ -21,7 +21,18 @@ use crate::lease::Lease;
 /// An export's storage. Called from several worker threads at once; each
 /// call covers a range inside the export. A write is complete when the call
 /// returns; it must be durable once a later `flush` returns.
+///
+/// A backend is opened without its lease (a handoff successor warms up
+/// while its predecessor still serves); the library calls `acquire_lease`
+/// before the first request, and `release_lease` when a handoff quiesces
+/// this daemon.
 pub trait Backend: Send + Sync {
+    /// Takes the exclusive right to write, waiting up to `timeout` for a
+    /// predecessor to give it up (or die). Taking a held lease is a no-op.
+    fn acquire_lease(&self, timeout: Duration) -> Result<(), Error>;
+    /// Every request has completed: make what a successor needs durable
+    /// and give up the lease. No request arrives until `acquire_lease`.
+    fn release_lease(&self) -> Result<(), Error>;
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Stores `buf` at `offset`.
@@ -72,16 +83,15 @@ impl FromStr for BackendSpec {
 }
 
 /// What opening a backend needs: the attached connection (for the fd
-/// store), the export, and how long to wait for the lease.
+/// store) and the export.
 pub struct OpenContext<'a> {
     pub conn: &'a mut Connection,
     pub export: &'a str,
     pub size: u64,
-    pub lease_timeout: Duration,
 }
 
 impl BackendSpec {
-    /// Opens the backend and takes its lease.
+    /// Opens the backend (without its lease).
     pub fn open(&self, ctx: OpenContext<'_>) -> Result<Box<dyn Backend>, Error> {
         Ok(match self {
             Self::File(path) => Box::new(file::open(path, ctx)?),
@@ -96,7 +106,7 @@ pub struct FdBackend {
     file: File,
     /// Whether `flush` must reach stable storage (not for memory).
     durable: bool,
-    _lease: Lease,
+    lease: Lease,
 }
 
 impl FdBackend {
@@ -104,7 +114,7 @@ impl FdBackend {
         Self {
             file,
             durable,
-            _lease: lease,
+            lease,
         }
     }
 
@@ -114,6 +124,17 @@ impl FdBackend {
 }
 
 impl Backend for FdBackend {
+    fn acquire_lease(&self, timeout: Duration) -> Result<(), Error> {
+        self.lease.acquire(timeout)
+    }
+
+    /// Nothing to persist first: a successor opens the same file (or
+    /// memfd) and sees every completed write through the page cache, and
+    /// its own flush covers them.
+    fn release_lease(&self) -> Result<(), Error> {
+        self.lease.release()
+    }
+
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
