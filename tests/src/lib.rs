@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use holdfast_daemon::client::Connection;
+use holdfast_proto::{HandoffReport, HandoffRequest, Reply, Request};
+
 /// Path of a binary built from this workspace (`holdfast-broker`, ...),
 /// next to the test executable's directory (target/<profile>/).
 pub fn bin(name: &str) -> PathBuf {
@@ -268,9 +271,8 @@ impl Broker {
         self.mountpoint.join(export)
     }
 
-    /// Starts `holdfast-daemon` for `export` with `backend` and extra args.
-    pub fn daemon(&self, scratch: &Scratch, export: &str, backend: &str, extra: &[&str]) -> Proc {
-        static N: AtomicU32 = AtomicU32::new(0);
+    /// The `holdfast-daemon` command line for `export` with `backend`.
+    pub fn daemon_cmd(&self, export: &str, backend: &str, extra: &[&str]) -> Command {
         let mut cmd = Command::new(bin("holdfast-daemon"));
         cmd.arg("--socket")
             .arg(&self.socket)
@@ -279,21 +281,56 @@ impl Broker {
             .arg("--backend")
             .arg(backend)
             .args(extra);
+        cmd
+    }
+
+    /// Starts `holdfast-daemon` for `export` with `backend` and extra args.
+    pub fn daemon(&self, scratch: &Scratch, export: &str, backend: &str, extra: &[&str]) -> Proc {
+        self.daemon_with(scratch, self.daemon_cmd(export, backend, extra), export)
+    }
+
+    /// Starts a daemon command line built with [`Self::daemon_cmd`].
+    pub fn daemon_with(&self, scratch: &Scratch, mut cmd: Command, export: &str) -> Proc {
+        static N: AtomicU32 = AtomicU32::new(0);
         scratch.spawn(
             &mut cmd,
             &format!("daemon-{export}-{}.log", N.fetch_add(1, Ordering::SeqCst)),
         )
     }
 
-    /// Starts `hf-faulty` (a misbehaving daemon) on `export` in `mode`.
-    pub fn faulty(&self, scratch: &Scratch, export: &str, mode: &str) -> Proc {
+    /// Arms a handoff of `export` over a control connection of the test's
+    /// own; returns the connection (to read the report from with
+    /// [`handoff_report`]) and the pid of the daemon being handed off.
+    pub fn arm_handoff(&self, export: &str, dry_run: bool, drain_ms: u32) -> (Connection, u32) {
+        let mut c = Connection::connect(&self.socket).unwrap();
+        c.hello().unwrap();
+        let req = Request::Handoff(HandoffRequest {
+            export: export.to_owned(),
+            dry_run,
+            spawn: false,
+            ready_timeout_ms: 30_000,
+            drain_timeout_ms: drain_ms,
+        });
+        match c.call(&req, &[]) {
+            Ok((Reply::HandoffArmed { from_pid, .. }, _)) => (c, from_pid),
+            other => panic!(
+                "{export}: handoff not armed: {other:?}\nbroker log:\n{}",
+                self.proc.log_text()
+            ),
+        }
+    }
+
+    /// Starts `hf-faulty` (a misbehaving daemon) on `export` in `mode`,
+    /// with extra arguments (`--successor`).
+    pub fn faulty(&self, scratch: &Scratch, export: &str, mode: &str, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(bin("hf-faulty"));
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--export")
             .arg(export)
             .arg("--mode")
-            .arg(mode);
+            .arg(mode)
+            .args(extra);
         scratch.spawn(&mut cmd, &format!("faulty-{export}-{mode}.log"))
     }
 
@@ -389,6 +426,14 @@ impl Drop for Broker {
             }
         }
         self.unmount();
+    }
+}
+
+/// Waits for the report of a handoff armed with [`Broker::arm_handoff`].
+pub fn handoff_report(c: &mut Connection) -> HandoffReport {
+    match c.recv() {
+        Ok((Reply::HandoffDone(r), _)) => r,
+        other => panic!("no handoff report: {other:?}"),
     }
 }
 

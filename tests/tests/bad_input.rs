@@ -235,7 +235,7 @@ fn faulty_daemons_are_fenced_and_their_requests_replayed() {
     ];
     let mut epoch = 0;
     for (i, mode) in modes.iter().enumerate() {
-        let mut faulty = broker.faulty(&scratch, "vol0", mode);
+        let mut faulty = broker.faulty(&scratch, "vol0", mode, &[]);
         epoch = broker.wait_active("vol0", epoch, Duration::from_secs(10)).1;
         let off = i as u64 * 4096;
         let write = write_in_thread(&broker, "vol0", off, i as u8 + 1);

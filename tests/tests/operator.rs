@@ -146,7 +146,7 @@ fn requests_wait_for_a_daemon_by_default() {
 fn operator_restore_starts_a_daemon_that_never_restores() {
     let scratch = Scratch::new("ctl-restore", Duration::from_secs(60));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
-    let _faulty = broker.faulty(&scratch, "vol0", "no-restore");
+    let _faulty = broker.faulty(&scratch, "vol0", "no-restore", &[]);
     broker.wait_status("vol0", Duration::from_secs(10), "an attached daemon", |s| {
         s["daemon"]["state"] == "attached"
     });

@@ -2,33 +2,51 @@
 //! answers the first request it gets with a bad completion written straight
 //! into shared memory, and waits (to be fenced by the broker).
 //!
-//! Modes: slot-out-of-range, unknown-seq, wrong-epoch, result-too-long,
-//! bad-errno, tail-overrun; and no-restore, which never sends RESTORE (so
-//! only an operator's `holdfastctl restore` starts dispatch) and then
-//! answers its first request correctly.
+//! Modes: slot-out-of-range, unknown-seq, wrong-epoch (a later epoch),
+//! old-epoch (the previous daemon's epoch), result-too-long, bad-errno,
+//! tail-overrun; and no-restore, which never sends RESTORE (so only an
+//! operator's `holdfastctl restore` starts dispatch) and then answers its
+//! first request correctly.
+//!
+//! With `--successor` it joins as a handoff successor (PREPARE, READY, and
+//! RESTORE once activated) instead of attaching.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{Duration, Instant};
 
 use holdfast_daemon::client::Connection;
 use holdfast_proto::shm::Completion;
+use holdfast_proto::{Reply, Request};
 
 fn main() {
     let mut socket = None;
     let mut export = None;
     let mut mode = String::new();
+    let mut successor = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--socket" => socket = args.next(),
             "--export" => export = args.next(),
             "--mode" => mode = args.next().unwrap(),
+            "--successor" => successor = true,
             other => panic!("hf-faulty: unknown argument {other}"),
         }
     }
     let mut conn = Connection::connect(socket.unwrap().as_ref()).unwrap();
     conn.hello().unwrap();
-    let att = conn.attach(&export.unwrap(), false).unwrap();
+    let export = export.unwrap();
+    let att = if successor {
+        let att = conn.prepare(&export).unwrap();
+        conn.send(&Request::Ready).unwrap();
+        match conn.recv().unwrap() {
+            (Reply::Activate, _) => {}
+            other => panic!("hf-faulty: expected ACTIVATE, got {other:?}"),
+        }
+        att
+    } else {
+        conn.attach(&export, false).unwrap()
+    };
     if mode != "no-restore" {
         conn.restore().unwrap();
     }
@@ -58,6 +76,10 @@ fn main() {
         },
         "wrong-epoch" => Completion {
             epoch: s.epoch + 1,
+            ..good
+        },
+        "old-epoch" => Completion {
+            epoch: s.epoch - 1,
             ..good
         },
         "result-too-long" => Completion {
