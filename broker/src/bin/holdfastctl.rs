@@ -29,6 +29,8 @@ Commands:
                                 HOLDFAST_SOCKET set), or without --exec, start
                                 `holdfast-daemon ... --successor` yourself.
                                 Waits for the end and prints the figures.
+                                CMD's log goes to this command's stderr
+                                unless CMD redirects it (CMD 2>>LOG).
   upgrade EXPORT                handoff to a successor the broker starts with
                                 the command line it supervises the daemon with
 
@@ -373,7 +375,10 @@ fn json(exports: &[ExportStatus]) -> String {
 }
 
 /// Starts a handoff successor: `sh -c "exec CMD"`, told by its environment
-/// that it is a successor and where the broker is.
+/// that it is a successor and where the broker is. It outlives holdfastctl,
+/// so it must not hold holdfastctl's stdout: a caller reading that to its
+/// end (`$(holdfastctl ...)`) would wait for the successor's exit. Its
+/// stderr (the daemon's log) stays holdfastctl's unless CMD redirects it.
 fn start_successor(cmd: &str, socket: &Path) -> Result<Child, String> {
     Process::new("/bin/sh")
         .arg("-c")
@@ -381,6 +386,7 @@ fn start_successor(cmd: &str, socket: &Path) -> Result<Child, String> {
         .env(SUCCESSOR_ENV, "1")
         .env("HOLDFAST_SOCKET", socket)
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the successor {cmd:?}: {e}"))
 }
