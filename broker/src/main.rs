@@ -22,7 +22,9 @@ Options:
                           DIR/NAME, its own FUSE mount [default: /run/holdfast/mnt]
   --export NAME=SIZE      an export, e.g. vol0=256MiB (repeatable)
   --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
-                          again whenever it exits (repeatable)
+                          again whenever it exits (repeatable); `holdfastctl
+                          upgrade EXPORT` or SIGHUP to the daemon hands its
+                          export off to a new copy of CMD
   --request-timeout T     a request dispatched longer than T declares its daemon
                           lost (hung): it is killed and its requests replayed to
                           the next daemon [default: 30s; 0 = never]

@@ -13,8 +13,8 @@ use std::time::Duration;
 use holdfast_daemon::fault::Point;
 use holdfast_proto::{HandoffOutcome, HandoffReport};
 use holdfast_tests::{
-    AlignedBuf, Broker, BrokerOpts, Proc, Scratch, bin, check_backing, handoff_report,
-    open_direct, seed, stop_writer, write_in_thread, writer,
+    AlignedBuf, Broker, BrokerOpts, Proc, Scratch, bin, check_backing, handoff_report, open_direct,
+    seed, stop_writer, write_in_thread, writer,
 };
 
 /// A daemon started as a successor, with `HOLDFAST_FAULT=fault` if given.
@@ -212,7 +212,11 @@ fn drain_bound_fences_and_other_export_keeps_going() {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let w1 = {
-        let (f, done, stop) = (open_direct(&broker.file("vol1")), done.clone(), stop.clone());
+        let (f, done, stop) = (
+            open_direct(&broker.file("vol1")),
+            done.clone(),
+            stop.clone(),
+        );
         std::thread::spawn(move || {
             let mut b = AlignedBuf::new(4096);
             b.fill(0x5a);
@@ -236,7 +240,10 @@ fn drain_bound_fences_and_other_export_keeps_going() {
     assert!(r.drain_us >= 1_500_000, "{r:?}");
     assert!(r.replayed >= 1, "the stopped daemon held no request: {r:?}");
     let status = d0.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(!status.success(), "the hung daemon was not killed: {status}");
+    assert!(
+        !status.success(),
+        "the hung daemon was not killed: {status}"
+    );
     assert!(
         during >= 20,
         "vol1 completed only {during} writes while vol0 stalled for {} ms",
@@ -279,7 +286,10 @@ fn completion_from_the_previous_epoch_is_rejected() {
     assert_eq!(s["daemons_lost"], 1);
     assert!(faulty.wait_timeout(Duration::from_secs(10)).is_some());
     assert!(
-        broker.proc.log_text().contains(&format!("carries epoch {e0}")),
+        broker
+            .proc
+            .log_text()
+            .contains(&format!("carries epoch {e0}")),
         "{}",
         broker.proc.log_text()
     );
@@ -287,7 +297,9 @@ fn completion_from_the_previous_epoch_is_rejected() {
     let mut d = broker.daemon(&scratch, "vol0", &backend, &[]);
     write.join().unwrap().unwrap();
     let mut b = AlignedBuf::new(4096);
-    open_direct(&broker.file("vol0")).read_exact_at(&mut b, 8192).unwrap();
+    open_direct(&broker.file("vol0"))
+        .read_exact_at(&mut b, 8192)
+        .unwrap();
     assert!(b.iter().all(|&x| x == 0xab));
     d.signal(libc::SIGTERM);
     assert_exits_cleanly(&mut d);
@@ -336,7 +348,11 @@ fn holdfastctl_handoff() {
     );
     let out = broker.ctl(&["handoff", "vol0", "--exec", "exit 3"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("exited before it attached"), "{}", text(&out));
+    assert!(
+        text(&out).contains("exited before it attached"),
+        "{}",
+        text(&out)
+    );
     broker.wait_status("vol0", Duration::from_secs(5), "cancelled", |s| {
         s["handoff"].is_null()
     });
@@ -378,7 +394,9 @@ fn holdfastctl_handoff() {
     assert_eq!(s["daemon"]["pid"], report["to_pid"]);
     assert_eq!(s["daemon"]["state"], "active");
     let mut b = AlignedBuf::new(4096);
-    open_direct(&broker.file("vol0")).read_exact_at(&mut b, 0).unwrap();
+    open_direct(&broker.file("vol0"))
+        .read_exact_at(&mut b, 0)
+        .unwrap();
     assert!(b.iter().all(|&x| x == 0x11));
     // The successor (holdfastctl's child, now an orphan) exits when the
     // broker goes away.
@@ -400,7 +418,9 @@ fn supervised_upgrade_and_sighup() {
     );
     let mut broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "32MiB")]).arg("--supervise").arg(&cmd),
+        BrokerOpts::new(&[("vol0", "32MiB")])
+            .arg("--supervise")
+            .arg(&cmd),
     );
     let (pid0, e0) = broker.wait_active("vol0", 0, Duration::from_secs(10));
     let state = scratch.path("gens");

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use holdfast_daemon::client::Connection;
 use holdfast_proto::{Reply, Request};
 use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Rng, Scratch, bin, open_direct};
-use rustix::process::{Pid, PidfdFlags, WaitIdOptions, WaitId};
+use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions};
 
 const USAGE: &str = "\
 hf-bench-failover: the cost of a planned handoff and of a crash restore.
@@ -92,7 +92,11 @@ impl Load {
 fn daemon_of(c: &mut Connection) -> (u32, u64, bool) {
     match c.call(&Request::Status, &[]).unwrap() {
         (Reply::Status(e), _) => e[0].daemon.map_or((0, 0, false), |d| {
-            (d.pid, d.epoch, d.state == holdfast_proto::DaemonState::Active)
+            (
+                d.pid,
+                d.epoch,
+                d.state == holdfast_proto::DaemonState::Active,
+            )
         }),
         other => panic!("status: {other:?}"),
     }
@@ -172,7 +176,8 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
             .output()
             .unwrap();
         assert!(out.status.success(), "dry run failed: {out:?}");
-        fig.dry_windows.push((ns(base, t0), ns(base, Instant::now())));
+        fig.dry_windows
+            .push((ns(base, t0), ns(base, Instant::now())));
         std::thread::sleep(Duration::from_millis(100));
 
         let (old_pid, _, _) = daemon_of(&mut ctl);
@@ -181,7 +186,10 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
             let fd = old.try_clone().unwrap();
             std::thread::spawn(move || {
                 let _ = rustix::event::poll(
-                    &mut [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)],
+                    &mut [rustix::event::PollFd::new(
+                        &fd,
+                        rustix::event::PollFlags::IN,
+                    )],
                     None,
                 );
                 Instant::now()
@@ -198,7 +206,10 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let exited = watch.join().unwrap();
         let clean = if old_pid == daemon.pid() {
-            daemon.wait_timeout(Duration::from_secs(10)).unwrap().success()
+            daemon
+                .wait_timeout(Duration::from_secs(10))
+                .unwrap()
+                .success()
         } else {
             reap(&old)
         };
