@@ -73,7 +73,10 @@ fn malformed_control_messages() {
     frame[4] = 9;
     assert_eq!(error_of(&mut c, &frame), ErrorCode::UnsupportedVersion);
     assert_eq!(error_of(&mut c, &hello(99)), ErrorCode::UnsupportedVersion);
-    assert_eq!(error_of(&mut c, &vec![0u8; 100 << 10]), ErrorCode::TooLarge);
+    assert_eq!(
+        error_of(&mut c, &vec![0u8; holdfast_proto::MAX_MESSAGE_LEN + 4096]),
+        ErrorCode::TooLarge
+    );
     let mut unknown = Request::Status.encode();
     unknown[6] = 0x7e;
     assert_eq!(error_of(&mut c, &unknown), ErrorCode::Malformed);
