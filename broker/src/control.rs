@@ -276,34 +276,18 @@ impl<'a> Connection<'a> {
                     }
                 }
                 _ if !hello => Reply::error(ErrorCode::NotPermitted, "send HELLO first"),
-                Request::Attach(a) => match self.broker.export(&a.export) {
-                    None => Reply::error(
-                        ErrorCode::NoSuchExport,
-                        format!(
-                            "no export named {:?}; this broker has: {}",
-                            a.export,
-                            self.broker.export_names()
-                        ),
-                    ),
-                    Some(export) => match self.attach(
-                        export,
-                        Join::Attach {
-                            takeover: a.takeover,
-                        },
-                    ) {
+                Request::Attach(a) => {
+                    let join = Join::Attach {
+                        takeover: a.takeover,
+                    };
+                    match self.attach(&a.export, join) {
                         Ok(()) => return,
                         Err(reply) => reply,
-                    },
-                },
-                Request::Prepare { export } => match self.broker.export(&export) {
-                    None => Reply::error(
-                        ErrorCode::NoSuchExport,
-                        format!("no export named {export:?}"),
-                    ),
-                    Some(export) => match self.attach(export, Join::Successor) {
-                        Ok(()) => return,
-                        Err(reply) => reply,
-                    },
+                    }
+                }
+                Request::Prepare { export } => match self.attach(&export, Join::Successor) {
+                    Ok(()) => return,
+                    Err(reply) => reply,
                 },
                 Request::Handoff(h) => {
                     let reply = self.operator_handoff(h);
@@ -343,15 +327,13 @@ impl<'a> Connection<'a> {
             Request::OperatorRestore {
                 export,
                 fail_pending,
-            } => match self.broker.export(&export) {
-                None => Reply::error(
-                    ErrorCode::NoSuchExport,
-                    format!("no export named {export:?}"),
-                ),
-                Some(e) => match e.operator_restore(fail_pending) {
-                    Ok((replayed, failed)) => Reply::OperatorRestored { replayed, failed },
-                    Err(err) => Reply::Error(err),
-                },
+            } => match self
+                .broker
+                .find(&export)
+                .and_then(|e| e.operator_restore(fail_pending))
+            {
+                Ok((replayed, failed)) => Reply::OperatorRestored { replayed, failed },
+                Err(err) => Reply::Error(err),
             },
             Request::Hello(_) => Reply::error(ErrorCode::BadState, "HELLO was already sent"),
             Request::Attach(_) | Request::Prepare { .. } => {
@@ -367,14 +349,9 @@ impl<'a> Connection<'a> {
     /// HANDOFF from an operator: arms it, says so, and answers with the
     /// report when it ends.
     fn operator_handoff(&mut self, req: HandoffRequest) -> Reply {
-        let export = match self.broker.export(&req.export) {
-            Some(e) => e.clone(),
-            None => {
-                return Reply::error(
-                    ErrorCode::NoSuchExport,
-                    format!("no export named {:?}", req.export),
-                );
-            }
+        let export = match self.broker.find(&req.export) {
+            Ok(e) => e.clone(),
+            Err(e) => return Reply::Error(e),
         };
         let id = match self.broker.start_handoff(&export, &req) {
             Ok((id, armed)) => {
@@ -391,7 +368,8 @@ impl<'a> Connection<'a> {
     }
 
     /// ATTACH or PREPARE; on success runs the daemon session until it ends.
-    fn attach(&mut self, export: &Arc<Export>, join: Join) -> Result<(), Reply> {
+    fn attach(&mut self, name: &str, join: Join) -> Result<(), Reply> {
+        let export = self.broker.find(name).map_err(Reply::Error)?;
         let pidfd = Pidfd::of_peer(self.sock.as_fd(), self.peer_pid).map_err(|e| {
             Reply::error(
                 ErrorCode::Internal,
@@ -569,13 +547,11 @@ impl<'a> Connection<'a> {
             },
             // A supervised daemon asking for its own upgrade (SIGHUP): no
             // waiting here, this thread serves the daemon.
-            Request::Handoff(h) => match self.broker.export(&h.export) {
-                Some(e) => self.broker.start_handoff(e, &h).map(|(_, armed)| armed),
-                None => Ok(Reply::error(
-                    ErrorCode::NoSuchExport,
-                    format!("no export named {:?}", h.export),
-                )),
-            },
+            Request::Handoff(h) => self
+                .broker
+                .find(&h.export)
+                .and_then(|e| self.broker.start_handoff(e, &h))
+                .map(|(_, armed)| armed),
             Request::FdPut { name } => {
                 if fds.len() != 1 {
                     Ok(Reply::error(

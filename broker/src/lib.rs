@@ -71,6 +71,19 @@ impl Broker {
         self.exports.iter().find(|e| e.name == name)
     }
 
+    /// The export named `name`, or an error that lists the ones there are.
+    pub fn find(&self, name: &str) -> Result<&Arc<Export>, ErrorReply> {
+        self.export(name).ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::NoSuchExport,
+                format!(
+                    "no export named {name:?}; this broker has: {}",
+                    self.export_names()
+                ),
+            )
+        })
+    }
+
     pub fn export_names(&self) -> String {
         let names: Vec<&str> = self.exports.iter().map(|e| e.name.as_str()).collect();
         names.join(", ")

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -65,6 +66,14 @@ fn assert_exits_cleanly(old: &mut Proc) {
     assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
 }
 
+/// Detaches `daemon` cleanly, then checks the backing file `img` against
+/// the generations a writer saved in `state`.
+fn detach_and_check(daemon: &mut Proc, scratch: &Scratch, img: &Path, state: &Path, seed: u64) {
+    daemon.signal(libc::SIGTERM);
+    assert_exits_cleanly(daemon);
+    check_backing(scratch, img, state, seed);
+}
+
 fn sequential_handoffs(name: &str, backend: &str, count: u32) {
     let scratch = Scratch::new(name, Duration::from_secs(300));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "32MiB")]));
@@ -103,9 +112,7 @@ fn sequential_handoffs(name: &str, backend: &str, count: u32) {
     assert_eq!(status["last_handoff"]["outcome"], "completed");
 
     if let Some(img) = backend.strip_prefix("file:") {
-        daemon.signal(libc::SIGTERM);
-        assert_exits_cleanly(&mut daemon);
-        check_backing(&scratch, img.as_ref(), &state, seed);
+        detach_and_check(&mut daemon, &scratch, img.as_ref(), &state, seed);
     }
 }
 
@@ -184,9 +191,13 @@ fn fault_grid() {
     eprintln!("writer: {report}\nbroker: {status}");
     assert_eq!(status["failed"], 0);
     assert_eq!(status["rejected_completions"], 0);
-    daemon.signal(libc::SIGTERM);
-    assert_exits_cleanly(&mut daemon);
-    check_backing(&scratch, &scratch.path("vol0.img"), &state, seed);
+    detach_and_check(
+        &mut daemon,
+        &scratch,
+        &scratch.path("vol0.img"),
+        &state,
+        seed,
+    );
 }
 
 /// A hung old daemon is fenced at the drain bound and its requests are
@@ -258,9 +269,7 @@ fn drain_bound_fences_and_other_export_keeps_going() {
     std::thread::sleep(Duration::from_millis(200));
     stop_writer(&mut w0);
     let mut d = next;
-    d.signal(libc::SIGTERM);
-    assert_exits_cleanly(&mut d);
-    check_backing(&scratch, &scratch.path("vol0.img"), &state, seed);
+    detach_and_check(&mut d, &scratch, &scratch.path("vol0.img"), &state, seed);
 }
 
 /// After a handoff, a completion carrying the previous daemon's epoch is
