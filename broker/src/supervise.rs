@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use holdfast_proto::SUCCESSOR_ENV;
 use parking_lot::Mutex;
 use rustix::process::Signal;
 
@@ -26,12 +27,20 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at successors and the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Set in a successor's environment: `holdfast-daemon` then attaches with
-/// PREPARE, as with `--successor`.
-pub const SUCCESSOR_ENV: &str = "HOLDFAST_SUCCESSOR";
-
 /// Tells whether a daemon pid got as far as RESTORE.
 pub type Healthy = Box<dyn Fn(u32) -> bool + Send>;
+
+/// A daemon command line run as `/bin/sh -c "exec CMD"` (so the daemon is
+/// the child itself), with stdin closed; as a handoff successor, with
+/// `HOLDFAST_SUCCESSOR=1` in its environment.
+pub fn shell(cmd: &str, successor: bool) -> Command {
+    let mut c = Command::new("/bin/sh");
+    c.arg("-c").arg(format!("exec {cmd}")).stdin(Stdio::null());
+    if successor {
+        c.env(SUCCESSOR_ENV, "1");
+    }
+    c
+}
 
 struct Daemon {
     child: Child,
@@ -41,12 +50,7 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(cmd: &str, successor: bool) -> std::io::Result<Self> {
-        let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(format!("exec {cmd}")).stdin(Stdio::null());
-        if successor {
-            c.env(SUCCESSOR_ENV, "1");
-        }
-        let child = c.spawn()?;
+        let child = shell(cmd, successor).spawn()?;
         // The child is not reaped until we wait for it, so its pid is ours.
         let pidfd = Pidfd::open(child.id()).ok().map(Arc::new);
         Ok(Self {

@@ -5,9 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use holdfast_daemon::{BackendSpec, Error, Options, log};
-
-/// Set by `holdfastctl handoff --exec` and the broker's supervisor.
-const SUCCESSOR_ENV: &str = "HOLDFAST_SUCCESSOR";
+use holdfast_proto::{SOCKET_ENV, SUCCESSOR_ENV};
 
 const USAGE: &str = "\
 holdfast-daemon: serve one export of a holdfast broker from a backend.
@@ -60,7 +58,7 @@ fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
 
 fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     use lexopt::prelude::*;
-    let mut socket = std::env::var_os("HOLDFAST_SOCKET")
+    let mut socket = std::env::var_os(SOCKET_ENV)
         .map_or_else(|| "/run/holdfast/holdfast.sock".into(), PathBuf::from);
     let (mut export, mut backend) = (None, None);
     let mut takeover = false;

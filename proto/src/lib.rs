@@ -26,6 +26,15 @@ pub use wire::DecodeError;
 /// with another version with [`ErrorCode::UnsupportedVersion`].
 pub const PROTOCOL_VERSION: u16 = 2;
 
+/// Environment variable naming the broker's control socket, read by
+/// `holdfast-daemon` and `holdfastctl` when `--socket` is not given.
+pub const SOCKET_ENV: &str = "HOLDFAST_SOCKET";
+
+/// Environment variable that makes `holdfast-daemon` join a handoff as the
+/// successor (`=1`), set by `holdfastctl handoff --exec` and the broker's
+/// supervisor.
+pub const SUCCESSOR_ENV: &str = "HOLDFAST_SUCCESSOR";
+
 /// Largest control message either side sends or accepts, in bytes. A status
 /// reply for [`MAX_EXPORTS`] exports fits.
 pub const MAX_MESSAGE_LEN: usize = 128 * 1024;

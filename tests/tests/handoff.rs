@@ -28,7 +28,7 @@ fn successor(
 ) -> Proc {
     let mut cmd = broker.daemon_cmd(export, backend, &["--successor"]);
     if let Some(p) = fault {
-        cmd.env("HOLDFAST_FAULT", p.name());
+        cmd.env(holdfast_daemon::fault::ENV, p.name());
     }
     broker.daemon_with(scratch, cmd, export)
 }

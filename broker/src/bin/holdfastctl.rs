@@ -3,14 +3,14 @@
 use std::fmt::Write as _;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use holdfast_broker::supervise::SUCCESSOR_ENV;
+use holdfast_broker::supervise;
 use holdfast_broker::sys::{self, pidfd::Pidfd, seqpacket};
 use holdfast_proto::{
     DaemonStatus, ExportStatus, HandoffOutcome, HandoffReport, HandoffRequest, Hello,
-    MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request,
+    MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV,
 };
 
 const USAGE: &str = "\
@@ -78,7 +78,7 @@ fn seconds_ms(flag: &str, v: &str) -> Result<u32, String> {
 
 fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
     use lexopt::prelude::*;
-    let mut socket: PathBuf = std::env::var_os("HOLDFAST_SOCKET").map_or_else(
+    let mut socket: PathBuf = std::env::var_os(SOCKET_ENV).map_or_else(
         || holdfast_broker::config::DEFAULT_SOCKET.into(),
         PathBuf::from,
     );
@@ -380,12 +380,8 @@ fn json(exports: &[ExportStatus]) -> String {
 /// end (`$(holdfastctl ...)`) would wait for the successor's exit. Its
 /// stderr (the daemon's log) stays holdfastctl's unless CMD redirects it.
 fn start_successor(cmd: &str, socket: &Path) -> Result<Child, String> {
-    Process::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("exec {cmd}"))
-        .env(SUCCESSOR_ENV, "1")
-        .env("HOLDFAST_SOCKET", socket)
-        .stdin(Stdio::null())
+    supervise::shell(cmd, true)
+        .env(SOCKET_ENV, socket)
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the successor {cmd:?}: {e}"))

@@ -515,20 +515,19 @@ impl Export {
     /// RESTORE from the daemon of `epoch`: starts dispatching, replays
     /// first. From an activated successor, this ends its handoff.
     pub fn restore(&self, epoch: u64) -> Result<u32, ErrorReply> {
-        {
-            let mut st = self.state.lock();
-            if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
-                return self.promote(&mut st);
-            }
+        let mut st = self.state.lock();
+        if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
+            return self.promote(&mut st);
         }
-        self.with_session(epoch, |st| {
-            let replays = self.activate(st)?;
-            info!(
-                "{}: epoch {epoch} restored, replaying {replays} requests",
-                self.name
-            );
-            Ok(replays)
-        })
+        if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
+            return Err(self.no_longer(epoch));
+        }
+        let replays = self.activate(&mut st)?;
+        info!(
+            "{}: epoch {epoch} restored, replaying {replays} requests",
+            self.name
+        );
+        Ok(replays)
     }
 
     /// Moves the attached daemon to Active and dispatches; returns how many
