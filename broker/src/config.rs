@@ -10,11 +10,27 @@ pub const DEFAULT_EXPORT: &str = "vol0";
 pub const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_BACKING_DIR: &str = "/var/lib/holdfast";
 
-/// One `--export NAME=SIZE`.
+/// One `--export NAME=SIZE[,block]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
     pub size: u64,
+    /// Also give the export a block device.
+    pub block: bool,
+}
+
+impl ExportSpec {
+    /// Checks the name and that the size is whole blocks.
+    pub fn check(&self, block_size: u32) -> Result<(), String> {
+        holdfast_proto::validate_name(&self.name)?;
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(block_size)) {
+            return Err(format!(
+                "export {}: size {} is not a whole number of {block_size}-byte blocks",
+                self.name, self.size
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +83,7 @@ impl Config {
             self.exports.push(ExportSpec {
                 name: DEFAULT_EXPORT.into(),
                 size: DEFAULT_EXPORT_SIZE,
+                block: false,
             });
             if self.supervise.is_empty() {
                 self.supervise.push(format!(
@@ -84,12 +101,7 @@ impl Config {
             if !names.insert(&e.name) {
                 return Err(format!("export {:?} is given twice", e.name));
             }
-            if !e.size.is_multiple_of(u64::from(self.block_size)) {
-                return Err(format!(
-                    "export {}: size {} is not a multiple of the block size {}",
-                    e.name, e.size, self.block_size
-                ));
-            }
+            e.check(self.block_size)?;
         }
         if self.exports.len() > holdfast_proto::MAX_EXPORTS {
             return Err(format!(
@@ -150,15 +162,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is zero or too large"))
 }
 
-/// Parses `NAME=SIZE`.
+/// Parses `NAME=SIZE[,block]`.
 pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
-    let (name, size) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--export {s:?}: expected NAME=SIZE, e.g. vol0=256MiB"))?;
+    let (name, rest) = s.split_once('=').ok_or_else(|| {
+        format!("--export {s:?}: expected NAME=SIZE[,block], e.g. vol0=256MiB,block")
+    })?;
     holdfast_proto::validate_name(name).map_err(|e| format!("--export {s:?}: {e}"))?;
+    let (size, block) = match rest.split_once(',') {
+        None => (rest, false),
+        Some((size, "block")) => (size, true),
+        Some((_, opt)) => {
+            return Err(format!(
+                "--export {s:?}: unknown option {opt:?} (the one there is: block)"
+            ));
+        }
+    };
     Ok(ExportSpec {
         name: name.to_owned(),
         size: parse_size(size).map_err(|e| format!("--export {s:?}: {e}"))?,
+        block,
     })
 }
 
@@ -214,9 +236,20 @@ mod tests {
             parse_export("vol0=256MiB"),
             Ok(ExportSpec {
                 name: "vol0".into(),
-                size: 256 << 20
+                size: 256 << 20,
+                block: false,
             })
         );
+        assert_eq!(
+            parse_export("vol0=1GiB,block"),
+            Ok(ExportSpec {
+                name: "vol0".into(),
+                size: 1 << 30,
+                block: true,
+            })
+        );
+        assert!(parse_export("vol0=1G,blok").is_err());
+        assert!(parse_export("vol0=1G,").is_err());
         assert!(parse_export("vol0").is_err());
         assert!(parse_export("a/b=1M").is_err());
         assert!(parse_export("=1M").is_err());

@@ -335,6 +335,14 @@ impl<'a> Connection<'a> {
                 Ok((replayed, failed)) => Reply::OperatorRestored { replayed, failed },
                 Err(err) => Reply::Error(err),
             },
+            Request::ExportAdd(a) => match self.broker.add_export(&a) {
+                Ok(status) => Reply::ExportAdded(status),
+                Err(err) => Reply::Error(err),
+            },
+            Request::ExportRemove { name, force } => match self.broker.remove_export(&name, force) {
+                Ok(()) => Reply::ExportRemoved,
+                Err(err) => Reply::Error(err),
+            },
             Request::Hello(_) => Reply::error(ErrorCode::BadState, "HELLO was already sent"),
             Request::Attach(_) | Request::Prepare { .. } => {
                 Reply::error(ErrorCode::BadState, "this connection is attached already")
@@ -402,12 +410,12 @@ impl<'a> Connection<'a> {
                 warn!("{}: cannot send ATTACHED: {e}", export.name);
             }
         }
-        let end = self.session(export, &grant, &pidfd);
+        let end = self.session(&export, &grant, &pidfd);
         match end {
             End::Detached => export.end_session(grant.epoch, false),
             End::Lost(why) => {
                 export.declare_lost(grant.epoch, &why);
-                self.fence(export, &pidfd);
+                self.fence(&export, &pidfd);
                 export.end_session(grant.epoch, true);
             }
         }
@@ -550,7 +558,7 @@ impl<'a> Connection<'a> {
             Request::Handoff(h) => self
                 .broker
                 .find(&h.export)
-                .and_then(|e| self.broker.start_handoff(e, &h))
+                .and_then(|e| self.broker.start_handoff(&e, &h))
                 .map(|(_, armed)| armed),
             Request::FdPut { name } => {
                 if fds.len() != 1 {

@@ -20,7 +20,8 @@ pub mod sys;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use holdfast_proto::{ErrorCode, ErrorReply, ExportStatus, HandoffRequest, Reply};
+use holdfast_proto::{ErrorCode, ErrorReply, ExportAdd, ExportStatus, HandoffRequest, Reply};
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::Config;
 use crate::export::{Export, ExportConfig, HandoffParams};
@@ -40,11 +41,16 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What connection threads share.
 pub struct Broker {
-    pub exports: Vec<Arc<Export>>,
+    exports: RwLock<Vec<Arc<Export>>>,
+    frontend: FuseFrontend,
+    /// Shape of every export (slots, block size); only names and sizes differ.
+    shape: ExportConfig,
+    /// Held while an export is added or removed (mounts take a while).
+    admin: Mutex<()>,
     pub allow_uids: Vec<u32>,
     pub fence_timeout: Duration,
     /// Pids of the latest daemons that got as far as RESTORE (bounded).
-    restored: parking_lot::Mutex<std::collections::VecDeque<u32>>,
+    restored: Mutex<std::collections::VecDeque<u32>>,
     /// Set once, after the control socket listens.
     supervisors: OnceLock<Vec<Supervisor>>,
 }
@@ -67,13 +73,15 @@ impl Broker {
         self.restored.lock().contains(&pid)
     }
 
-    pub fn export(&self, name: &str) -> Option<&Arc<Export>> {
-        self.exports.iter().find(|e| e.name == name)
+    /// The exports, in the order they were added.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.exports.read().clone()
     }
 
     /// The export named `name`, or an error that lists the ones there are.
-    pub fn find(&self, name: &str) -> Result<&Arc<Export>, ErrorReply> {
-        self.export(name).ok_or_else(|| {
+    pub fn find(&self, name: &str) -> Result<Arc<Export>, ErrorReply> {
+        let found = self.exports.read().iter().find(|e| e.name == name).cloned();
+        found.ok_or_else(|| {
             ErrorReply::new(
                 ErrorCode::NoSuchExport,
                 format!(
@@ -85,12 +93,97 @@ impl Broker {
     }
 
     pub fn export_names(&self) -> String {
-        let names: Vec<&str> = self.exports.iter().map(|e| e.name.as_str()).collect();
+        let exports = self.exports.read();
+        let names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+        if names.is_empty() {
+            return "none".into();
+        }
         names.join(", ")
     }
 
     pub fn status(&self) -> Vec<ExportStatus> {
-        self.exports.iter().map(|e| e.status("fuse")).collect()
+        self.exports().iter().map(|e| self.export_status(e)).collect()
+    }
+
+    fn export_status(&self, e: &Export) -> ExportStatus {
+        let device = self.frontend.device(&e.name);
+        e.status("fuse", device.map(|d| d.to_string_lossy().into_owned()))
+    }
+
+    /// Adds an export: mounts its file and, for `block`, attaches a block
+    /// device over it. It waits for a daemon like any other export.
+    pub fn add_export(&self, req: &ExportAdd) -> Result<ExportStatus, ErrorReply> {
+        let _admin = self.admin.lock();
+        let spec = config::ExportSpec {
+            name: req.name.clone(),
+            size: req.size,
+            block: req.block,
+        };
+        spec.check(self.shape.block_size)
+            .map_err(|e| ErrorReply::new(ErrorCode::Malformed, e))?;
+        if self.find(&req.name).is_ok() {
+            return Err(ErrorReply::new(
+                ErrorCode::Exists,
+                format!("export {:?} exists already", req.name),
+            ));
+        }
+        if self.exports.read().len() >= holdfast_proto::MAX_EXPORTS {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitReached,
+                format!(
+                    "this broker serves {} exports, the most it can",
+                    holdfast_proto::MAX_EXPORTS
+                ),
+            ));
+        }
+        let export = self.create(&spec).map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
+        info!("export {} added ({} bytes)", export.name, export.size);
+        Ok(self.export_status(&export))
+    }
+
+    /// Creates, mounts and lists an export.
+    fn create(&self, spec: &config::ExportSpec) -> Result<Arc<Export>, String> {
+        let export = Export::new(&ExportConfig {
+            name: spec.name.clone(),
+            size: spec.size,
+            ..self.shape.clone()
+        })
+        .map(Arc::new)
+        .map_err(|e| format!("export {}: {e}", spec.name))?;
+        self.frontend
+            .add(&export, spec.block)
+            .map_err(|e| format!("export {}: cannot mount it: {e}", spec.name))?;
+        self.exports.write().push(export.clone());
+        Ok(export)
+    }
+
+    /// Removes an export. Refused while its file or block device is open,
+    /// unless `force`: then the users' I/O fails with EIO from here on.
+    pub fn remove_export(&self, name: &str, force: bool) -> Result<(), ErrorReply> {
+        let _admin = self.admin.lock();
+        let export = self.find(name)?;
+        let users = self.frontend.users(name);
+        if !users.is_empty() && !force {
+            return Err(ErrorReply::new(
+                ErrorCode::Busy,
+                format!(
+                    "export {name} is in use: {}; stop using it, or remove it with --force (its users then get I/O errors)",
+                    users.join("; ")
+                ),
+            ));
+        }
+        export.remove()?;
+        self.exports.write().retain(|e| !Arc::ptr_eq(e, &export));
+        self.frontend.remove(name);
+        info!(
+            "export {name} removed{}",
+            if users.is_empty() {
+                String::new()
+            } else {
+                format!(" while in use ({})", users.join("; "))
+            }
+        );
+        Ok(())
     }
 
     /// Arms a handoff of `export` and, for `spawn`, starts its successor
@@ -167,31 +260,28 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
 
-    let mut exports = Vec::new();
-    for spec in &cfg.exports {
-        let export = Export::new(&ExportConfig {
-            name: spec.name.clone(),
-            size: spec.size,
+    let listener = sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.socket.display()))?;
+    let broker = Arc::new(Broker {
+        exports: RwLock::default(),
+        frontend: FuseFrontend::new(&cfg.mountpoint, cfg.fuse_workers),
+        shape: ExportConfig {
+            name: String::new(),
+            size: 0,
             block_size: cfg.block_size,
             slot_count: cfg.slot_count,
             slot_size: cfg.slot_size,
             heap_limit: HEAP_LIMIT,
-        })
-        .map_err(|e| format!("export {}: {e}", spec.name))?;
-        exports.push(Arc::new(export));
-    }
-    let broker = Arc::new(Broker {
-        exports: exports.clone(),
+        },
+        admin: Mutex::default(),
         allow_uids,
         fence_timeout: cfg.fence_timeout,
-        restored: parking_lot::Mutex::default(),
+        restored: Mutex::default(),
         supervisors: OnceLock::new(),
     });
-
-    let listener = sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.socket.display()))?;
-    let frontend = FuseFrontend::start(&cfg.mountpoint, &exports, cfg.fuse_workers)
-        .map_err(|e| format!("cannot mount FUSE in {}: {e}", cfg.mountpoint.display()))?;
+    for spec in &cfg.exports {
+        broker.create(spec)?;
+    }
 
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -209,13 +299,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     {
         let (req, wait) = (cfg.request_timeout, cfg.daemon_wait);
+        let broker = broker.clone();
         spawn(
             "holdfast-watchdog",
             Box::new(move || {
                 loop {
                     std::thread::sleep(WATCHDOG_TICK);
                     let now = Instant::now();
-                    for e in &exports {
+                    for e in broker.exports() {
                         e.check_bounds(now, req, wait);
                     }
                 }
@@ -248,7 +339,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     for s in broker.supervisors.get().into_iter().flatten() {
         s.shutdown(Duration::from_secs(3));
     }
-    frontend.unmount();
+    broker.frontend.unmount();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -20,7 +20,9 @@ Options:
                           root and the broker's own uid are always accepted)
   --mountpoint DIR        directory of the exports: each export is the file
                           DIR/NAME, its own FUSE mount [default: /run/holdfast/mnt]
-  --export NAME=SIZE      an export, e.g. vol0=256MiB (repeatable)
+  --export NAME=SIZE[,block]
+                          an export, e.g. vol0=256MiB (repeatable); with
+                          ,block it also gets a block device /dev/loopN
   --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
                           again whenever it exits (repeatable); `holdfastctl
                           upgrade EXPORT` or SIGHUP to the daemon hands its

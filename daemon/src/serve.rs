@@ -321,6 +321,8 @@ pub fn serve(
                 Reply::Detached => {
                     if phase == Phase::Quiesced {
                         log("handed off to the successor; exiting");
+                    } else {
+                        log("detached by the broker (the export was removed)");
                     }
                     break Ok(());
                 }

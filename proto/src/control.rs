@@ -15,7 +15,7 @@
 use crate::error::{ErrorCode, ErrorReply};
 use crate::handoff::{HandoffProgress, HandoffReport, HandoffRequest};
 use crate::wire::{DecodeError, Reader, Writer};
-use crate::{MAX_EXPORTS, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
+use crate::{MAX_DEVICE_LEN, MAX_EXPORTS, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
 
 /// First four bytes of every control message: "HFCT".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"HFCT");
@@ -50,6 +50,8 @@ mod kind {
     pub const READY: u16 = 0x000a;
     pub const QUIESCED: u16 = 0x000b;
     pub const HANDOFF: u16 = 0x000c;
+    pub const EXPORT_ADD: u16 = 0x000d;
+    pub const EXPORT_REMOVE: u16 = 0x000e;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const ATTACHED: u16 = 0x8002;
@@ -64,6 +66,8 @@ mod kind {
     pub const QUIESCE: u16 = 0x800b;
     pub const ACTIVATE: u16 = 0x800c;
     pub const REVIVE: u16 = 0x800d;
+    pub const EXPORT_ADDED: u16 = 0x800e;
+    pub const EXPORT_REMOVED: u16 = 0x800f;
     pub const ERROR: u16 = 0x80ff;
 }
 
@@ -84,6 +88,16 @@ pub struct Attach {
     pub export: String,
     /// Fence the export's current daemon instead of being refused as busy.
     pub takeover: bool,
+}
+
+/// EXPORT_ADD: the operator adds an export to a running broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportAdd {
+    pub name: String,
+    /// Bytes; a multiple of the broker's block size.
+    pub size: u64,
+    /// Also give the export a block device (a loop device over its file).
+    pub block: bool,
 }
 
 /// A message a client sends to the broker.
@@ -125,6 +139,14 @@ pub enum Request {
     /// Start a handoff; answered HANDOFF_ARMED at once and, on an operator
     /// connection, HANDOFF_DONE when it ends.
     Handoff(HandoffRequest),
+    /// Add an export; answered EXPORT_ADDED with its status.
+    ExportAdd(ExportAdd),
+    /// Remove an export. Refused while its file or block device is open,
+    /// unless `force`, which fails its outstanding requests with EIO.
+    ExportRemove {
+        name: String,
+        force: bool,
+    },
 }
 
 /// Shape of the export and of the shared memory, sent with ATTACHED.
@@ -212,6 +234,10 @@ pub struct ExportStatus {
     pub name: String,
     pub size: u64,
     pub frontend: String,
+    /// The block device over the export, e.g. `/dev/loop3`.
+    pub device: Option<String>,
+    /// Logical block size of the export and its block device.
+    pub block_size: u32,
     pub daemon: Option<DaemonStatus>,
     /// The successor of a running handoff.
     pub successor: Option<DaemonStatus>,
@@ -266,6 +292,8 @@ pub enum Reply {
         from_epoch: u64,
     },
     HandoffDone(HandoffReport),
+    ExportAdded(ExportStatus),
+    ExportRemoved,
     /// Notice to the current daemon in a handoff: finish what you have,
     /// release the lease, answer QUIESCED.
     Quiesce,
@@ -346,6 +374,16 @@ impl Request {
                 h.put(&mut w);
                 w
             }
+            Self::ExportAdd(a) => {
+                let mut w = header(kind::EXPORT_ADD);
+                w.str(&a.name, MAX_NAME_LEN).u64(a.size).bool(a.block);
+                w
+            }
+            Self::ExportRemove { name, force } => {
+                let mut w = header(kind::EXPORT_REMOVE);
+                w.str(name, MAX_NAME_LEN).bool(*force);
+                w
+            }
         };
         w.finish()
     }
@@ -381,6 +419,15 @@ impl Request {
             kind::READY => Self::Ready,
             kind::QUIESCED => Self::Quiesced,
             kind::HANDOFF => Self::Handoff(HandoffRequest::get(&mut r)?),
+            kind::EXPORT_ADD => Self::ExportAdd(ExportAdd {
+                name: r.str("export_add.name", MAX_NAME_LEN)?,
+                size: r.u64("export_add.size")?,
+                block: r.bool("export_add.block")?,
+            }),
+            kind::EXPORT_REMOVE => Self::ExportRemove {
+                name: r.str("export_remove.name", MAX_NAME_LEN)?,
+                force: r.bool("export_remove.force")?,
+            },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -402,6 +449,8 @@ impl Request {
             Self::Ready => "READY",
             Self::Quiesced => "QUIESCED",
             Self::Handoff(_) => "HANDOFF",
+            Self::ExportAdd(_) => "EXPORT_ADD",
+            Self::ExportRemove { .. } => "EXPORT_REMOVE",
         }
     }
 }
@@ -419,7 +468,10 @@ fn get_opt_u64(r: &mut Reader<'_>, field: &'static str) -> Result<Option<u64>, D
 fn put_export(w: &mut Writer, e: &ExportStatus) {
     w.str(&e.name, MAX_NAME_LEN)
         .u64(e.size)
-        .str(&e.frontend, MAX_TEXT_LEN);
+        .str(&e.frontend, MAX_TEXT_LEN)
+        .bool(e.device.is_some())
+        .str(e.device.as_deref().unwrap_or_default(), MAX_DEVICE_LEN)
+        .u32(e.block_size);
     put_daemon(w, e.daemon.as_ref());
     put_daemon(w, e.successor.as_ref());
     w.u32(e.inflight)
@@ -465,12 +517,17 @@ fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
     let name = r.str("export.name", MAX_NAME_LEN)?;
     let size = r.u64("export.size")?;
     let frontend = r.str("export.frontend", MAX_TEXT_LEN)?;
+    let has_device = r.bool("export.device")?;
+    let device = r.str("export.device", MAX_DEVICE_LEN)?;
+    let block_size = r.u32("export.block_size")?;
     let daemon = get_daemon(r)?;
     let successor = get_daemon(r)?;
     Ok(ExportStatus {
         name,
         size,
         frontend,
+        device: has_device.then_some(device),
+        block_size,
         daemon,
         successor,
         inflight: r.u32("export.inflight")?,
@@ -554,6 +611,12 @@ impl Reply {
                 report.put(&mut w);
                 w
             }
+            Self::ExportAdded(e) => {
+                let mut w = header(kind::EXPORT_ADDED);
+                put_export(&mut w, e);
+                w
+            }
+            Self::ExportRemoved => header(kind::EXPORT_REMOVED),
             Self::Quiesce => header(kind::QUIESCE),
             Self::Activate => header(kind::ACTIVATE),
             Self::Revive => header(kind::REVIVE),
@@ -605,6 +668,8 @@ impl Reply {
                 from_epoch: r.u64("armed.from_epoch")?,
             },
             kind::HANDOFF_DONE => Self::HandoffDone(HandoffReport::get(&mut r)?),
+            kind::EXPORT_ADDED => Self::ExportAdded(get_export(&mut r)?),
+            kind::EXPORT_REMOVED => Self::ExportRemoved,
             kind::QUIESCE => Self::Quiesce,
             kind::ACTIVATE => Self::Activate,
             kind::REVIVE => Self::Revive,
@@ -633,6 +698,8 @@ mod tests {
             name: format!("vol{i}"),
             size: 1 << 30,
             frontend: "fuse".into(),
+            device: i.is_multiple_of(2).then(|| format!("/dev/loop{i}")),
+            block_size: 4096,
             daemon: i.is_multiple_of(2).then_some(DaemonStatus {
                 pid: 42 + i,
                 epoch: 7,
@@ -709,6 +776,15 @@ mod tests {
                 ready_timeout_ms: 60_000,
                 drain_timeout_ms: 5_000,
             }),
+            Request::ExportAdd(ExportAdd {
+                name: "vol2".into(),
+                size: 1 << 30,
+                block: true,
+            }),
+            Request::ExportRemove {
+                name: "vol2".into(),
+                force: true,
+            },
         ]
     }
 
@@ -744,6 +820,8 @@ mod tests {
             Reply::Quiesce,
             Reply::Activate,
             Reply::Revive,
+            Reply::ExportAdded(sample_export(1)),
+            Reply::ExportRemoved,
             Reply::error(ErrorCode::Busy, "export vol0 is busy"),
         ]
     }
@@ -873,6 +951,7 @@ mod tests {
             .map(|_| ExportStatus {
                 name: "x".repeat(MAX_NAME_LEN),
                 frontend: "cachefiles".into(),
+                device: Some("x".repeat(MAX_DEVICE_LEN)),
                 last_handoff: Some(HandoffReport {
                     reason: "x".repeat(crate::handoff::MAX_REASON_LEN),
                     ..sample_report()

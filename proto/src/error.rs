@@ -31,6 +31,8 @@ pub enum ErrorCode {
     LimitReached = 11,
     /// The broker failed for a reason of its own (e.g. out of memory).
     Internal = 12,
+    /// Something with that name already exists.
+    Exists = 13,
 }
 
 impl ErrorCode {
@@ -48,6 +50,7 @@ impl ErrorCode {
             10 => Self::NotFound,
             11 => Self::LimitReached,
             12 => Self::Internal,
+            13 => Self::Exists,
             _ => return None,
         })
     }
@@ -66,6 +69,7 @@ impl ErrorCode {
             Self::NotFound => "not-found",
             Self::LimitReached => "limit-reached",
             Self::Internal => "internal",
+            Self::Exists => "exists",
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod shm;
 mod wire;
 
 pub use control::{
-    Attach, Attached, DaemonState, DaemonStatus, ExportStatus, Hello, Reply, Request,
+    Attach, Attached, DaemonState, DaemonStatus, ExportAdd, ExportStatus, Hello, Reply, Request,
 };
 pub use error::{ErrorCode, ErrorReply};
 pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};
@@ -24,7 +24,7 @@ pub use wire::DecodeError;
 
 /// The control protocol version this crate speaks. A broker answers a HELLO
 /// with another version with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Environment variable naming the broker's control socket, read by
 /// `holdfast-daemon` and `holdfastctl` when `--socket` is not given.
@@ -44,6 +44,9 @@ pub const MAX_EXPORTS: usize = 256;
 
 /// Longest export or fd-store name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
+
+/// Longest device path in a status (`/dev/loop7`, `/dev/ublkb0`), in bytes.
+pub const MAX_DEVICE_LEN: usize = 32;
 
 /// Longest human-readable text (error messages, frontend names), in bytes.
 pub const MAX_TEXT_LEN: usize = 1024;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use holdfast_broker::supervise;
 use holdfast_broker::sys::{self, pidfd::Pidfd, seqpacket};
 use holdfast_proto::{
-    DaemonStatus, ExportStatus, HandoffOutcome, HandoffReport, HandoffRequest, Hello,
+    DaemonStatus, ExportAdd, ExportStatus, HandoffOutcome, HandoffReport, HandoffRequest, Hello,
     MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV,
 };
 
@@ -33,6 +33,13 @@ Commands:
                                 unless CMD redirects it (CMD 2>>LOG).
   upgrade EXPORT                handoff to a successor the broker starts with
                                 the command line it supervises the daemon with
+  export add NAME SIZE [--block]
+                                add an export (SIZE like 1GiB); with --block it
+                                also gets a block device (/dev/loopN); start a
+                                daemon for it: holdfast-daemon --export NAME ...
+  export rm NAME [--force]      remove an export; refused while its file or
+                                block device is open, unless --force (its users
+                                then get I/O errors)
 
 Handoff options:
   --dry-run             warm a successor up, then release it; the current
@@ -63,6 +70,11 @@ enum Command {
         exec: Option<String>,
         json: bool,
     },
+    ExportAdd(ExportAdd),
+    ExportRemove {
+        name: String,
+        force: bool,
+    },
 }
 
 /// Seconds on the command line to whole milliseconds on the wire.
@@ -86,6 +98,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
     let (mut json, mut fail_pending, mut dry_run) = (false, false, false);
     let (mut exec, mut ready_ms, mut drain_ms) = (None, 0u32, 0u32);
     let mut handoff_flags = false;
+    let (mut block, mut force) = (false, false);
     let mut parser = lexopt::Parser::from_env();
     let text = |p: &mut lexopt::Parser| -> Result<String, String> {
         p.value()
@@ -98,6 +111,8 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
             Long("socket") => socket = parser.value().map_err(|e| e.to_string())?.into(),
             Long("json") => json = true,
             Long("fail-pending") => fail_pending = true,
+            Long("block") => block = true,
+            Long("force") => force = true,
             Long("dry-run") => (dry_run, handoff_flags) = (true, true),
             Long("exec") => (exec, handoff_flags) = (Some(text(&mut parser)?), true),
             Long("timeout") => {
@@ -122,6 +137,26 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         .collect::<Vec<_>>()
         .as_slice()
     {
+        _ if (block || force) && words.first().map(String::as_str) != Some("export") => {
+            return Err("--block and --force belong to export add and export rm".into());
+        }
+        ["export", "add", name, size] if !json && !fail_pending && !handoff_flags && !force => {
+            holdfast_proto::validate_name(name)?;
+            Command::ExportAdd(ExportAdd {
+                name: (*name).to_owned(),
+                size: holdfast_broker::config::parse_size(size)?,
+                block,
+            })
+        }
+        ["export", "rm", name] if !json && !fail_pending && !handoff_flags && !block => {
+            Command::ExportRemove {
+                name: (*name).to_owned(),
+                force,
+            }
+        }
+        ["export", ..] => {
+            return Err("usage: export add NAME SIZE [--block] | export rm NAME [--force]".into());
+        }
         ["status"] if !fail_pending && !handoff_flags => Command::Status { json },
         ["restore", export] if !json && !handoff_flags => Command::Restore {
             export: (*export).to_owned(),
@@ -192,6 +227,7 @@ fn table(exports: &[ExportStatus]) -> String {
         "EXPORT",
         "SIZE",
         "FRONTEND",
+        "DEVICE",
         "PID",
         "EPOCH",
         "STATE",
@@ -218,6 +254,7 @@ fn table(exports: &[ExportStatus]) -> String {
             e.name.clone(),
             human_size(e.size),
             e.frontend.clone(),
+            e.device.clone().unwrap_or_else(|| "-".into()),
             pid,
             epoch,
             state,
@@ -353,10 +390,12 @@ fn json(exports: &[ExportStatus]) -> String {
                 )
             });
             format!(
-                "{{\"name\":{},\"size\":{},\"frontend\":{},\"daemon\":{},\"successor\":{},\"handoff\":{handoff},\"last_handoff\":{},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
+                "{{\"name\":{},\"size\":{},\"frontend\":{},\"device\":{},\"block_size\":{},\"daemon\":{},\"successor\":{},\"handoff\":{handoff},\"last_handoff\":{},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
                 json_str(&e.name),
                 e.size,
                 json_str(&e.frontend),
+                e.device.as_deref().map_or("null".into(), json_str),
+                e.block_size,
                 daemon_json(e.daemon.as_ref()),
                 daemon_json(e.successor.as_ref()),
                 e.last_handoff.as_ref().map_or("null".into(), report_json),
@@ -499,6 +538,25 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
             }
             other => return Err(format!("unexpected reply {other:?}")),
         },
+        Command::ExportAdd(add) => match call(&sock, &Request::ExportAdd(add))? {
+            Reply::ExportAdded(e) => {
+                let device = e.device.map(|d| format!(", block device {d}"));
+                println!(
+                    "{}: added, {}{}; it waits for a daemon (holdfast-daemon --export {} --backend ...)",
+                    e.name,
+                    human_size(e.size),
+                    device.unwrap_or_default(),
+                    e.name
+                );
+            }
+            other => return Err(format!("unexpected reply {other:?}")),
+        },
+        Command::ExportRemove { name, force } => {
+            match call(&sock, &Request::ExportRemove { name: name.clone(), force })? {
+                Reply::ExportRemoved => println!("{name}: removed"),
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
         Command::Handoff { req, exec, json } => {
             if !handoff(&sock, socket, req, exec.as_deref(), json)? {
                 return Err("the handoff was aborted; the current daemon keeps serving".into());

@@ -86,6 +86,7 @@ impl Export {
     /// PREPARE. Returns the handoff's id and the daemon's pid and epoch.
     pub fn begin_handoff(&self, params: HandoffParams) -> Result<(u64, u32, u64), ErrorReply> {
         let mut st = self.state.lock();
+        self.check_present(&st)?;
         if let Some(h) = &st.handoff {
             return Err(ErrorReply::new(
                 ErrorCode::Busy,

@@ -137,6 +137,10 @@ struct State {
     fdstore: BTreeMap<String, OwnedFd>,
     /// Since when requests have been queued with no active daemon.
     waiting_since: Option<Instant>,
+    /// Removed by the operator: nothing attaches, every request fails.
+    removed: bool,
+    /// A request that changes data (write, discard, ...) was ever submitted.
+    modified: bool,
 }
 
 /// What a daemon gets for a successful ATTACH. The session thread keeps the
@@ -216,6 +220,8 @@ impl Export {
                 stats: Stats::default(),
                 fdstore: BTreeMap::new(),
                 waiting_since: None,
+                removed: false,
+                modified: false,
             }),
             changed: Condvar::new(),
         })
@@ -259,6 +265,22 @@ impl Export {
     /// Adds a request from a frontend and dispatches it if a daemon is active.
     pub fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data) {
         let mut st = self.state.lock();
+        if st.removed {
+            if let Data::Slot(slot) = data {
+                st.inflight.release(slot);
+            }
+            drop(st);
+            return origin.sink.complete(origin.tag, op, Outcome::Failed(libc::EIO));
+        }
+        if op == Op::Flush && !st.modified {
+            // Nothing was ever written through this export, so there is
+            // nothing to make durable. This also answers the fsync the loop
+            // driver sends when it attaches, before any daemon is there.
+            drop(st);
+            let done = Outcome::Done { len: 0, data: None };
+            return origin.sink.complete(origin.tag, op, done);
+        }
+        st.modified |= op != Op::Read;
         st.inflight.submit(op, offset, len, origin, data);
         self.dispatch(&mut st);
         update_waiting(&mut st);
@@ -277,6 +299,13 @@ impl Export {
         }
         let len = bytes.len() as u64;
         let mut st = self.state.lock();
+        if st.removed {
+            drop(st);
+            return origin
+                .sink
+                .complete(origin.tag, Op::Write, Outcome::Failed(libc::EIO));
+        }
+        st.modified = true;
         let data = match st.inflight.take_slot() {
             Some(slot) => {
                 let copied = self
@@ -361,6 +390,7 @@ impl Export {
         fence_timeout: Duration,
     ) -> Result<Grant, ErrorReply> {
         let mut st = self.state.lock();
+        self.check_present(&st)?;
         if let Some(h) = &st.handoff {
             return Err(ErrorReply::new(
                 ErrorCode::Busy,
@@ -709,6 +739,13 @@ impl Export {
         }
         let reclaimed = st.inflight.reclaim(epoch);
         let gone = st.session.take();
+        let failed = if st.removed {
+            let f = st.inflight.take_queued();
+            st.stats.failed = st.stats.failed.saturating_add(f.len() as u64);
+            f
+        } else {
+            Vec::new()
+        };
         update_waiting(&mut st);
         info!(
             "{}: epoch {epoch} ended ({}), {reclaimed} requests to replay, {} pending",
@@ -718,6 +755,58 @@ impl Export {
         );
         self.current_ended(&mut st, gone, lost, reclaimed);
         self.changed.notify_all();
+        drop(st);
+        fail_all(failed);
+    }
+
+    /// Removes the export: nothing can attach any more, its daemon and any
+    /// successor are released (DETACHED), and requests still queued, or
+    /// submitted or given back later, fail with EIO. Refused while a
+    /// handoff runs.
+    pub fn remove(&self) -> Result<(), ErrorReply> {
+        let failed = {
+            let mut st = self.state.lock();
+            self.check_present(&st)?;
+            if let Some(h) = &st.handoff {
+                return Err(ErrorReply::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "export {}: a handoff is running ({}); wait for it to end",
+                        self.name,
+                        h.phase.name()
+                    ),
+                ));
+            }
+            st.removed = true;
+            for s in [st.session.as_ref(), st.successor.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                s.link.notify(Notice::Release);
+            }
+            let failed = st.inflight.take_queued();
+            st.stats.failed = st.stats.failed.saturating_add(failed.len() as u64);
+            update_waiting(&mut st);
+            self.changed.notify_all();
+            failed
+        };
+        info!(
+            "{}: removed; {} pending requests failed with EIO",
+            self.name,
+            failed.len()
+        );
+        fail_all(failed);
+        Ok(())
+    }
+
+    fn check_present(&self, st: &State) -> Result<(), ErrorReply> {
+        if st.removed {
+            return Err(ErrorReply::new(
+                ErrorCode::NoSuchExport,
+                format!("export {} was removed", self.name),
+            ));
+        }
+        Ok(())
     }
 
     /// Marks the daemon of `epoch` lost and kills it (the session thread
@@ -829,7 +918,7 @@ impl Export {
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot duplicate: {e}")))
     }
 
-    pub fn status(&self, frontend: &str) -> ExportStatus {
+    pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {
         let st = self.state.lock();
         let daemon = st.session.as_ref().map(Session::status);
         let inflight = st
@@ -840,6 +929,8 @@ impl Export {
             name: self.name.clone(),
             size: self.size,
             frontend: frontend.to_owned(),
+            device,
+            block_size: self.block_size,
             daemon,
             inflight: u32::try_from(inflight).unwrap_or(u32::MAX),
             pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),

@@ -1,6 +1,7 @@
 //! Thin typed wrappers over the kernel interfaces the broker uses, apart
 //! from the FUSE device (see `frontends::fuse::sys`).
 
+pub mod loopdev;
 pub mod pidfd;
 pub mod seqpacket;
 

@@ -14,6 +14,7 @@
 //! so a WRITE's data lands in shared memory with no copy. With no slot free,
 //! it reads into private memory and the data is copied once.
 
+mod block;
 mod request;
 mod sys;
 
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use fuse_abi::linux::{
     FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_NOFLUSH, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
     FUSE_BIG_WRITES, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_ROOT_ID, fuse_attr, fuse_attr_out,
@@ -36,6 +38,7 @@ use self::request::{FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
 use super::{Origin, Outcome, ReplySink};
 use crate::export::Export;
 use crate::inflight::Data;
+use crate::sys::loopdev::LoopDevice;
 use crate::{info, warn};
 
 /// The FUSE minor version this frontend implements (fuse-abi's headers).
@@ -50,42 +53,118 @@ const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
 
 /// The mounted exports.
 pub struct FuseFrontend {
-    mounts: Vec<PathBuf>,
+    dir: PathBuf,
+    workers: usize,
+    mounts: Mutex<Vec<Mount>>,
+}
+
+/// One export's mount and its block device.
+struct Mount {
+    name: String,
+    path: PathBuf,
+    device: Option<LoopDevice>,
 }
 
 impl FuseFrontend {
-    /// Mounts every export on `dir/NAME` (creating the directory and the
-    /// files to mount on) with `workers` threads each.
-    pub fn start(dir: &Path, exports: &[Arc<Export>], workers: usize) -> io::Result<Self> {
-        let mut frontend = Self { mounts: Vec::new() };
-        for export in exports {
-            let path = dir.join(&export.name);
-            let dev = mount_export(&path, export.slot_size())?;
-            // From here on, a failure detaches this mount too (Drop).
-            frontend.mounts.push(path);
-            start_workers(dev, export.clone(), workers)?;
+    /// A frontend that mounts exports on `dir/NAME` (creating the directory
+    /// and the files to mount on) with `workers` threads each.
+    pub fn new(dir: &Path, workers: usize) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            workers,
+            mounts: Mutex::new(Vec::new()),
         }
-        Ok(frontend)
+    }
+
+    /// Mounts `export` and, for `block`, attaches a loop device over it.
+    /// On failure nothing is left mounted.
+    pub fn add(&self, export: &Arc<Export>, block: bool) -> io::Result<()> {
+        let path = self.dir.join(&export.name);
+        let dev = mount_export(&path, export.slot_size())?;
+        let mut mount = Mount {
+            name: export.name.clone(),
+            path,
+            device: None,
+        };
+        let attached = start_workers(dev, export.clone(), self.workers).and_then(|()| {
+            if block {
+                let d = block::attach(&mount.path, export.block_size)?;
+                info!(
+                    "{}: block device {} (direct I/O {}, {}-byte blocks)",
+                    export.name,
+                    d.path().display(),
+                    if d.direct_io { "on" } else { "off" },
+                    export.block_size
+                );
+                mount.device = Some(d);
+            }
+            Ok(())
+        });
+        if let Err(e) = attached {
+            mount.detach();
+            return Err(e);
+        }
+        self.mounts.lock().push(mount);
+        Ok(())
+    }
+
+    /// The block device of export `name`, if it has one.
+    pub fn device(&self, name: &str) -> Option<PathBuf> {
+        let mounts = self.mounts.lock();
+        let m = mounts.iter().find(|m| m.name == name)?;
+        m.device.as_ref().map(LoopDevice::path)
+    }
+
+    /// Who holds export `name`'s file or block device open.
+    pub fn users(&self, name: &str) -> Vec<String> {
+        let mounts = self.mounts.lock();
+        mounts
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| block::users(&m.path, m.device.as_ref()))
+            .unwrap_or_default()
+    }
+
+    /// Detaches export `name`'s block device and mount. Whoever still has
+    /// them open keeps them until they close (the export then fails their
+    /// I/O); the kernel frees the device and the connection after that.
+    pub fn remove(&self, name: &str) {
+        let mount = {
+            let mut mounts = self.mounts.lock();
+            let i = mounts.iter().position(|m| m.name == name);
+            i.map(|i| mounts.swap_remove(i))
+        };
+        if let Some(mut m) = mount {
+            m.detach();
+        }
     }
 
     /// Detaches every mount.
-    pub fn unmount(mut self) {
-        self.detach_all();
-    }
-
-    fn detach_all(&mut self) {
-        for path in self.mounts.drain(..) {
-            if let Err(e) = sys::unmount(&path) {
-                warn!("cannot unmount {}: {e}", path.display());
-            }
-            let _ = std::fs::remove_file(&path);
+    pub fn unmount(&self) {
+        let all = std::mem::take(&mut *self.mounts.lock());
+        for mut m in all {
+            m.detach();
         }
     }
 }
 
 impl Drop for FuseFrontend {
     fn drop(&mut self) {
-        self.detach_all();
+        self.unmount();
+    }
+}
+
+impl Mount {
+    fn detach(&mut self) {
+        if let Some(d) = self.device.take()
+            && let Err(e) = d.detach()
+        {
+            warn!("cannot detach {}: {e}", d.path().display());
+        }
+        if let Err(e) = sys::unmount(&self.path) {
+            warn!("cannot unmount {}: {e}", self.path.display());
+        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
