@@ -321,7 +321,7 @@ pub fn serve(
                 Reply::Detached => {
                     if phase == Phase::Quiesced {
                         log("handed off to the successor; exiting");
-                    } else {
+                    } else if !detaching {
                         log("detached by the broker (the export was removed)");
                     }
                     break Ok(());
