@@ -336,13 +336,15 @@ impl<'a> Connection<'a> {
                 Err(err) => Reply::Error(err),
             },
             Request::ExportAdd(a) => match self.broker.add_export(&a) {
-                Ok(status) => Reply::ExportAdded(status),
+                Ok(status) => Reply::ExportAdded(Box::new(status)),
                 Err(err) => Reply::Error(err),
             },
-            Request::ExportRemove { name, force } => match self.broker.remove_export(&name, force) {
-                Ok(()) => Reply::ExportRemoved,
-                Err(err) => Reply::Error(err),
-            },
+            Request::ExportRemove { name, force } => {
+                match self.broker.remove_export(&name, force) {
+                    Ok(()) => Reply::ExportRemoved,
+                    Err(err) => Reply::Error(err),
+                }
+            }
             Request::Hello(_) => Reply::error(ErrorCode::BadState, "HELLO was already sent"),
             Request::Attach(_) | Request::Prepare { .. } => {
                 Reply::error(ErrorCode::BadState, "this connection is attached already")

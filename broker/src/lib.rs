@@ -102,7 +102,10 @@ impl Broker {
     }
 
     pub fn status(&self) -> Vec<ExportStatus> {
-        self.exports().iter().map(|e| self.export_status(e)).collect()
+        self.exports()
+            .iter()
+            .map(|e| self.export_status(e))
+            .collect()
     }
 
     fn export_status(&self, e: &Export) -> ExportStatus {
@@ -136,7 +139,9 @@ impl Broker {
                 ),
             ));
         }
-        let export = self.create(&spec).map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
+        let export = self
+            .create(&spec)
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
         info!("export {} added ({} bytes)", export.name, export.size);
         Ok(self.export_status(&export))
     }

@@ -292,7 +292,7 @@ pub enum Reply {
         from_epoch: u64,
     },
     HandoffDone(HandoffReport),
-    ExportAdded(ExportStatus),
+    ExportAdded(Box<ExportStatus>),
     ExportRemoved,
     /// Notice to the current daemon in a handoff: finish what you have,
     /// release the lease, answer QUIESCED.
@@ -668,7 +668,7 @@ impl Reply {
                 from_epoch: r.u64("armed.from_epoch")?,
             },
             kind::HANDOFF_DONE => Self::HandoffDone(HandoffReport::get(&mut r)?),
-            kind::EXPORT_ADDED => Self::ExportAdded(get_export(&mut r)?),
+            kind::EXPORT_ADDED => Self::ExportAdded(Box::new(get_export(&mut r)?)),
             kind::EXPORT_REMOVED => Self::ExportRemoved,
             kind::QUIESCE => Self::Quiesce,
             kind::ACTIVATE => Self::Activate,
@@ -820,7 +820,7 @@ mod tests {
             Reply::Quiesce,
             Reply::Activate,
             Reply::Revive,
-            Reply::ExportAdded(sample_export(1)),
+            Reply::ExportAdded(Box::new(sample_export(1))),
             Reply::ExportRemoved,
             Reply::error(ErrorCode::Busy, "export vol0 is busy"),
         ]

@@ -10,6 +10,7 @@
 //!   blocked in fails and the test ends.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod block;
 pub mod pattern;
 
 use std::fs::File;
@@ -230,6 +231,9 @@ pub struct Broker {
     pub socket: PathBuf,
     pub mountpoint: PathBuf,
     pub proc: Proc,
+    /// Block devices the test asked for, detached when dropped if the
+    /// broker left them attached (killed, or a test failed).
+    devices: Mutex<Vec<PathBuf>>,
 }
 
 impl Broker {
@@ -263,6 +267,35 @@ impl Broker {
             socket,
             mountpoint,
             proc,
+            devices: Mutex::default(),
+        }
+    }
+
+    /// The block device of `export` (from its status), detached at drop.
+    pub fn device(&self, export: &str) -> PathBuf {
+        let s = self.status(export);
+        let dev = PathBuf::from(
+            s["device"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{export} has no block device: {s}")),
+        );
+        self.devices.lock().unwrap().push(dev.clone());
+        dev
+    }
+
+    /// Detaches the loop devices of this broker's exports that are still
+    /// attached (to a file under our mount point).
+    fn detach_devices(&self) {
+        for dev in self.devices.lock().unwrap().drain(..) {
+            let name = dev.file_name().unwrap().to_string_lossy().into_owned();
+            let backing = read_text(
+                &Path::new("/sys/block")
+                    .join(&name)
+                    .join("loop/backing_file"),
+            );
+            if backing.starts_with(self.mountpoint.to_str().unwrap()) {
+                let _ = Command::new("losetup").arg("-d").arg(&dev).output();
+            }
         }
     }
 
@@ -409,6 +442,7 @@ impl Broker {
         if self.proc.wait_timeout(Duration::from_secs(10)).is_none() {
             self.proc.kill();
         }
+        self.detach_devices();
         self.unmount();
     }
 
@@ -425,6 +459,7 @@ impl Drop for Broker {
                 self.proc.kill();
             }
         }
+        self.detach_devices();
         self.unmount();
     }
 }

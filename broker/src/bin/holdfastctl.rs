@@ -552,7 +552,13 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
             other => return Err(format!("unexpected reply {other:?}")),
         },
         Command::ExportRemove { name, force } => {
-            match call(&sock, &Request::ExportRemove { name: name.clone(), force })? {
+            match call(
+                &sock,
+                &Request::ExportRemove {
+                    name: name.clone(),
+                    force,
+                },
+            )? {
                 Reply::ExportRemoved => println!("{name}: removed"),
                 other => return Err(format!("unexpected reply {other:?}")),
             }

@@ -270,7 +270,9 @@ impl Export {
                 st.inflight.release(slot);
             }
             drop(st);
-            return origin.sink.complete(origin.tag, op, Outcome::Failed(libc::EIO));
+            return origin
+                .sink
+                .complete(origin.tag, op, Outcome::Failed(libc::EIO));
         }
         if op == Op::Flush && !st.modified {
             // Nothing was ever written through this export, so there is

@@ -25,13 +25,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use fuse_abi::linux::{
     FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_NOFLUSH, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
     FUSE_BIG_WRITES, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_ROOT_ID, fuse_attr, fuse_attr_out,
     fuse_init_out, fuse_kstatfs, fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
 };
 use holdfast_proto::shm::Op;
+use parking_lot::Mutex;
 use zerocopy::{Immutable, IntoBytes};
 
 use self::request::{FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
