@@ -48,7 +48,10 @@ fn bad_arguments_exit_2_with_a_reason() {
         (&["--export", "a/b=1M"], "contains '/'"),
         (&["--export", "v=12X"], "unknown size suffix"),
         (&["--export", "v=1M", "--export", "v=2M"], "given twice"),
-        (&["--export", "v=1000"], "not a whole number of 512-byte blocks"),
+        (
+            &["--export", "v=1000"],
+            "not a whole number of 512-byte blocks",
+        ),
         (&["--export", "v=1M,blk"], "unknown option \"blk\""),
         (&["--slots", "3"], "power of two"),
         (

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use holdfast_proto::shm::{Completion, Op, Submission};
+use holdfast_proto::shm::{Completion, Submission};
 use holdfast_proto::{HandoffRequest, Reply, Request};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
@@ -141,25 +141,10 @@ fn execute(att: &Attachment, backend: &dyn Backend, s: &Submission) -> i32 {
     let Some((op, buf)) = att.check(s) else {
         return -libc::EINVAL;
     };
-    let result = match (op, buf) {
-        (Op::Read, Some((ptr, len))) => {
-            // SAFETY: the broker hands a slot's buffer to exactly one
-            // request at a time and does not touch it until completion.
-            let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            backend.read(s.offset, buf).map(|()| len)
-        }
-        (Op::Write, Some((ptr, len))) => {
-            // SAFETY: as above.
-            let buf = unsafe { std::slice::from_raw_parts(ptr, len) };
-            backend.write(s.offset, buf).map(|()| len)
-        }
-        (Op::Flush, _) => backend.flush().map(|()| 0),
-        (Op::Discard, _) => backend.discard(s.offset, s.len).map(|()| 0),
-        (Op::WriteZeroes, _) => backend.write_zeroes(s.offset, s.len).map(|()| 0),
-        (Op::Allocate, _) => backend.allocate(s.offset, s.len).map(|()| 0),
-        _ => return -libc::EINVAL,
-    };
-    match result {
+    // SAFETY: the broker hands a slot's buffer to exactly one request at a
+    // time and does not touch it until completion.
+    let buf = buf.map(|(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) });
+    match crate::backends::run(backend, op, s.offset, s.len, buf) {
         Ok(n) => i32::try_from(n).unwrap_or(-libc::EIO),
         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
     }

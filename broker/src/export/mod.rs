@@ -21,7 +21,7 @@ use holdfast_proto::{
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::frontends::{Origin, Outcome, SlotData};
+use crate::frontends::{Origin, Outcome, SlotData, Target};
 use crate::inflight::{Data, Done, Failed, Inflight};
 use crate::shm::{RingViolation, Rings, SharedRegion};
 use crate::sys::{self, pidfd::Pidfd};
@@ -227,35 +227,49 @@ impl Export {
         })
     }
 
-    pub fn slot_size(&self) -> u32 {
+    pub fn data_fd(&self) -> &OwnedFd {
+        &self.data_fd
+    }
+}
+
+impl Target for Export {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn slot_size(&self) -> u32 {
         self.layout.slot_size()
     }
 
-    pub fn slot_count(&self) -> u32 {
+    fn slot_count(&self) -> u32 {
         self.layout.slot_count()
     }
 
     /// The data area (for frontends reading requests into slot buffers).
-    pub fn data(&self) -> &SharedRegion {
+    fn data(&self) -> &SharedRegion {
         &self.data
     }
 
     /// Byte offset of a slot's buffer in the data area.
-    pub fn slot_offset(&self, slot: u32) -> Option<usize> {
+    fn slot_offset(&self, slot: u32) -> Option<usize> {
         self.layout.slot_offset(slot)
     }
 
-    pub fn data_fd(&self) -> &OwnedFd {
-        &self.data_fd
-    }
-
     /// Takes a free slot for a frontend to read a request into.
-    pub fn take_slot(&self) -> Option<u32> {
+    fn take_slot(&self) -> Option<u32> {
         self.state.lock().inflight.take_slot()
     }
 
-    /// Returns a slot taken with [`Self::take_slot`] and not used.
-    pub fn release_slot(&self, slot: u32) {
+    /// Returns a slot taken with [`Target::take_slot`] and not used.
+    fn release_slot(&self, slot: u32) {
         let mut st = self.state.lock();
         st.inflight.release(slot);
         // A queued request may have been waiting for a slot.
@@ -263,7 +277,7 @@ impl Export {
     }
 
     /// Adds a request from a frontend and dispatches it if a daemon is active.
-    pub fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data) {
+    fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data) {
         let mut st = self.state.lock();
         if st.removed {
             if let Data::Slot(slot) = data {
@@ -291,7 +305,7 @@ impl Export {
     /// Adds a write whose data is in private memory: copied into a free slot
     /// if there is one, else held in private memory (waiting for room under
     /// the heap limit first).
-    pub fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]) {
+    fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]) {
         // Held data must fit a slot when it is dispatched (see `dispatch`).
         if bytes.len() > self.layout.slot_size() as usize {
             origin
@@ -339,7 +353,9 @@ impl Export {
         self.dispatch(&mut st);
         update_waiting(&mut st);
     }
+}
 
+impl Export {
     /// Writes every dispatchable queued request to the active daemon's ring.
     fn dispatch(&self, st: &mut State) {
         let Some(s) = st.session.as_mut() else {

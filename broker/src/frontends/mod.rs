@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use holdfast_proto::shm::Op;
 
+use crate::inflight::Data;
 use crate::shm::SharedRegion;
 
 /// Where a request came from, so that exactly one reply goes back there.
@@ -45,4 +46,30 @@ pub enum Outcome<'a> {
 /// A frontend's way back to the kernel. Called once per request.
 pub trait ReplySink: Send + Sync {
     fn complete(&self, tag: u64, op: Op, outcome: Outcome<'_>);
+}
+
+/// Where a frontend's requests go: an export, which hands them to its
+/// daemon through the in-flight table, or (in the benchmark's in-process
+/// baseline) a backend called in place. A frontend reads each request's
+/// data straight into a slot buffer of the target's data area.
+pub trait Target: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    /// Bytes.
+    fn size(&self) -> u64;
+    fn block_size(&self) -> u32;
+    /// Largest request, in bytes: each slot buffer's size.
+    fn slot_size(&self) -> u32;
+    fn slot_count(&self) -> u32;
+    /// The data area holding the slot buffers.
+    fn data(&self) -> &SharedRegion;
+    /// Byte offset of a slot's buffer in the data area.
+    fn slot_offset(&self, slot: u32) -> Option<usize>;
+    /// Takes a free slot for a frontend to read a request into.
+    fn take_slot(&self) -> Option<u32>;
+    /// Returns a slot taken with [`Target::take_slot`] and not used.
+    fn release_slot(&self, slot: u32);
+    /// Adds a request; its reply goes to `origin`, exactly once.
+    fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data);
+    /// Adds a write whose data is in the frontend's private memory.
+    fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]);
 }

@@ -6,11 +6,13 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use super::{FdBackend, OpenContext};
+use super::FdBackend;
 use crate::Error;
 use crate::lease::Lease;
 
-pub fn open(path: &Path, ctx: OpenContext<'_>) -> Result<FdBackend, Error> {
+/// Opens (creating it sparse, or growing it) the file of an export of
+/// `size` bytes, without taking its lease.
+pub fn open(path: &Path, size: u64) -> Result<FdBackend, Error> {
     let what = path.display().to_string();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -32,9 +34,9 @@ pub fn open(path: &Path, ctx: OpenContext<'_>) -> Result<FdBackend, Error> {
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat {what}"), e))?
         .len();
-    if len < ctx.size {
-        file.set_len(ctx.size)
-            .map_err(|e| Error::io(format!("cannot grow {what} to {} bytes", ctx.size), e))?;
+    if len < size {
+        file.set_len(size)
+            .map_err(|e| Error::io(format!("cannot grow {what} to {size} bytes"), e))?;
     }
     Ok(FdBackend::new(file, true, lease))
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use holdfast_proto::shm::Op;
 use rustix::fs::FallocateFlags;
 
 use crate::Error;
@@ -60,6 +61,27 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Runs one request against `backend`: `buf` is the request's data (read
+/// into, or written from) for the ops that carry data. Returns the bytes
+/// done; a data op without a buffer is EINVAL.
+pub fn run(
+    backend: &dyn Backend,
+    op: Op,
+    offset: u64,
+    len: u64,
+    buf: Option<&mut [u8]>,
+) -> io::Result<usize> {
+    match (op, buf) {
+        (Op::Read, Some(buf)) => backend.read(offset, buf).map(|()| buf.len()),
+        (Op::Write, Some(buf)) => backend.write(offset, buf).map(|()| buf.len()),
+        (Op::Flush, _) => backend.flush().map(|()| 0),
+        (Op::Discard, _) => backend.discard(offset, len).map(|()| 0),
+        (Op::WriteZeroes, _) => backend.write_zeroes(offset, len).map(|()| 0),
+        (Op::Allocate, _) => backend.allocate(offset, len).map(|()| 0),
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    }
+}
+
 /// What `--backend` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
@@ -94,7 +116,7 @@ impl BackendSpec {
     /// Opens the backend (without its lease).
     pub fn open(&self, ctx: OpenContext<'_>) -> Result<Box<dyn Backend>, Error> {
         Ok(match self {
-            Self::File(path) => Box::new(file::open(path, ctx)?),
+            Self::File(path) => Box::new(file::open(path, ctx.size)?),
             Self::Mem => Box::new(mem::open(ctx)?),
         })
     }

@@ -35,8 +35,7 @@ use parking_lot::Mutex;
 use zerocopy::{Immutable, IntoBytes};
 
 use self::request::{FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
-use super::{Origin, Outcome, ReplySink};
-use crate::export::Export;
+use super::{Origin, Outcome, ReplySink, Target};
 use crate::inflight::Data;
 use crate::sys::loopdev::LoopDevice;
 use crate::{info, warn};
@@ -78,23 +77,23 @@ impl FuseFrontend {
 
     /// Mounts `export` and, for `block`, attaches a loop device over it.
     /// On failure nothing is left mounted.
-    pub fn add(&self, export: &Arc<Export>, block: bool) -> io::Result<()> {
-        let path = self.dir.join(&export.name);
+    pub fn add<T: Target>(&self, export: &Arc<T>, block: bool) -> io::Result<()> {
+        let path = self.dir.join(export.name());
         let dev = mount_export(&path, export.slot_size())?;
         let mut mount = Mount {
-            name: export.name.clone(),
+            name: export.name().to_owned(),
             path,
             device: None,
         };
         let attached = start_workers(dev, export.clone(), self.workers).and_then(|()| {
             if block {
-                let d = block::attach(&mount.path, export.block_size)?;
+                let d = block::attach(&mount.path, export.block_size())?;
                 info!(
                     "{}: block device {} (direct I/O {}, {}-byte blocks)",
-                    export.name,
+                    export.name(),
                     d.path().display(),
                     if d.direct_io { "on" } else { "off" },
-                    export.block_size
+                    export.block_size()
                 );
                 mount.device = Some(d);
             }
@@ -183,7 +182,7 @@ fn mount_export(path: &Path, max_read: u32) -> io::Result<OwnedFd> {
 }
 
 /// Starts `workers` threads on clones of the connection `dev`.
-fn start_workers(dev: OwnedFd, export: Arc<Export>, workers: usize) -> io::Result<()> {
+fn start_workers<T: Target>(dev: OwnedFd, export: Arc<T>, workers: usize) -> io::Result<()> {
     let slot_size = export.slot_size();
     let mut devs = vec![dev];
     for _ in 1..workers.max(1) {
@@ -210,10 +209,10 @@ fn start_workers(dev: OwnedFd, export: Arc<Export>, workers: usize) -> io::Resul
         let fs = fs.clone();
         let chan = Arc::new(Channel { dev });
         std::thread::Builder::new()
-            .name(format!("fuse-{}-{i}", fs.export.name))
+            .name(format!("fuse-{}-{i}", fs.export.name()))
             .spawn(move || fs.worker(&chan))?;
     }
-    info!("{}: FUSE mounted with {n} workers", fs.export.name);
+    info!("{}: FUSE mounted with {n} workers", fs.export.name());
     Ok(())
 }
 
@@ -313,14 +312,14 @@ struct Worker {
 }
 
 /// One export's FUSE file system.
-struct Fs {
-    export: Arc<Export>,
+struct Fs<T> {
+    export: Arc<T>,
     slot_size: u32,
     max_background: u16,
     started: u64,
 }
 
-impl Fs {
+impl<T: Target> Fs<T> {
     fn worker(&self, chan: &Arc<Channel>) {
         let mut w = Worker {
             head: [0u8; HEAD_LEN],
@@ -456,7 +455,7 @@ impl Fs {
         }
         if offset
             .checked_add(u64::from(size))
-            .is_none_or(|end| end > e.size)
+            .is_none_or(|end| end > e.size())
         {
             return chan.error(unique, libc::ENOSPC);
         }
@@ -508,7 +507,7 @@ impl Fs {
             FuseOp::Setattr(s) => {
                 // The size and owner are fixed; time updates are accepted
                 // (and ignored) so that ordinary tools work.
-                let resize = s.valid & FATTR_SIZE != 0 && s.size != e.size;
+                let resize = s.valid & FATTR_SIZE != 0 && s.size != e.size();
                 if resize || s.valid & (FATTR_MODE | FATTR_UID | FATTR_GID) != 0 {
                     chan.error(unique, libc::EPERM);
                 } else {
@@ -534,7 +533,7 @@ impl Fs {
             }
             FuseOp::Statfs => self.statfs(chan, unique),
             FuseOp::Read { offset, size } => {
-                let left = e.size.saturating_sub(offset);
+                let left = e.size().saturating_sub(offset);
                 let len = left.min(u64::from(size)).min(u64::from(self.slot_size));
                 if len == 0 {
                     return chan.bytes(unique, &[]);
@@ -549,7 +548,7 @@ impl Fs {
                 offset,
                 length,
                 mode,
-            } => match fallocate_op(mode, offset, length, e.size) {
+            } => match fallocate_op(mode, offset, length, e.size()) {
                 Ok((op, len)) if len > 0 => {
                     e.submit(op, offset, len, chan.origin(unique), Data::None)
                 }
@@ -590,13 +589,13 @@ impl Fs {
         chan.ok(unique, &out);
         info!(
             "{}: FUSE connection initialised (kernel protocol {major}.{minor})",
-            self.export.name
+            self.export.name()
         );
     }
 
     fn reply_attr(&self, chan: &Channel, unique: u64) {
         let t = self.started;
-        let size = self.export.size;
+        let size = self.export.size();
         let attr = fuse_attr {
             ino: FUSE_ROOT_ID,
             size,
@@ -625,7 +624,7 @@ impl Fs {
             unique,
             &fuse_statfs_out {
                 st: fuse_kstatfs {
-                    blocks: self.export.size / 4096,
+                    blocks: self.export.size() / 4096,
                     files: 1,
                     bsize: 4096,
                     namelen: holdfast_proto::MAX_NAME_LEN as u32,
