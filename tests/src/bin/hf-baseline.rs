@@ -37,15 +37,6 @@ struct InPlace {
     backend: Box<dyn Backend>,
 }
 
-impl InPlace {
-    fn slot_buf(&self, slot: u32, len: usize) -> Option<&mut [u8]> {
-        let p = self.data.ptr(self.layout.slot_offset(slot)?, len)?;
-        // SAFETY: a slot is used by one request at a time (the free list
-        // hands it out once), and the region outlives `self`.
-        Some(unsafe { std::slice::from_raw_parts_mut(p, len) })
-    }
-}
-
 impl Target for InPlace {
     fn name(&self) -> &str {
         &self.name
@@ -82,7 +73,10 @@ impl Target for InPlace {
             _ => None,
         };
         let n = usize::try_from(len).unwrap_or(usize::MAX);
-        let buf = slot.and_then(|s| self.slot_buf(s, n));
+        let ptr = slot.and_then(|s| self.data.ptr(self.layout.slot_offset(s)?, n));
+        // SAFETY: a slot is used by one request at a time (the free list
+        // hands it out once), and the region outlives this call.
+        let buf = ptr.map(|p| unsafe { std::slice::from_raw_parts_mut(p, n) });
         let outcome = match (op.uses_buffer(), buf) {
             (true, None) => Outcome::Failed(libc::EIO),
             (_, buf) => match backends::run(&*self.backend, op, offset, len, buf) {
