@@ -136,17 +136,52 @@ enum Phase {
     Quiesced,
 }
 
-/// Runs one request against the backend; returns the completion result.
-fn execute(att: &Attachment, backend: &dyn Backend, s: &Submission) -> i32 {
-    let Some((op, buf)) = att.check(s) else {
-        return -libc::EINVAL;
-    };
-    // SAFETY: the broker hands a slot's buffer to exactly one request at a
-    // time and does not touch it until completion.
-    let buf = buf.map(|(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) });
-    match crate::backends::run(backend, op, s.offset, s.len, buf) {
-        Ok(n) => i32::try_from(n).unwrap_or(-libc::EIO),
-        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+/// Runs requests and publishes their completions; shared by the worker
+/// threads and the I/O loop.
+struct Executor {
+    att: Arc<Attachment>,
+    backend: Arc<dyn Backend>,
+    completion_tail: Mutex<u32>,
+    /// Requests taken from the ring and not completed; the last one to
+    /// complete while quiescing wakes the main loop through `drained`.
+    outstanding: AtomicUsize,
+    quiescing: AtomicBool,
+    drained: OwnedFd,
+}
+
+impl Executor {
+    /// Runs one request against the backend and publishes its completion.
+    fn run(&self, s: &Submission) {
+        let result = match self.att.check(s) {
+            None => -libc::EINVAL,
+            Some((op, buf)) => {
+                // SAFETY: the broker hands a slot's buffer to exactly one
+                // request at a time and does not touch it until completion.
+                let buf =
+                    buf.map(|(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) });
+                match crate::backends::run(self.backend.as_ref(), op, s.offset, s.len, buf) {
+                    Ok(n) => i32::try_from(n).unwrap_or(-libc::EIO),
+                    Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                }
+            }
+        };
+        let c = Completion {
+            seq: s.seq,
+            epoch: s.epoch,
+            slot: s.slot,
+            result,
+        };
+        {
+            let mut tail = self.completion_tail.lock();
+            self.att.put_completion(*tail, &c);
+            *tail = tail.wrapping_add(1);
+            self.att.publish_completions(*tail);
+        }
+        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.quiescing.load(Ordering::SeqCst)
+        {
+            let _ = rustix::io::write(&self.drained, &1u64.to_ne_bytes());
+        }
     }
 }
 
@@ -163,47 +198,24 @@ pub fn serve(
     let att = Arc::new(att);
     let entries = att.geometry.slot_count;
     let (tx, rx) = crossbeam_channel::bounded::<Submission>(entries as usize);
-    let completion_tail = Arc::new(Mutex::new(0u32));
-    // Requests handed to workers and not completed; the last one to
-    // complete while quiescing wakes the main loop through `drained`.
-    let outstanding = Arc::new(AtomicUsize::new(0));
-    let quiescing = Arc::new(AtomicBool::new(false));
-    let drained: Arc<OwnedFd> = Arc::new(
-        rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+    let quick = backend.quick();
+    let exec = Arc::new(Executor {
+        att: att.clone(),
+        backend: backend.clone(),
+        completion_tail: Mutex::new(0),
+        outstanding: AtomicUsize::new(0),
+        quiescing: AtomicBool::new(false),
+        drained: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| Error::io("eventfd", e.into()))?,
-    );
+    });
     let mut threads = Vec::new();
     for i in 0..opts.workers.max(1) {
-        let (rx, att, backend, tail) = (
-            rx.clone(),
-            att.clone(),
-            backend.clone(),
-            completion_tail.clone(),
-        );
-        let (outstanding, quiescing, drained) =
-            (outstanding.clone(), quiescing.clone(), drained.clone());
+        let (rx, exec) = (rx.clone(), exec.clone());
         let t = std::thread::Builder::new()
             .name(format!("holdfast-io{i}"))
             .spawn(move || {
                 for s in rx {
-                    let result = execute(&att, backend.as_ref(), &s);
-                    let c = Completion {
-                        seq: s.seq,
-                        epoch: s.epoch,
-                        slot: s.slot,
-                        result,
-                    };
-                    {
-                        let mut tail = tail.lock();
-                        att.put_completion(*tail, &c);
-                        *tail = tail.wrapping_add(1);
-                        att.publish_completions(*tail);
-                    }
-                    if outstanding.fetch_sub(1, Ordering::SeqCst) == 1
-                        && quiescing.load(Ordering::SeqCst)
-                    {
-                        let _ = rustix::io::write(&*drained, &1u64.to_ne_bytes());
-                    }
+                    exec.run(&s);
                 }
             })
             .map_err(|e| Error::io("cannot start a worker thread", e))?;
@@ -221,16 +233,21 @@ pub fn serve(
                 "submission tail {tail} is more than {entries} past head {head}"
             )));
         }
+        // A lone request on a quick backend runs here: no worker to wake.
+        let alone = tail.wrapping_sub(head) == 1 && exec.outstanding.load(Ordering::SeqCst) == 0;
         while head != tail {
             let s = att.submission(head);
             head = head.wrapping_add(1);
-            outstanding.fetch_add(1, Ordering::SeqCst);
-            if tx.send(s).is_err() {
+            exec.outstanding.fetch_add(1, Ordering::SeqCst);
+            if quick && alone {
+                att.set_submission_head(head);
+                exec.run(&s);
+            } else if tx.send(s).is_err() {
                 break;
             }
         }
         att.set_submission_head(head);
-        if phase == Phase::Quiescing && outstanding.load(Ordering::SeqCst) == 0 {
+        if phase == Phase::Quiescing && exec.outstanding.load(Ordering::SeqCst) == 0 {
             // Everything the broker gave this daemon has completed: give
             // the backend up.
             if let Err(e) = backend
@@ -253,7 +270,7 @@ pub fn serve(
                 att.submit_kick(),
                 conn.socket(),
                 signals.fd.as_fd(),
-                drained.as_fd(),
+                exec.drained.as_fd(),
             ],
             Some(IDLE_POLL),
         );
@@ -265,7 +282,7 @@ pub fn serve(
         }
         if ready[3] {
             let mut b = [0u8; 8];
-            let _ = rustix::io::read(&*drained, &mut b);
+            let _ = rustix::io::read(&exec.drained, &mut b);
         }
         if ready[2] {
             let mut failed = None;
@@ -314,11 +331,11 @@ pub fn serve(
                 Reply::Quiesce => {
                     fault::inject(Point::PredecessorDuringQuiesce);
                     log("QUIESCE: a successor is taking over; finishing requests in flight");
-                    quiescing.store(true, Ordering::SeqCst);
+                    exec.quiescing.store(true, Ordering::SeqCst);
                     phase = Phase::Quiescing;
                 }
                 Reply::Revive => {
-                    quiescing.store(false, Ordering::SeqCst);
+                    exec.quiescing.store(false, Ordering::SeqCst);
                     if phase == Phase::Quiesced
                         && let Err(e) = backend.acquire_lease(opts.lease_timeout)
                     {

@@ -59,6 +59,14 @@ pub trait Backend: Send + Sync {
     fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Whether requests usually complete within microseconds (memory, the
+    /// page cache). The I/O loop then runs a request that arrives alone
+    /// itself instead of waking a worker thread, which saves a thread
+    /// wake-up per request at low queue depth (measured in BENCHMARKS.md);
+    /// a request arriving meanwhile waits for it.
+    fn quick(&self) -> bool {
+        false
+    }
 }
 
 /// Runs one request against `backend`: `buf` is the request's data (read
@@ -146,6 +154,11 @@ impl FdBackend {
 }
 
 impl Backend for FdBackend {
+    /// Reads and writes go through the page cache (or are a memfd's).
+    fn quick(&self) -> bool {
+        true
+    }
+
     fn acquire_lease(&self, timeout: Duration) -> Result<(), Error> {
         self.lease.acquire(timeout)
     }
