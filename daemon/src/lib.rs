@@ -79,6 +79,9 @@ pub struct Options {
     pub successor: bool,
     pub workers: usize,
     pub lease_timeout: Duration,
+    /// After a request that came alone, how long the I/O loop polls the
+    /// submission ring before sleeping (zero: never polls).
+    pub poll: Duration,
 }
 
 /// Attaches (or, as a successor, prepares), opens the backend with `open`,

@@ -38,6 +38,10 @@ Options:
                         environment has HOLDFAST_SUCCESSOR=1)
   --workers N           I/O threads [default: 16]
   --lease-timeout SECS  how long to wait for a predecessor's lease [default: 30]
+  --poll-us N           after a request that came alone, poll for the next
+                        one for N microseconds before sleeping: lower latency
+                        at queue depth 1 for up to a core of CPU while busy
+                        (see BENCHMARKS.md) [default: 0, never poll]
   -h, --help            print this help
   -V, --version         print the version
 
@@ -65,6 +69,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     let mut successor = std::env::var_os(SUCCESSOR_ENV).is_some_and(|v| v == "1");
     let mut workers = 16usize;
     let mut lease_timeout = 30u64;
+    let mut poll_us = 0u64;
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -81,6 +86,12 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
                 workers = number("--workers", &string_value(&mut p)?)?;
                 if !(1..=1024).contains(&workers) {
                     return Err("--workers must be from 1 to 1024".into());
+                }
+            }
+            Long("poll-us") => {
+                poll_us = number("--poll-us", &string_value(&mut p)?)?;
+                if poll_us > 1_000_000 {
+                    return Err("--poll-us must be at most 1000000 (one second)".into());
                 }
             }
             Long("lease-timeout") => {
@@ -111,6 +122,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
             successor,
             workers,
             lease_timeout: Duration::from_secs(lease_timeout),
+            poll: Duration::from_micros(poll_us),
         },
         backend,
     )))

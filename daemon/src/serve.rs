@@ -157,8 +157,7 @@ impl Executor {
             Some((op, buf)) => {
                 // SAFETY: the broker hands a slot's buffer to exactly one
                 // request at a time and does not touch it until completion.
-                let buf =
-                    buf.map(|(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) });
+                let buf = buf.map(|(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) });
                 match crate::backends::run(self.backend.as_ref(), op, s.offset, s.len, buf) {
                     Ok(n) => i32::try_from(n).unwrap_or(-libc::EIO),
                     Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
@@ -183,6 +182,19 @@ impl Executor {
             let _ = rustix::io::write(&self.drained, &1u64.to_ne_bytes());
         }
     }
+}
+
+/// Watches the submission ring for up to `bound`; returns whether a
+/// submission arrived.
+fn poll_ring(att: &Attachment, head: u32, bound: Duration) -> bool {
+    let end = std::time::Instant::now() + bound;
+    while att.submission_tail() == head {
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+    true
 }
 
 /// Serves requests until the broker confirms a DETACH (after SIGTERM or
@@ -258,6 +270,11 @@ pub fn serve(
             }
             log("quiesced: every request completed, lease released");
             phase = Phase::Quiesced;
+        }
+        // At low queue depth, poll for the next request before sleeping:
+        // a sleeping thread's wake-up costs more than most local requests.
+        if alone && !opts.poll.is_zero() && poll_ring(&att, head, opts.poll) {
+            continue;
         }
         // Ask to be woken, then look again before sleeping.
         att.set_submission_wakeup(true);
