@@ -33,6 +33,14 @@ fn bad_arguments_exit_2_with_a_reason() {
             &["--export", "v", "--backend", "mem", "--workers", "0"],
             "--workers",
         ),
+        (
+            &["--export", "v", "--backend", "mem", "--poll-us", "2000000"],
+            "--poll-us must be at most",
+        ),
+        (
+            &["--export", "v", "--backend", "mem", "--poll-us", "soon"],
+            "--poll-us \"soon\": expected a number",
+        ),
     ];
     for (args, want) in cases {
         let o = daemon(args);

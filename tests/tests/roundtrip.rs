@@ -25,11 +25,11 @@ fn random_io(rng: &mut Rng, direct: bool) -> (u64, usize) {
     }
 }
 
-fn round_trip(backend: &str) {
+fn round_trip(backend: &str, daemon_args: &[&str]) {
     let scratch = Scratch::new("roundtrip", Duration::from_secs(120));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "64MiB")]));
     let backend = backend.replace("@", scratch.dir.to_str().unwrap());
-    let mut daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
+    let mut daemon = broker.daemon(&scratch, "vol0", &backend, daemon_args);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
 
     let path = broker.file("vol0");
@@ -101,12 +101,18 @@ fn round_trip(backend: &str) {
 
 #[test]
 fn round_trip_file_backend() {
-    round_trip("file:@/vol0.img");
+    round_trip("file:@/vol0.img", &[]);
+}
+
+/// The polling I/O loop (and its inline execution of lone requests).
+#[test]
+fn round_trip_polling_daemon() {
+    round_trip("file:@/vol0.img", &["--poll-us", "200", "--workers", "2"]);
 }
 
 #[test]
 fn round_trip_mem_backend() {
-    round_trip("mem");
+    round_trip("mem", &[]);
 }
 
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {

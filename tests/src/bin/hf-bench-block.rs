@@ -2,6 +2,8 @@
 //! side by side in one run on three paths to the same kind of file:
 //! * broker: `holdfast-broker` + `holdfast-daemon --backend file:`, the
 //!   export's loop device;
+//! * broker-poll: the same with `holdfast-daemon --poll-us 100`, which
+//!   polls for the next request after a lone one instead of sleeping;
 //! * baseline: `hf-baseline`, the same FUSE frontend and loop device with
 //!   the same file backend called in place (no broker hop): the limit of
 //!   this design;
@@ -43,7 +45,7 @@ const WORKLOADS: [(&str, &str, &str, u32); 6] = [
     ("1m write qd4", "write", "1m", 4),
 ];
 
-const PATHS: [&str; 3] = ["broker", "baseline", "kernel"];
+const PATHS: [&str; 4] = ["broker", "broker-poll", "baseline", "kernel"];
 
 #[derive(Clone, Copy, Default)]
 struct Result {
@@ -165,7 +167,12 @@ fn main() {
         .set_len(bytes)
         .unwrap();
     let kernel = KernelLoop::attach(&plain);
-    let devices = [broker.device("vol0"), baseline_dev, kernel.0.clone()];
+    let devices = [
+        broker.device("vol0"),
+        broker.device("vol1"),
+        baseline_dev,
+        kernel.0.clone(),
+    ];
 
     // Fill every device once, so that reads read data, not holes.
     for (path, dev) in PATHS.iter().zip(&devices) {
@@ -197,8 +204,8 @@ fn main() {
             })
             .collect();
         eprintln!(
-            "{name}: broker {:.0} IOPS, baseline {:.0}, kernel {:.0}",
-            row[0].iops, row[1].iops, row[2].iops
+            "{name}: broker {:.0} IOPS, broker-poll {:.0}, baseline {:.0}, kernel {:.0}",
+            row[0].iops, row[1].iops, row[2].iops, row[3].iops
         );
         results.push((name, row));
     }
@@ -233,17 +240,18 @@ fn report(results: &[(&str, Vec<Result>)], runtime: u64, size: &str) -> (String,
     }
     let _ = writeln!(
         t,
-        "\n| workload | broker/baseline IOPS | p50 added by the broker, µs | broker/kernel IOPS |\n|---|---|---|---|"
+        "\n| workload | broker/baseline IOPS | p50 added by the broker, µs | broker-poll/baseline IOPS | p50 added by broker-poll, µs |\n|---|---|---|---|---|"
     );
     let mut json_rows = Vec::new();
     for (name, row) in results {
-        let (a, b, c) = (row[0], row[1], row[2]);
+        let (a, p, b) = (row[0], row[1], row[2]);
         let ratio = a.iops / b.iops.max(f64::MIN_POSITIVE);
         let added = a.p50_us - b.p50_us;
         let _ = writeln!(
             t,
-            "| {name} | {ratio:.3} | {added:+.1} | {:.3} |",
-            a.iops / c.iops.max(f64::MIN_POSITIVE)
+            "| {name} | {ratio:.3} | {added:+.1} | {:.3} | {:+.1} |",
+            p.iops / b.iops.max(f64::MIN_POSITIVE),
+            p.p50_us - b.p50_us
         );
         let paths: Vec<String> = PATHS
             .iter()
@@ -256,8 +264,10 @@ fn report(results: &[(&str, Vec<Result>)], runtime: u64, size: &str) -> (String,
             })
             .collect();
         json_rows.push(format!(
-            "{{\"workload\":\"{name}\",{},\"broker_over_baseline_iops\":{ratio:.4},\"p50_added_us\":{added:.2}}}",
-            paths.join(",")
+            "{{\"workload\":\"{name}\",{},\"broker_over_baseline_iops\":{ratio:.4},\"p50_added_us\":{added:.2},\"broker_poll_over_baseline_iops\":{:.4},\"poll_p50_added_us\":{:.2}}}",
+            paths.join(","),
+            p.iops / b.iops.max(f64::MIN_POSITIVE),
+            p.p50_us - b.p50_us
         ));
     }
     let json = format!(
