@@ -195,5 +195,38 @@ fn edges_of_an_export() {
     plain.sync_data().unwrap();
     let backing = std::fs::read(&img).unwrap();
     assert!(backing[6144..8192].iter().all(|&b| b == 0x5a));
+
+    // Files are opened in direct I/O mode; a shared mapping still works
+    // (FUSE_DIRECT_IO_ALLOW_MMAP) and its stores reach the daemon.
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // SAFETY: a fresh shared mapping of 64 KiB of the file, unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            65536,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            rw.as_raw_fd(),
+            65536,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        std::ptr::write_bytes(p.cast::<u8>(), 0x77, 65536);
+        assert_eq!(libc::msync(p, 65536, libc::MS_SYNC), 0);
+        libc::munmap(p, 65536);
+    }
+    f.read_exact_at(&mut buf[..4096], 65536).unwrap();
+    assert!(
+        buf[..4096].iter().all(|&b| b == 0x77),
+        "mmap store not seen"
+    );
     assert_eq!(broker.status("vol0")["failed"], 0);
 }

@@ -26,9 +26,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuse_abi::linux::{
-    FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_NOFLUSH, FUSE_ASYNC_DIO, FUSE_ASYNC_READ,
-    FUSE_BIG_WRITES, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_ROOT_ID, fuse_attr, fuse_attr_out,
-    fuse_init_out, fuse_kstatfs, fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
+    FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_DIRECT_IO, FOPEN_NOFLUSH,
+    FOPEN_PARALLEL_DIRECT_WRITES, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES,
+    FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_ROOT_ID,
+    fuse_attr, fuse_attr_out, fuse_init_out, fuse_kstatfs, fuse_open_out, fuse_out_header,
+    fuse_statfs_out, fuse_write_out,
 };
 use holdfast_proto::shm::Op;
 use parking_lot::Mutex;
@@ -521,10 +523,22 @@ impl<T: Target> Fs<T> {
             // forked child, wait for a daemon: while none is attached, a
             // process holding a written fd could not even exec the
             // replacement daemon. See kmod-notes/fuse.md.
+            //
+            // Direct I/O for every open (FOPEN_DIRECT_IO): the export is a
+            // volume, cached by whoever uses it (a file system on its block
+            // device caches, the loop device does direct I/O), not again
+            // in the file's page cache. It also allows parallel direct
+            // writes (FOPEN_PARALLEL_DIRECT_WRITES, which needs
+            // FOPEN_DIRECT_IO since Linux 6.9): without it the kernel holds
+            // the inode lock across each synchronous O_DIRECT write, so
+            // writers of the file take turns (BENCHMARKS.md has the
+            // figures). Shared mmap works on such files on Linux 6.18 (the
+            // kernel switches the inode to cached mode while mapped); older
+            // kernels need FUSE_DIRECT_IO_ALLOW_MMAP, negotiated in INIT.
             FuseOp::Open { .. } => chan.ok(
                 unique,
                 &fuse_open_out {
-                    open_flags: FOPEN_NOFLUSH,
+                    open_flags: FOPEN_NOFLUSH | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
                     ..Default::default()
                 },
             ),
@@ -573,12 +587,17 @@ impl<T: Target> Fs<T> {
             warn!("kernel FUSE protocol {major}.{minor} is too old (7.28 or later needed)");
             return chan.error(unique, libc::EPROTO);
         }
-        let want = u64::from(FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO);
+        let want = u64::from(
+            FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO | FUSE_INIT_EXT,
+        ) | FUSE_DIRECT_IO_ALLOW_MMAP;
+        let agreed = flags & want;
         let out = fuse_init_out {
             major: FUSE_KERNEL_VERSION,
             minor: FUSE_MINOR,
             max_readahead: max_readahead.min(self.slot_size),
-            flags: u32::try_from(flags & want).unwrap_or(0),
+            // FUSE_INIT_EXT: the high 32 bits go in flags2.
+            flags: (agreed & u64::from(u32::MAX)) as u32,
+            flags2: (agreed >> 32) as u32,
             max_background: self.max_background,
             congestion_threshold: self.max_background.saturating_mul(3) / 4,
             max_write: self.slot_size,
