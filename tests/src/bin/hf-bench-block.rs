@@ -69,8 +69,9 @@ fn parse(report: &serde_json::Value, rw: &str) -> Result {
     }
 }
 
-/// A loop device on a plain file, detached when dropped.
-struct KernelLoop(PathBuf);
+/// A loop device, detached when dropped if it is still attached to a file
+/// under `owner` (so never a device someone else has attached since).
+struct KernelLoop(PathBuf, PathBuf);
 
 impl KernelLoop {
     /// Buffered, not direct I/O: like the daemon's file backend, which
@@ -82,18 +83,43 @@ impl KernelLoop {
             .output()
             .unwrap();
         assert!(out.status.success(), "losetup: {out:?}");
-        Self(String::from_utf8_lossy(&out.stdout).trim().into())
+        Self(
+            String::from_utf8_lossy(&out.stdout).trim().into(),
+            file.to_path_buf(),
+        )
     }
 }
 
 impl Drop for KernelLoop {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).output();
+        let name = self.0.file_name().unwrap_or_default();
+        let backing = Path::new("/sys/block").join(name).join("loop/backing_file");
+        let ours = std::fs::read_to_string(backing)
+            .is_ok_and(|b| Path::new(b.trim()).starts_with(&self.1));
+        if ours {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).output();
+        }
+    }
+}
+
+/// hf-baseline, stopped with SIGTERM (it then detaches its device and
+/// unmounts) when dropped; its device is detached regardless.
+struct Baseline {
+    proc: Proc,
+    device: KernelLoop,
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        self.proc.signal(libc::SIGTERM);
+        if self.proc.wait_timeout(Duration::from_secs(10)).is_none() {
+            self.proc.kill();
+        }
     }
 }
 
 /// Starts hf-baseline and waits for its device.
-fn baseline(scratch: &Scratch, size: &str) -> (Proc, PathBuf) {
+fn baseline(scratch: &Scratch, size: &str) -> Baseline {
     let mut cmd = Command::new(bin("hf-baseline"));
     cmd.arg("--mountpoint")
         .arg(scratch.path("baseline-mnt"))
@@ -106,7 +132,10 @@ fn baseline(scratch: &Scratch, size: &str) -> (Proc, PathBuf) {
     loop {
         let text = p.log_text();
         if let Some(dev) = text.lines().find_map(|l| l.strip_prefix("ready ")) {
-            return (p, dev.trim().into());
+            return Baseline {
+                proc: p,
+                device: KernelLoop(dev.trim().into(), scratch.path("baseline-mnt")),
+            };
         }
         assert!(
             p.is_running() && std::time::Instant::now() < end,
@@ -153,14 +182,19 @@ fn main() {
     let bytes = holdfast_broker::config::parse_size(&size).unwrap();
     let scratch = Scratch::new("bench-block", Duration::from_secs(3600));
 
+    // vol0 is served by a daemon as started by default, vol1 by one that
+    // polls (--poll-us).
+    let export = format!("{size},block");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", &format!("{size},block"))]),
+        BrokerOpts::new(&[("vol0", &export), ("vol1", &export)]),
     );
-    let backend = format!("file:{}", scratch.path("broker.img").display());
-    let _daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
+    let backend = |name: &str| format!("file:{}", scratch.path(&format!("{name}.img")).display());
+    let _daemon = broker.daemon(&scratch, "vol0", &backend("vol0"), &[]);
+    let _polling = broker.daemon(&scratch, "vol1", &backend("vol1"), &["--poll-us", "100"]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
-    let (_baseline, baseline_dev) = baseline(&scratch, &size);
+    broker.wait_active("vol1", 0, Duration::from_secs(10));
+    let baseline = baseline(&scratch, &size);
     let plain = scratch.path("kernel.img");
     std::fs::File::create(&plain)
         .unwrap()
@@ -170,7 +204,7 @@ fn main() {
     let devices = [
         broker.device("vol0"),
         broker.device("vol1"),
-        baseline_dev,
+        baseline.device.0.clone(),
         kernel.0.clone(),
     ];
 
@@ -210,6 +244,7 @@ fn main() {
         results.push((name, row));
     }
     drop(kernel);
+    drop(baseline);
 
     let (text, json) = report(&results, runtime, &size);
     print!("{text}");
