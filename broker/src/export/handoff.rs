@@ -86,17 +86,7 @@ impl Export {
     /// PREPARE. Returns the handoff's id and the daemon's pid and epoch.
     pub fn begin_handoff(&self, params: HandoffParams) -> Result<(u64, u32, u64), ErrorReply> {
         let mut st = self.state.lock();
-        self.check_present(&st)?;
-        if let Some(h) = &st.handoff {
-            return Err(ErrorReply::new(
-                ErrorCode::Busy,
-                format!(
-                    "export {}: a handoff is already running ({}); wait for it to end",
-                    self.name,
-                    h.phase.name()
-                ),
-            ));
-        }
+        self.check_available(&st)?;
         let (pid, epoch) = match st.session.as_ref() {
             Some(s) if s.state == DaemonState::Active => (s.pidfd.pid(), s.epoch),
             other => {

@@ -245,22 +245,12 @@ impl Target for Export {
         self.block_size
     }
 
-    fn slot_size(&self) -> u32 {
-        self.layout.slot_size()
+    fn layout(&self) -> DataLayout {
+        self.layout
     }
 
-    fn slot_count(&self) -> u32 {
-        self.layout.slot_count()
-    }
-
-    /// The data area (for frontends reading requests into slot buffers).
     fn data(&self) -> &SharedRegion {
         &self.data
-    }
-
-    /// Byte offset of a slot's buffer in the data area.
-    fn slot_offset(&self, slot: u32) -> Option<usize> {
-        self.layout.slot_offset(slot)
     }
 
     /// Takes a free slot for a frontend to read a request into.
@@ -408,17 +398,7 @@ impl Export {
         fence_timeout: Duration,
     ) -> Result<Grant, ErrorReply> {
         let mut st = self.state.lock();
-        self.check_present(&st)?;
-        if let Some(h) = &st.handoff {
-            return Err(ErrorReply::new(
-                ErrorCode::Busy,
-                format!(
-                    "export {}: a handoff is running ({}); wait for it to end",
-                    self.name,
-                    h.phase.name()
-                ),
-            ));
-        }
+        self.check_available(&st)?;
         if let Some(cur) = st.session.as_mut() {
             let gone = cur.pidfd.is_gone();
             if !takeover && !gone {
@@ -784,17 +764,7 @@ impl Export {
     pub fn remove(&self) -> Result<(), ErrorReply> {
         let failed = {
             let mut st = self.state.lock();
-            self.check_present(&st)?;
-            if let Some(h) = &st.handoff {
-                return Err(ErrorReply::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "export {}: a handoff is running ({}); wait for it to end",
-                        self.name,
-                        h.phase.name()
-                    ),
-                ));
-            }
+            self.check_available(&st)?;
             st.removed = true;
             for s in [st.session.as_ref(), st.successor.as_ref()]
                 .into_iter()
@@ -817,11 +787,23 @@ impl Export {
         Ok(())
     }
 
-    fn check_present(&self, st: &State) -> Result<(), ErrorReply> {
+    /// Refuses what needs the export as it is: not removed, and no
+    /// handoff running.
+    fn check_available(&self, st: &State) -> Result<(), ErrorReply> {
         if st.removed {
             return Err(ErrorReply::new(
                 ErrorCode::NoSuchExport,
                 format!("export {} was removed", self.name),
+            ));
+        }
+        if let Some(h) = &st.handoff {
+            return Err(ErrorReply::new(
+                ErrorCode::Busy,
+                format!(
+                    "export {}: a handoff is running ({}); wait for it to end",
+                    self.name,
+                    h.phase.name()
+                ),
             ));
         }
         Ok(())

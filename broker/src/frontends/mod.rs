@@ -6,7 +6,7 @@ pub mod fuse;
 
 use std::sync::Arc;
 
-use holdfast_proto::shm::Op;
+use holdfast_proto::shm::{DataLayout, Op};
 
 use crate::inflight::Data;
 use crate::shm::SharedRegion;
@@ -57,13 +57,21 @@ pub trait Target: Send + Sync + 'static {
     /// Bytes.
     fn size(&self) -> u64;
     fn block_size(&self) -> u32;
-    /// Largest request, in bytes: each slot buffer's size.
-    fn slot_size(&self) -> u32;
-    fn slot_count(&self) -> u32;
+    /// Where the slot buffers are in the data area.
+    fn layout(&self) -> DataLayout;
     /// The data area holding the slot buffers.
     fn data(&self) -> &SharedRegion;
+    /// Largest request, in bytes: each slot buffer's size.
+    fn slot_size(&self) -> u32 {
+        self.layout().slot_size()
+    }
+    fn slot_count(&self) -> u32 {
+        self.layout().slot_count()
+    }
     /// Byte offset of a slot's buffer in the data area.
-    fn slot_offset(&self, slot: u32) -> Option<usize>;
+    fn slot_offset(&self, slot: u32) -> Option<usize> {
+        self.layout().slot_offset(slot)
+    }
     /// Takes a free slot for a frontend to read a request into.
     fn take_slot(&self) -> Option<u32>;
     /// Returns a slot taken with [`Target::take_slot`] and not used.

@@ -47,17 +47,11 @@ impl Target for InPlace {
     fn block_size(&self) -> u32 {
         self.block_size
     }
-    fn slot_size(&self) -> u32 {
-        self.layout.slot_size()
-    }
-    fn slot_count(&self) -> u32 {
-        self.layout.slot_count()
+    fn layout(&self) -> DataLayout {
+        self.layout
     }
     fn data(&self) -> &SharedRegion {
         &self.data
-    }
-    fn slot_offset(&self, slot: u32) -> Option<usize> {
-        self.layout.slot_offset(slot)
     }
     fn take_slot(&self) -> Option<u32> {
         self.free.lock().pop()
