@@ -157,7 +157,7 @@ impl Broker {
         .map_err(|e| format!("export {}: {e}", spec.name))?;
         self.frontend
             .add(&export, spec.block)
-            .map_err(|e| format!("export {}: cannot mount it: {e}", spec.name))?;
+            .map_err(|e| format!("export {}: {e}", spec.name))?;
         self.exports.write().push(export.clone());
         Ok(export)
     }

@@ -20,7 +20,14 @@ pub fn attach(file: &Path, block_size: u32) -> io::Result<LoopDevice> {
         .custom_flags(libc::O_CLOEXEC)
         .open(file)?;
     // The loop driver keeps its own reference to the open file.
-    LoopDevice::attach(&backing, block_size, &file.to_string_lossy())
+    LoopDevice::attach(&backing, block_size, &file.to_string_lossy()).map_err(|e| {
+        let hint = if e.kind() == io::ErrorKind::NotFound {
+            " (no /dev/loop-control: load the loop module, modprobe loop)"
+        } else {
+            ""
+        };
+        io::Error::new(e.kind(), format!("cannot attach a loop device: {e}{hint}"))
+    })
 }
 
 /// Who holds the export open, in words a person can act on: processes with

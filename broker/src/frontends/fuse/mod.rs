@@ -81,7 +81,9 @@ impl FuseFrontend {
     /// On failure nothing is left mounted.
     pub fn add<T: Target>(&self, export: &Arc<T>, block: bool) -> io::Result<()> {
         let path = self.dir.join(export.name());
-        let dev = mount_export(&path, export.slot_size())?;
+        let dev = mount_export(&path, export.slot_size()).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot mount {}: {e}", path.display()))
+        })?;
         let mut mount = Mount {
             name: export.name().to_owned(),
             path,
