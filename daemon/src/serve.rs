@@ -1,6 +1,9 @@
 //! The I/O loop: the main thread consumes the submission ring and watches
 //! the control socket (and the handoff notices on it) and signals; worker
-//! threads run requests against the backend and publish completions.
+//! threads run requests against the backend and publish completions. On a
+//! quick backend a request that arrives alone runs in the loop itself, and
+//! with `--poll-us` the loop then polls for the next one before sleeping
+//! (BENCHMARKS.md has what each saves).
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
