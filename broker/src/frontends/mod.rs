@@ -3,6 +3,7 @@
 //! folder) per kernel interface.
 
 pub mod fuse;
+pub mod ublk;
 
 use std::sync::Arc;
 
