@@ -10,13 +10,15 @@ pub const DEFAULT_EXPORT: &str = "vol0";
 pub const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_BACKING_DIR: &str = "/var/lib/holdfast";
 
-/// One `--export NAME=SIZE[,block]`.
+/// One `--export NAME=SIZE[,block|,ublk]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
     pub size: u64,
-    /// Also give the export a block device.
+    /// Also give the export a block device (a loop device over its file).
     pub block: bool,
+    /// Serve it through ublk instead of FUSE.
+    pub ublk: bool,
 }
 
 impl ExportSpec {
@@ -84,6 +86,7 @@ impl Config {
                 name: DEFAULT_EXPORT.into(),
                 size: DEFAULT_EXPORT_SIZE,
                 block: false,
+                ublk: false,
             });
             if self.supervise.is_empty() {
                 self.supervise.push(format!(
@@ -162,18 +165,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is zero or too large"))
 }
 
-/// Parses `NAME=SIZE[,block]`.
+/// Parses `NAME=SIZE[,block|,ublk]`.
 pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
     let (name, rest) = s.split_once('=').ok_or_else(|| {
-        format!("--export {s:?}: expected NAME=SIZE[,block], e.g. vol0=256MiB,block")
+        format!("--export {s:?}: expected NAME=SIZE[,block|,ublk], e.g. vol0=256MiB,block")
     })?;
     holdfast_proto::validate_name(name).map_err(|e| format!("--export {s:?}: {e}"))?;
-    let (size, block) = match rest.split_once(',') {
-        None => (rest, false),
-        Some((size, "block")) => (size, true),
-        Some((_, opt)) => {
+    let (size, opt) = match rest.split_once(',') {
+        Some((size, opt)) => (size, Some(opt)),
+        None => (rest, None),
+    };
+    let (block, ublk) = match opt {
+        None => (false, false),
+        Some("block") => (true, false),
+        Some("ublk") => (false, true),
+        Some(opt) => {
             return Err(format!(
-                "--export {s:?}: unknown option {opt:?} (the one there is: block)"
+                "--export {s:?}: unknown option {opt:?} (block: a loop device over the FUSE file; ublk: a ublk device)"
             ));
         }
     };
@@ -181,6 +189,7 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
         name: name.to_owned(),
         size: parse_size(size).map_err(|e| format!("--export {s:?}: {e}"))?,
         block,
+        ublk,
     })
 }
 
@@ -238,6 +247,7 @@ mod tests {
                 name: "vol0".into(),
                 size: 256 << 20,
                 block: false,
+                ublk: false,
             })
         );
         assert_eq!(
@@ -246,8 +256,10 @@ mod tests {
                 name: "vol0".into(),
                 size: 1 << 30,
                 block: true,
+                ublk: false,
             })
         );
+        assert!(parse_export("vol0=1GiB,ublk").is_ok_and(|e| e.ublk && !e.block));
         assert!(parse_export("vol0=1G,blok").is_err());
         assert!(parse_export("vol0=1G,").is_err());
         assert!(parse_export("vol0").is_err());

@@ -143,6 +143,9 @@ impl fmt::Display for Rejected {
 
 pub struct Inflight {
     free: Vec<u32>,
+    /// Slots below this are pinned to a frontend (a ublk tag's buffer):
+    /// never in `free`, never stolen, kept when their request completes.
+    pinned: u32,
     requests: BTreeMap<u64, Request>,
     queued: BTreeSet<u64>,
     next_seq: u64,
@@ -154,6 +157,7 @@ impl Inflight {
         Self {
             // Reversed so that slot 0 is handed out first.
             free: (0..slot_count).rev().collect(),
+            pinned: 0,
             requests: BTreeMap::new(),
             queued: BTreeSet::new(),
             next_seq: 1,
@@ -166,9 +170,25 @@ impl Inflight {
         self.free.pop()
     }
 
-    /// Returns a slot taken with [`Self::take_slot`] or named by [`Done`].
+    /// Returns a slot taken with [`Self::take_slot`] or named by [`Done`];
+    /// a pinned slot stays with its frontend.
     pub fn release(&mut self, slot: u32) {
-        self.free.push(slot);
+        if slot >= self.pinned {
+            self.free.push(slot);
+        }
+    }
+
+    /// Pins slots `0..n` to the frontend for good, so that it can give
+    /// their buffers to the kernel once (ublk tags). Fails if one of them
+    /// is taken, or if no slot would be left for requests without data.
+    pub fn pin(&mut self, n: u32) -> bool {
+        let all_free = (0..n).all(|s| self.free.contains(&s));
+        if self.pinned != 0 || !all_free || usize::try_from(n).is_ok_and(|n| n >= self.free.len()) {
+            return false;
+        }
+        self.free.retain(|s| *s >= n);
+        self.pinned = n;
+        true
     }
 
     /// Bytes of write data held in private memory.
@@ -260,7 +280,11 @@ impl Inflight {
             .queued
             .iter()
             .rev()
-            .find(|s| self.requests.get(s).is_some_and(|r| r.slot.is_some()))?;
+            .find(|s| {
+                self.requests
+                    .get(s)
+                    .is_some_and(|r| r.slot.is_some_and(|slot| slot >= self.pinned))
+            })?;
         let req = self.requests.get_mut(&victim)?;
         let slot = req.slot?;
         if req.op == Op::Write {
@@ -427,6 +451,27 @@ mod tests {
             slot: d.entry.slot,
             result,
         }
+    }
+
+    #[test]
+    fn pinned_slots_stay_with_the_frontend() {
+        let mut t = Inflight::new(4);
+        assert!(!t.pin(4), "no slot would be left for requests without data");
+        assert!(t.pin(2));
+        assert!(!t.pin(1), "pinned once only");
+        let now = Instant::now();
+        // A write in pinned slot 1 and a flush, which gets an unpinned slot.
+        t.submit(Op::Write, 0, 512, origin(1), Data::Slot(1));
+        t.submit(Op::Flush, 0, 0, origin(2), Data::None);
+        let a = t.next_dispatch(1, now, no_heap).unwrap();
+        let b = t.next_dispatch(1, now, no_heap).unwrap();
+        assert_eq!(a.entry.slot, 1);
+        assert!(b.entry.slot >= 2);
+        let d = t.complete(1, &done(&a, 512)).unwrap();
+        t.release(d.slot);
+        // Released, slot 1 is still not handed out.
+        assert!(t.take_slot().is_some_and(|s| s >= 2));
+        assert!(t.take_slot().is_none());
     }
 
     #[test]

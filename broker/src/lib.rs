@@ -26,6 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::Config;
 use crate::export::{Export, ExportConfig, HandoffParams};
 use crate::frontends::fuse::FuseFrontend;
+use crate::frontends::ublk::UblkDevice;
 use crate::supervise::Supervisor;
 
 /// Write data held in private memory per export while all slots are taken.
@@ -43,6 +44,8 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Broker {
     exports: RwLock<Vec<Arc<Export>>>,
     frontend: FuseFrontend,
+    /// The ublk devices, by export name.
+    ublk: Mutex<Vec<(String, UblkDevice)>>,
     /// Shape of every export (slots, block size); only names and sizes differ.
     shape: ExportConfig,
     /// Held while an export is added or removed (mounts take a while).
@@ -109,8 +112,17 @@ impl Broker {
     }
 
     fn export_status(&self, e: &Export) -> ExportStatus {
-        let device = self.frontend.device(&e.name);
-        e.status("fuse", device.map(|d| d.to_string_lossy().into_owned()))
+        let ublk = self.ublk_device(&e.name);
+        let (frontend, device) = match ublk {
+            Some(d) => ("ublk", Some(d)),
+            None => ("fuse", self.frontend.device(&e.name)),
+        };
+        e.status(frontend, device.map(|d| d.to_string_lossy().into_owned()))
+    }
+
+    fn ublk_device(&self, name: &str) -> Option<std::path::PathBuf> {
+        let devices = self.ublk.lock();
+        devices.iter().find(|(n, _)| n == name).map(|(_, d)| d.path())
     }
 
     /// Adds an export: mounts its file and, for `block`, attaches a block
@@ -121,6 +133,7 @@ impl Broker {
             name: req.name.clone(),
             size: req.size,
             block: req.block,
+            ublk: req.ublk,
         };
         spec.check(self.shape.block_size)
             .map_err(|e| ErrorReply::new(ErrorCode::Malformed, e))?;
@@ -155,9 +168,15 @@ impl Broker {
         })
         .map(Arc::new)
         .map_err(|e| format!("export {}: {e}", spec.name))?;
-        self.frontend
-            .add(&export, spec.block)
-            .map_err(|e| format!("export {}: {e}", spec.name))?;
+        if spec.ublk {
+            let device = UblkDevice::start(&export).map_err(|e| format!("export {}: {e}", spec.name))?;
+            info!("{}: ublk device {} added", spec.name, device.dev_id);
+            self.ublk.lock().push((spec.name.clone(), device));
+        } else {
+            self.frontend
+                .add(&export, spec.block)
+                .map_err(|e| format!("export {}: {e}", spec.name))?;
+        }
         self.exports.write().push(export.clone());
         Ok(export)
     }
@@ -167,7 +186,10 @@ impl Broker {
     pub fn remove_export(&self, name: &str, force: bool) -> Result<(), ErrorReply> {
         let _admin = self.admin.lock();
         let export = self.find(name)?;
-        let users = self.frontend.users(name);
+        let mut users = self.frontend.users(name);
+        if let Some(device) = self.ublk_device(name) {
+            users.extend(frontends::holders(Some(&device), &[]));
+        }
         if !users.is_empty() && !force {
             return Err(ErrorReply::new(
                 ErrorCode::Busy,
@@ -180,6 +202,14 @@ impl Broker {
         export.remove()?;
         self.exports.write().retain(|e| !Arc::ptr_eq(e, &export));
         self.frontend.remove(name);
+        let ublk = {
+            let mut devices = self.ublk.lock();
+            let i = devices.iter().position(|(n, _)| n == name);
+            i.map(|i| devices.swap_remove(i))
+        };
+        if let Some((_, device)) = ublk {
+            device.remove();
+        }
         info!(
             "export {name} removed{}",
             if users.is_empty() {
@@ -270,6 +300,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let broker = Arc::new(Broker {
         exports: RwLock::default(),
         frontend: FuseFrontend::new(&cfg.mountpoint, cfg.fuse_workers),
+        ublk: Mutex::default(),
         shape: ExportConfig {
             name: String::new(),
             size: 0,
@@ -345,6 +376,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         s.shutdown(Duration::from_secs(3));
     }
     broker.frontend.unmount();
+    for (_, device) in broker.ublk.lock().drain(..) {
+        device.remove();
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -98,6 +98,9 @@ pub struct ExportAdd {
     pub size: u64,
     /// Also give the export a block device (a loop device over its file).
     pub block: bool,
+    /// Serve it through ublk (a `/dev/ublkbN` the broker owns) instead of
+    /// FUSE.
+    pub ublk: bool,
 }
 
 /// A message a client sends to the broker.
@@ -376,7 +379,10 @@ impl Request {
             }
             Self::ExportAdd(a) => {
                 let mut w = header(kind::EXPORT_ADD);
-                w.str(&a.name, MAX_NAME_LEN).u64(a.size).bool(a.block);
+                w.str(&a.name, MAX_NAME_LEN)
+                    .u64(a.size)
+                    .bool(a.block)
+                    .bool(a.ublk);
                 w
             }
             Self::ExportRemove { name, force } => {
@@ -423,6 +429,7 @@ impl Request {
                 name: r.str("export_add.name", MAX_NAME_LEN)?,
                 size: r.u64("export_add.size")?,
                 block: r.bool("export_add.block")?,
+                ublk: r.bool("export_add.ublk")?,
             }),
             kind::EXPORT_REMOVE => Self::ExportRemove {
                 name: r.str("export_remove.name", MAX_NAME_LEN)?,
@@ -780,6 +787,7 @@ mod tests {
                 name: "vol2".into(),
                 size: 1 << 30,
                 block: true,
+                ublk: false,
             }),
             Request::ExportRemove {
                 name: "vol2".into(),

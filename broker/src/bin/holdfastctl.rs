@@ -33,10 +33,12 @@ Commands:
                                 unless CMD redirects it (CMD 2>>LOG).
   upgrade EXPORT                handoff to a successor the broker starts with
                                 the command line it supervises the daemon with
-  export add NAME SIZE [--block]
+  export add NAME SIZE [--block | --frontend ublk]
                                 add an export (SIZE like 1GiB); with --block it
-                                also gets a block device (/dev/loopN); start a
-                                daemon for it: holdfast-daemon --export NAME ...
+                                also gets a block device (/dev/loopN), with
+                                --frontend ublk it is a ublk device
+                                (/dev/ublkbN); start a daemon for it:
+                                holdfast-daemon --export NAME ...
   export rm NAME [--force]      remove an export; refused while its file or
                                 block device is open, unless --force (its users
                                 then get I/O errors)
@@ -98,7 +100,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
     let (mut json, mut fail_pending, mut dry_run) = (false, false, false);
     let (mut exec, mut ready_ms, mut drain_ms) = (None, 0u32, 0u32);
     let mut handoff_flags = false;
-    let (mut block, mut force) = (false, false);
+    let (mut block, mut force, mut ublk) = (false, false, false);
     let mut parser = lexopt::Parser::from_env();
     let text = |p: &mut lexopt::Parser| -> Result<String, String> {
         p.value()
@@ -112,6 +114,11 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
             Long("json") => json = true,
             Long("fail-pending") => fail_pending = true,
             Long("block") => block = true,
+            Long("frontend") => match text(&mut parser)?.as_str() {
+                "ublk" => ublk = true,
+                "fuse" => ublk = false,
+                other => return Err(format!("--frontend {other:?}: fuse or ublk")),
+            },
             Long("force") => force = true,
             Long("dry-run") => (dry_run, handoff_flags) = (true, true),
             Long("exec") => (exec, handoff_flags) = (Some(text(&mut parser)?), true),
@@ -137,8 +144,11 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        _ if (block || force) && words.first().map(String::as_str) != Some("export") => {
-            return Err("--block and --force belong to export add and export rm".into());
+        _ if (block || force || ublk) && words.first().map(String::as_str) != Some("export") => {
+            return Err("--block, --frontend and --force belong to export add and export rm".into());
+        }
+        ["export", "add", ..] if block && ublk => {
+            return Err("--block is for FUSE exports; a ublk export is a block device already".into());
         }
         ["export", "add", name, size] if !json && !fail_pending && !handoff_flags && !force => {
             holdfast_proto::validate_name(name)?;
@@ -146,16 +156,20 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
                 name: (*name).to_owned(),
                 size: holdfast_broker::config::parse_size(size)?,
                 block,
+                ublk,
             })
         }
-        ["export", "rm", name] if !json && !fail_pending && !handoff_flags && !block => {
+        ["export", "rm", name] if !json && !fail_pending && !handoff_flags && !block && !ublk => {
             Command::ExportRemove {
                 name: (*name).to_owned(),
                 force,
             }
         }
         ["export", ..] => {
-            return Err("usage: export add NAME SIZE [--block] | export rm NAME [--force]".into());
+            return Err(
+                "usage: export add NAME SIZE [--block | --frontend ublk] | export rm NAME [--force]"
+                    .into(),
+            );
         }
         ["status"] if !fail_pending && !handoff_flags => Command::Status { json },
         ["restore", export] if !json && !handoff_flags => Command::Restore {

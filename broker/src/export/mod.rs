@@ -230,6 +230,11 @@ impl Export {
     pub fn data_fd(&self) -> &OwnedFd {
         &self.data_fd
     }
+
+    /// Pins slots `0..n` to the frontend for good (see `Inflight::pin`).
+    pub fn pin_slots(&self, n: u32) -> bool {
+        self.state.lock().inflight.pin(n)
+    }
 }
 
 impl Target for Export {

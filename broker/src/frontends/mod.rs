@@ -5,6 +5,7 @@
 pub mod fuse;
 pub mod ublk;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use holdfast_proto::shm::{DataLayout, Op};
@@ -81,4 +82,55 @@ pub trait Target: Send + Sync + 'static {
     fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data);
     /// Adds a write whose data is in the frontend's private memory.
     fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]);
+}
+
+/// Who holds a block device or an export's file open, in words a person
+/// can act on: a mount or another exclusive holder of `device` (an
+/// exclusive open fails with EBUSY), and processes with `device` or one of
+/// `files` open, from /proc/PID/fd. Only the links are read: stat(2) on
+/// another process's files could block on a hung mount. Empty if none.
+pub fn holders(device: Option<&Path>, files: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut targets = files.to_vec();
+    if let Some(d) = device {
+        let excl = rustix::fs::open(
+            d,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::EXCL
+                | rustix::fs::OFlags::CLOEXEC
+                | rustix::fs::OFlags::NONBLOCK,
+            rustix::fs::Mode::empty(),
+        );
+        if matches!(excl, Err(e) if e == rustix::io::Errno::BUSY) {
+            found.push(format!("{} is mounted or held exclusively", d.display()));
+        }
+        targets.push(d.to_path_buf());
+    }
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name();
+        let pid = pid.to_string_lossy();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let hit = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .find(|l| targets.iter().any(|t| t == l));
+        if let Some(path) = hit {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            found.push(format!(
+                "pid {pid} ({}) has {} open",
+                comm.trim(),
+                path.display()
+            ));
+        }
+    }
+    found
 }

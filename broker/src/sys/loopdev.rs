@@ -114,17 +114,6 @@ impl LoopDevice {
         }
         Ok(())
     }
-
-    /// Whether the device is mounted or held with O_EXCL (a file system, a
-    /// device-mapper table, mkfs with -E ...): an exclusive open fails.
-    pub fn claimed(&self) -> bool {
-        let excl = rustix::fs::open(
-            self.path(),
-            OFlags::RDONLY | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-        );
-        matches!(excl, Err(e) if e == rustix::io::Errno::BUSY)
-    }
 }
 
 fn open(path: &str) -> io::Result<OwnedFd> {

@@ -34,57 +34,16 @@ pub fn attach(file: &Path, block_size: u32) -> io::Result<LoopDevice> {
 /// the device or the file open, a mount or another exclusive holder of the
 /// device, and stacked devices (device-mapper, md) over it. Empty if none.
 pub fn users(file: &Path, device: Option<&LoopDevice>) -> Vec<String> {
-    let mut targets = vec![file.to_path_buf()];
-    let mut found = Vec::new();
-    if let Some(d) = device {
-        targets.push(d.path());
-        if d.claimed() {
+    let path = device.map(LoopDevice::path);
+    let mut found = crate::frontends::holders(path.as_deref(), &[file.to_path_buf()]);
+    if let Some(d) = device
+        && let Ok(dir) = std::fs::read_dir(d.sysfs().join("holders"))
+    {
+        for h in dir.flatten() {
             found.push(format!(
-                "{} is mounted or held exclusively",
-                d.path().display()
-            ));
-        }
-        if let Ok(dir) = std::fs::read_dir(d.sysfs().join("holders")) {
-            for h in dir.flatten() {
-                found.push(format!(
-                    "{} is under {}",
-                    d.path().display(),
-                    h.file_name().to_string_lossy()
-                ));
-            }
-        }
-    }
-    found.extend(open_by(&targets));
-    found
-}
-
-/// Processes with one of `targets` open, from /proc/PID/fd. Reads the links
-/// only: stat(2) on another process's files could block on a hung mount.
-fn open_by(targets: &[std::path::PathBuf]) -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for p in procs.flatten() {
-        let pid = p.file_name();
-        let pid = pid.to_string_lossy();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        let hit = fds
-            .flatten()
-            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-            .find(|l| targets.iter().any(|t| t == l));
-        if let Some(path) = hit {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            found.push(format!(
-                "pid {pid} ({}) has {} open",
-                comm.trim(),
-                path.display()
+                "{} is under {}",
+                d.path().display(),
+                h.file_name().to_string_lossy()
             ));
         }
     }

@@ -1,7 +1,392 @@
-//! The ublk frontend (work in progress, issue 5): the broker will own each
-//! ublk device (its control commands, its queues, and io buffers placed in
-//! the export's data area so daemons read and write them without a copy).
-//! So far: the typed kernel interface in `sys`, checked against a real
-//! ublk kernel by `tests/kernel-vm/run ublk`.
+//! The ublk frontend: the broker owns a ublk device per export (its control
+//! commands and its queue), so daemons never open /dev/ublkcN and a daemon
+//! crash is invisible to the kernel. Each tag's io buffer is a slot of the
+//! export's data area, pinned to the tag: the kernel copies a write's data
+//! straight into the slot the daemon reads, and a read's data from the
+//! slot the daemon wrote, with no copy in the broker.
+//!
+//! One queue, served by one thread, which must be the thread that issues
+//! every FETCH and COMMIT of that queue (the driver checks). Completions
+//! reach it through a mailbox and an eventfd polled on its ring.
+//!
+//! Devices are created with USER_RECOVERY | USER_RECOVERY_REISSUE: if the
+//! broker process dies, the kernel keeps the device (QUIESCED) and re-issues
+//! what was in flight to the next server. Re-attaching it from a restarted
+//! broker (`--recover`) is not built yet.
 
 pub mod sys;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_proto::shm::Op;
+use io_uring::{IoUring, opcode, types};
+use memmap2::{Mmap, MmapOptions};
+use parking_lot::Mutex;
+use zerocopy::{FromBytes, IntoBytes};
+
+use self::sys::{Control, DevInfo, IoCmd, IoDesc, ParamBasic, ParamDiscard, Params};
+use super::{Origin, Outcome, ReplySink, Target};
+use crate::export::Export;
+use crate::inflight::Data;
+use crate::{info, warn};
+
+/// `user_data` of the mailbox's poll on the queue ring (tags are < 4096).
+const WAKE: u64 = u64::MAX;
+/// Most tags the broker gives a queue (and slots it pins for them).
+const MAX_DEPTH: u32 = 128;
+/// How long to wait for /dev/ublkcN to appear after ADD_DEV.
+const CDEV_WAIT: Duration = Duration::from_secs(5);
+
+/// A ublk device serving one export.
+pub struct UblkDevice {
+    pub dev_id: u32,
+}
+
+impl UblkDevice {
+    /// The block device's path.
+    pub fn path(&self) -> PathBuf {
+        format!("/dev/ublkb{}", self.dev_id).into()
+    }
+
+    /// Adds a device for `export`, starts its queue thread and then the
+    /// device. Starting waits for the kernel's first reads (the partition
+    /// table), which wait for a daemon, so it runs in the background.
+    pub fn start(export: &Arc<Export>) -> io::Result<Self> {
+        let depth = (export.slot_count() / 2).min(MAX_DEPTH);
+        let depth16 = u16::try_from(depth).unwrap_or(0);
+        if depth16 == 0 || !export.pin_slots(depth) {
+            return Err(io::Error::other(
+                "cannot pin slots for the ublk tags (use --slots 4 or more)",
+            ));
+        }
+        let mut ctl = Control::open().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open /dev/ublk-control (is ublk_drv loaded?): {e}"),
+            )
+        })?;
+        let info = ctl.add(&DevInfo {
+            nr_hw_queues: 1,
+            queue_depth: depth16,
+            max_io_buf_bytes: export.slot_size(),
+            dev_id: u32::MAX,
+            flags: sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE | sys::F_CMD_IOCTL_ENCODE,
+            ..DevInfo::default()
+        })?;
+        let dev_id = info.dev_id;
+        let started = Self::set_up(&mut ctl, export, dev_id, depth16);
+        if let Err(e) = started {
+            let _ = ctl.delete(dev_id);
+            return Err(e);
+        }
+        Ok(Self { dev_id })
+    }
+
+    fn set_up(ctl: &mut Control, export: &Arc<Export>, dev_id: u32, depth: u16) -> io::Result<()> {
+        let shift = |n: u32| u8::try_from(n.trailing_zeros()).unwrap_or(9);
+        let sectors = export.slot_size() >> 9;
+        ctl.set_params(
+            dev_id,
+            &Params {
+                len: u32::try_from(size_of::<Params>()).unwrap_or(0),
+                types: sys::PARAM_TYPE_BASIC | sys::PARAM_TYPE_DISCARD,
+                basic: ParamBasic {
+                    // Writes are cached until a flush (the daemon's page
+                    // cache, a WAL): the kernel must send flushes.
+                    attrs: sys::ATTR_VOLATILE_CACHE,
+                    logical_bs_shift: shift(export.block_size()),
+                    physical_bs_shift: 12,
+                    io_opt_shift: 12,
+                    io_min_shift: shift(export.block_size()),
+                    max_sectors: sectors,
+                    dev_sectors: export.size() >> 9,
+                    ..ParamBasic::default()
+                },
+                discard: ParamDiscard {
+                    discard_granularity: export.block_size(),
+                    max_discard_sectors: sectors,
+                    max_write_zeroes_sectors: sectors,
+                    max_discard_segments: 1,
+                    ..ParamDiscard::default()
+                },
+                pad: 0,
+            },
+        )?;
+        let cdev_path = format!("/dev/ublkc{dev_id}");
+        let end = Instant::now() + CDEV_WAIT;
+        let cdev = loop {
+            match rustix::fs::open(
+                cdev_path.as_str(),
+                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) {
+                Ok(fd) => break fd,
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("{cdev_path}: {e}"))),
+            }
+        };
+        let queue = Queue::new(export.clone(), cdev, depth)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("ublk-{}", export.name()))
+            .spawn(move || queue.run(&ready_tx))?;
+        ready_rx
+            .recv_timeout(CDEV_WAIT)
+            .map_err(|_| io::Error::other("the ublk queue thread did not start"))??;
+        let name = export.name().to_owned();
+        std::thread::Builder::new()
+            .name(format!("ublk-start-{name}"))
+            .spawn(move || match Control::open().and_then(|mut c| {
+                c.start(dev_id, std::process::id())
+            }) {
+                Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
+                Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
+            })?;
+        Ok(())
+    }
+
+    /// Stops and deletes the device. Requests still waiting for a daemon
+    /// keep the stop waiting, so this runs in the background, bounded.
+    pub fn remove(&self) {
+        let id = self.dev_id;
+        let done = std::thread::spawn(move || {
+            Control::open().and_then(|mut c| {
+                c.stop(id)?;
+                c.delete(id)
+            })
+        });
+        let end = Instant::now() + Duration::from_secs(5);
+        while !done.is_finished() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !done.is_finished() {
+            warn!("ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel");
+        } else if let Ok(Err(e)) = done.join() {
+            warn!("ublk device {id}: cannot stop and delete it: {e}");
+        }
+    }
+}
+
+/// Completions for the queue thread: (tag, result) and a wake-up.
+struct Mailbox {
+    done: Mutex<Vec<(u16, i32)>>,
+    wake: OwnedFd,
+}
+
+impl ReplySink for Mailbox {
+    fn complete(&self, tag: u64, op: Op, outcome: Outcome<'_>) {
+        let result = match outcome {
+            Outcome::Done { len, .. } if op.uses_buffer() => i32::try_from(len).unwrap_or(-libc::EIO),
+            Outcome::Done { .. } => 0,
+            Outcome::Failed(errno) => errno.saturating_neg(),
+        };
+        self.done
+            .lock()
+            .push((u16::try_from(tag).unwrap_or(u16::MAX), result));
+        crate::sys::kick(self.wake.as_fd());
+    }
+}
+
+/// One queue: its ring, the kernel's descriptor array, and the mailbox.
+struct Queue {
+    export: Arc<Export>,
+    cdev: OwnedFd,
+    descs: Mmap,
+    ring: IoUring,
+    mailbox: Arc<Mailbox>,
+    depth: u16,
+}
+
+impl Queue {
+    fn new(export: Arc<Export>, cdev: OwnedFd, depth: u16) -> io::Result<Self> {
+        let len = usize::from(depth)
+            .saturating_mul(size_of::<IoDesc>())
+            .next_multiple_of(4096);
+        // SAFETY: a read-only shared mapping of the driver's descriptor
+        // array; the kernel writes it, we only read (and check) entries.
+        let descs = unsafe {
+            MmapOptions::new()
+                .len(len)
+                .offset(sys::CMD_BUF_OFFSET)
+                .populate()
+                .map(cdev.as_raw_fd())?
+        };
+        Ok(Self {
+            export,
+            cdev,
+            descs,
+            ring: IoUring::new(u32::from(depth).saturating_mul(2).saturating_add(4))?,
+            mailbox: Arc::new(Mailbox {
+                done: Mutex::new(Vec::new()),
+                wake: crate::sys::eventfd()?,
+            }),
+            depth,
+        })
+    }
+
+    /// The buffer of tag `tag`: its pinned slot.
+    fn buffer(&self, tag: u16) -> u64 {
+        let slot = u32::from(tag);
+        self.export
+            .slot_offset(slot)
+            .and_then(|off| self.export.data().ptr(off, self.export.slot_size() as usize))
+            .map_or(0, |p| p as u64)
+    }
+
+    fn push_io(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
+        let cmd = IoCmd {
+            q_id: 0,
+            tag,
+            result,
+            addr: self.buffer(tag),
+        };
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(cmd.as_bytes());
+        let sqe = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), op)
+            .cmd(bytes)
+            .build()
+            .user_data(u64::from(tag));
+        self.push(&sqe)
+    }
+
+    fn push_wake(&mut self) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(
+            types::Fd(self.mailbox.wake.as_raw_fd()),
+            u32::try_from(libc::POLLIN).unwrap_or(1),
+        )
+        .build()
+        .user_data(WAKE);
+        self.push(&sqe)
+    }
+
+    fn push(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: the command holds no pointer we free: tag buffers live as
+        // long as the export's data area, which this queue holds.
+        if unsafe { self.ring.submission().push(sqe) }.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(sqe) }
+                .map_err(|_| io::Error::other("the ublk queue ring is full"))?;
+        }
+        Ok(())
+    }
+
+    fn run(mut self, ready: &std::sync::mpsc::Sender<io::Result<()>>) {
+        let fetched = (0..self.depth)
+            .try_for_each(|tag| self.push_io(sys::IO_FETCH_REQ, tag, 0))
+            .and_then(|()| self.push_wake())
+            .and_then(|()| self.ring.submit().map(drop));
+        let failed = fetched.as_ref().err().map(io::Error::kind);
+        let _ = ready.send(fetched);
+        if failed.is_some() {
+            return;
+        }
+        let mut aborted = 0u16;
+        while aborted < self.depth {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!("{}: ublk queue: {e}; the queue stops", self.export.name());
+                return;
+            }
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (ud, res) in cqes {
+                let step = if ud == WAKE {
+                    self.commit_done()
+                } else {
+                    let tag = u16::try_from(ud).unwrap_or(u16::MAX);
+                    match res {
+                        sys::IO_RES_OK => self.request(tag),
+                        sys::IO_RES_ABORT => {
+                            aborted = aborted.saturating_add(1);
+                            Ok(())
+                        }
+                        e => {
+                            warn!(
+                                "{}: ublk tag {tag}: command failed ({e}); the tag is lost",
+                                self.export.name()
+                            );
+                            aborted = aborted.saturating_add(1);
+                            Ok(())
+                        }
+                    }
+                };
+                if let Err(e) = step {
+                    warn!("{}: ublk queue: {e}", self.export.name());
+                }
+            }
+        }
+        info!("{}: ublk queue stopped", self.export.name());
+    }
+
+    /// Commits the completions in the mailbox (and fetches the tags again).
+    fn commit_done(&mut self) -> io::Result<()> {
+        crate::sys::drain(self.mailbox.wake.as_fd());
+        let done = std::mem::take(&mut *self.mailbox.done.lock());
+        for (tag, result) in done {
+            if tag < self.depth {
+                self.push_io(sys::IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+            }
+        }
+        self.push_wake()
+    }
+
+    /// A request arrived in tag `tag`: checks its descriptor and hands it to
+    /// the export, or fails it at once.
+    fn request(&mut self, tag: u16) -> io::Result<()> {
+        let at = usize::from(tag).saturating_mul(size_of::<IoDesc>());
+        let desc = self
+            .descs
+            .get(at..at.saturating_add(size_of::<IoDesc>()))
+            .and_then(|b| IoDesc::read_from_bytes(b).ok())
+            .unwrap_or_default();
+        match self.parse(&desc) {
+            Ok((op, offset, len)) => {
+                let data = if op.uses_buffer() {
+                    Data::Slot(u32::from(tag))
+                } else {
+                    Data::None
+                };
+                let origin = Origin {
+                    sink: self.mailbox.clone(),
+                    tag: u64::from(tag),
+                };
+                self.export.submit(op, offset, len, origin, data);
+                Ok(())
+            }
+            Err(errno) => self.push_io(sys::IO_COMMIT_AND_FETCH_REQ, tag, errno.saturating_neg()),
+        }
+    }
+
+    /// The request in a descriptor, checked against the export: op, byte
+    /// offset and length, or the errno to fail it with.
+    fn parse(&self, d: &IoDesc) -> Result<(Op, u64, u64), i32> {
+        let op = match (d.op_flags & 0xff) as u8 {
+            sys::IO_OP_READ => Op::Read,
+            sys::IO_OP_WRITE => Op::Write,
+            sys::IO_OP_FLUSH => Op::Flush,
+            sys::IO_OP_DISCARD => Op::Discard,
+            sys::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+            _ => return Err(libc::EOPNOTSUPP),
+        };
+        let offset = d.start_sector.checked_mul(512).ok_or(libc::EINVAL)?;
+        let len = u64::from(d.nr_sectors).checked_mul(512).ok_or(libc::EINVAL)?;
+        let end = offset.checked_add(len).ok_or(libc::EINVAL)?;
+        if end > self.export.size() || (op.uses_buffer() && len > u64::from(self.export.slot_size())) {
+            return Err(libc::EINVAL);
+        }
+        Ok((op, offset, len))
+    }
+}

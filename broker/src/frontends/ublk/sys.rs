@@ -164,6 +164,9 @@ pub const STATE_DEAD: u16 = 0;
 pub const STATE_LIVE: u16 = 1;
 pub const STATE_QUIESCED: u16 = 2;
 
+/// `ublk_param_basic.attrs`: the device caches writes until a flush.
+pub const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+
 /// `ublk_params.types` bits.
 pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
