@@ -50,6 +50,9 @@ pub struct Broker {
     shape: ExportConfig,
     /// Held while an export is added or removed (mounts take a while).
     admin: Mutex<()>,
+    /// Where ublk device ids are recorded for `--recover` (the socket's
+    /// directory).
+    state_dir: std::path::PathBuf,
     pub allow_uids: Vec<u32>,
     pub fence_timeout: Duration,
     /// Pids of the latest daemons that got as far as RESTORE (bounded).
@@ -153,14 +156,15 @@ impl Broker {
             ));
         }
         let export = self
-            .create(&spec)
+            .create(&spec, false)
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
         info!("export {} added ({} bytes)", export.name, export.size);
         Ok(self.export_status(&export))
     }
 
-    /// Creates, mounts and lists an export.
-    fn create(&self, spec: &config::ExportSpec) -> Result<Arc<Export>, String> {
+    /// Creates, mounts and lists an export; with `recover`, a ublk export
+    /// takes over the device a killed broker left.
+    fn create(&self, spec: &config::ExportSpec, recover: bool) -> Result<Arc<Export>, String> {
         let export = Export::new(&ExportConfig {
             name: spec.name.clone(),
             size: spec.size,
@@ -169,8 +173,14 @@ impl Broker {
         .map(Arc::new)
         .map_err(|e| format!("export {}: {e}", spec.name))?;
         if spec.ublk {
-            let device = UblkDevice::start(&export).map_err(|e| format!("export {}: {e}", spec.name))?;
-            info!("{}: ublk device {} added", spec.name, device.dev_id);
+            let record = self.state_dir.join(format!("ublk-{}.id", spec.name));
+            let device = if recover {
+                UblkDevice::recover(&export, record)
+            } else {
+                UblkDevice::start(&export, record)
+            }
+            .map_err(|e| format!("export {}: {e}", spec.name))?;
+            info!("{}: ublk device {}", spec.name, device.dev_id);
             self.ublk.lock().push((spec.name.clone(), device));
         } else {
             self.frontend
@@ -310,13 +320,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
             heap_limit: HEAP_LIMIT,
         },
         admin: Mutex::default(),
+        state_dir: cfg
+            .socket
+            .parent()
+            .map_or_else(|| ".".into(), std::path::Path::to_path_buf),
         allow_uids,
         fence_timeout: cfg.fence_timeout,
         restored: Mutex::default(),
         supervisors: OnceLock::new(),
     });
     for spec in &cfg.exports {
-        broker.create(spec)?;
+        broker.create(spec, cfg.recover)?;
     }
 
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {

@@ -39,6 +39,9 @@ Options:
                           than --fuse-workers [default: 64]
   --slot-size SIZE        largest I/O per request [default: 1MiB]
   --block-size N          logical block size, 512 or 4096 [default: 512]
+  --recover               take over the ublk devices of a broker that was
+                          killed (same --socket and --export lines): the
+                          kernel re-issues what was in flight to this broker
   -h, --help              print this help
   -V, --version           print the version
 
@@ -108,6 +111,7 @@ fn parse_args() -> Result<Option<Config>, String> {
                 cfg.slot_size =
                     u32::try_from(size).map_err(|_| "--slot-size is too large".to_string())?;
             }
+            Long("recover") => cfg.recover = true,
             Long("block-size") => {
                 let v = string_value(&mut parser)?;
                 cfg.block_size = v

@@ -2,8 +2,9 @@
 # broker's typed ublk interface against the real driver, then an export
 # served through a ublk device: a data round trip with O_DIRECT (requests
 # larger than a tag's buffer are split by the kernel), fio's verify across
-# 20 daemon kills and across 10 handoffs, and the device compared with the
-# daemon's backing file. Not yet: the broker's own restart (--recover).
+# 20 daemon kills and across 10 handoffs, the device compared with the
+# daemon's backing file, and a blocked reader across the broker's own
+# SIGKILL and `holdfast-broker --recover`.
 set -eu
 cd "$HOLDFAST_REPO"
 B=$HOLDFAST_REPO/target/debug
@@ -21,7 +22,9 @@ cleanup() {
     [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
     kill "$broker" 2>/dev/null
     sleep 1
-    echo "--- broker log (tail)"; tail -20 $W/broker.log
+    echo "--- broker log (tail)"; tail -12 $W/broker.log
+    [ -f $W/broker2.log ] && { echo "--- recovered broker log (tail)"; tail -12 $W/broker2.log; }
+    true
 }
 trap cleanup EXIT
 start_daemon() {
@@ -87,3 +90,27 @@ echo "fio across 10 handoffs: ok"
 # Second oracle: the device shows exactly what the daemon's file holds.
 cmp $dev $W/vol0.img
 echo "device and backing file: identical"
+
+# The broker's own restart. Stop the daemon so that a reader's requests
+# wait in the broker, SIGKILL the broker (and the daemon), start
+# `holdfast-broker --recover` and a new daemon: the kernel re-issues the
+# reader's requests to the new broker and the reader finishes.
+daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')
+kill -STOP "$daemon"
+dd if=$dev of=$W/rb bs=1M count=8 iflag=direct status=none &
+reader=$!
+sleep 1
+kill -0 $reader  # still blocked
+kill -9 $broker
+kill -9 "$daemon"
+kill -CONT "$daemon" 2>/dev/null || true
+wait $broker 2>/dev/null || true
+$B/holdfast-broker --recover --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk > $W/broker2.log 2>&1 &
+broker=$!
+wait_for 30 test -S $W/s.sock
+start_daemon
+if ! wait $reader; then cat $W/broker2.log; echo "reader across the broker's restart: FAILED"; exit 1; fi
+head -c 8M $W/vol0.img | cmp - $W/rb
+$B/holdfastctl status
+grep -E "recovered" $W/broker2.log
+echo "reader across the broker's restart (--recover): ok"

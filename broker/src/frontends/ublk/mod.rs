@@ -11,8 +11,9 @@
 //!
 //! Devices are created with USER_RECOVERY | USER_RECOVERY_REISSUE: if the
 //! broker process dies, the kernel keeps the device (QUIESCED) and re-issues
-//! what was in flight to the next server. Re-attaching it from a restarted
-//! broker (`--recover`) is not built yet.
+//! what was in flight to the next server. The device's id is recorded in a
+//! file next to the control socket, so that `holdfast-broker --recover`
+//! finds the device again and becomes its server (`UblkDevice::recover`).
 
 pub mod sys;
 
@@ -40,10 +41,16 @@ const WAKE: u64 = u64::MAX;
 const MAX_DEPTH: u32 = 128;
 /// How long to wait for /dev/ublkcN to appear after ADD_DEV.
 const CDEV_WAIT: Duration = Duration::from_secs(5);
+/// How long `--recover` waits for a device to be QUIESCED (the kernel
+/// notices its dead server) and for START_USER_RECOVERY to stop failing
+/// with EBUSY (the dead server's /dev/ublkcN is still being closed).
+const RECOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// A ublk device serving one export.
 pub struct UblkDevice {
     pub dev_id: u32,
+    /// The file holding `dev_id` for `--recover`.
+    record: PathBuf,
 }
 
 impl UblkDevice {
@@ -55,7 +62,7 @@ impl UblkDevice {
     /// Adds a device for `export`, starts its queue thread and then the
     /// device. Starting waits for the kernel's first reads (the partition
     /// table), which wait for a daemon, so it runs in the background.
-    pub fn start(export: &Arc<Export>) -> io::Result<Self> {
+    pub fn start(export: &Arc<Export>, record: PathBuf) -> io::Result<Self> {
         let depth = (export.slot_count() / 2).min(MAX_DEPTH);
         let depth16 = u16::try_from(depth).unwrap_or(0);
         if depth16 == 0 || !export.pin_slots(depth) {
@@ -78,15 +85,82 @@ impl UblkDevice {
             ..DevInfo::default()
         })?;
         let dev_id = info.dev_id;
-        let started = Self::set_up(&mut ctl, export, dev_id, depth16);
+        let started = Self::set_params(&mut ctl, export, dev_id)
+            .and_then(|()| serve(export, dev_id, depth16))
+            .and_then(|()| std::fs::write(&record, format!("{dev_id}\n")));
         if let Err(e) = started {
             let _ = ctl.delete(dev_id);
             return Err(e);
         }
-        Ok(Self { dev_id })
+        let name = export.name().to_owned();
+        std::thread::Builder::new()
+            .name(format!("ublk-start-{name}"))
+            .spawn(move || match Control::open().and_then(|mut c| {
+                c.start(dev_id, std::process::id())
+            }) {
+                Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
+                Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
+            })?;
+        Ok(Self { dev_id, record })
     }
 
-    fn set_up(ctl: &mut Control, export: &Arc<Export>, dev_id: u32, depth: u16) -> io::Result<()> {
+    /// Becomes the server of the device a killed broker left for `export`
+    /// (its id in `record`): waits for the kernel to quiesce it, starts
+    /// user recovery, fetches every tag, ends recovery. The kernel then
+    /// re-issues the requests the dead broker held.
+    pub fn recover(export: &Arc<Export>, record: PathBuf) -> io::Result<Self> {
+        let text = std::fs::read_to_string(&record).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("--recover: no ublk device recorded in {}: {e}", record.display()),
+            )
+        })?;
+        let dev_id: u32 = text.trim().parse().map_err(|_| {
+            io::Error::other(format!("--recover: {} does not hold a device id", record.display()))
+        })?;
+        let mut ctl = Control::open()?;
+        let end = Instant::now() + RECOVER_WAIT;
+        let info = loop {
+            let info = ctl.info(dev_id)?;
+            if info.state == sys::STATE_QUIESCED {
+                break info;
+            }
+            if Instant::now() >= end {
+                return Err(io::Error::other(format!(
+                    "--recover: ublk device {dev_id} is in state {} (not QUIESCED: is its broker still running?)",
+                    info.state
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let depth = u32::from(info.queue_depth);
+        if info.nr_hw_queues != 1
+            || info.max_io_buf_bytes > export.slot_size()
+            || !export.pin_slots(depth)
+        {
+            return Err(io::Error::other(format!(
+                "--recover: ublk device {dev_id} ({} queues, {depth} tags of {} bytes) does not fit this export's slots; \
+                 start the broker with the --slots and --slot-size it was started with",
+                info.nr_hw_queues, info.max_io_buf_bytes
+            )));
+        }
+        loop {
+            match ctl.start_recovery(dev_id) {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(io::Error::new(e.kind(), format!("START_USER_RECOVERY: {e}"))),
+            }
+        }
+        serve(export, dev_id, info.queue_depth)?;
+        ctl.end_recovery(dev_id, std::process::id())
+            .map_err(|e| io::Error::new(e.kind(), format!("END_USER_RECOVERY: {e}")))?;
+        info!("{}: ublk device {dev_id} recovered", export.name());
+        Ok(Self { dev_id, record })
+    }
+
+    fn set_params(ctl: &mut Control, export: &Arc<Export>, dev_id: u32) -> io::Result<()> {
         let shift = |n: u32| u8::try_from(n.trailing_zeros()).unwrap_or(9);
         let sectors = export.slot_size() >> 9;
         ctl.set_params(
@@ -116,39 +190,6 @@ impl UblkDevice {
                 pad: 0,
             },
         )?;
-        let cdev_path = format!("/dev/ublkc{dev_id}");
-        let end = Instant::now() + CDEV_WAIT;
-        let cdev = loop {
-            match rustix::fs::open(
-                cdev_path.as_str(),
-                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            ) {
-                Ok(fd) => break fd,
-                Err(e) if Instant::now() < end => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(io::Error::new(e.kind(), format!("{cdev_path}: {e}"))),
-            }
-        };
-        let queue = Queue::new(export.clone(), cdev, depth)?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("ublk-{}", export.name()))
-            .spawn(move || queue.run(&ready_tx))?;
-        ready_rx
-            .recv_timeout(CDEV_WAIT)
-            .map_err(|_| io::Error::other("the ublk queue thread did not start"))??;
-        let name = export.name().to_owned();
-        std::thread::Builder::new()
-            .name(format!("ublk-start-{name}"))
-            .spawn(move || match Control::open().and_then(|mut c| {
-                c.start(dev_id, std::process::id())
-            }) {
-                Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
-                Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
-            })?;
         Ok(())
     }
 
@@ -156,6 +197,7 @@ impl UblkDevice {
     /// keep the stop waiting, so this runs in the background, bounded.
     pub fn remove(&self) {
         let id = self.dev_id;
+        let _ = std::fs::remove_file(&self.record);
         let done = std::thread::spawn(move || {
             Control::open().and_then(|mut c| {
                 c.stop(id)?;
@@ -172,6 +214,31 @@ impl UblkDevice {
             warn!("ublk device {id}: cannot stop and delete it: {e}");
         }
     }
+}
+
+/// Opens /dev/ublkcN and starts the queue thread, which fetches every tag.
+fn serve(export: &Arc<Export>, dev_id: u32, depth: u16) -> io::Result<()> {
+    let cdev_path = format!("/dev/ublkc{dev_id}");
+    let end = Instant::now() + CDEV_WAIT;
+    let cdev = loop {
+        match rustix::fs::open(
+            cdev_path.as_str(),
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => break fd,
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{cdev_path}: {e}"))),
+        }
+    };
+    let queue = Queue::new(export.clone(), cdev, depth)?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("ublk-{}", export.name()))
+        .spawn(move || queue.run(&ready_tx))?;
+    ready_rx
+        .recv_timeout(CDEV_WAIT)
+        .map_err(|_| io::Error::other("the ublk queue thread did not start"))?
 }
 
 /// Completions for the queue thread: (tag, result) and a wake-up.
