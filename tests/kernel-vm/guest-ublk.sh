@@ -105,12 +105,26 @@ kill -9 $broker
 kill -9 "$daemon"
 kill -CONT "$daemon" 2>/dev/null || true
 wait $broker 2>/dev/null || true
+rm -f $W/s.sock
 $B/holdfast-broker --recover --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk > $W/broker2.log 2>&1 &
 broker=$!
 wait_for 30 test -S $W/s.sock
 start_daemon
-if ! wait $reader; then cat $W/broker2.log; echo "reader across the broker's restart: FAILED"; exit 1; fi
+if ! wait_for 60 sh -c "! kill -0 $reader 2>/dev/null" || ! wait $reader; then
+    cat $W/broker2.log; echo "reader across the broker's restart: FAILED"; exit 1
+fi
 head -c 8M $W/vol0.img | cmp - $W/rb
 $B/holdfastctl status
 grep -E "recovered" $W/broker2.log
 echo "reader across the broker's restart (--recover): ok"
+
+# An export added and removed at run time.
+$B/holdfastctl export add vol1 16MiB --frontend ublk
+$B/holdfast-daemon --export vol1 --backend file:$W/vol1.img >> $W/daemon.log 2>&1 &
+wait_for 60 test -b /dev/ublkb1
+head -c 1M /dev/urandom > $W/p1
+dd if=$W/p1 of=/dev/ublkb1 bs=1M oflag=direct status=none
+dd if=/dev/ublkb1 bs=1M count=1 iflag=direct status=none | cmp - $W/p1
+$B/holdfastctl export rm vol1
+wait_for 10 test ! -e /dev/ublkb1
+echo "export add/rm with --frontend ublk: ok"
