@@ -276,15 +276,11 @@ impl Inflight {
 
     /// Frees the slot of the latest queued request holding one.
     fn steal_slot(&mut self, to_heap: impl FnOnce(u32, u64) -> Option<Box<[u8]>>) -> Option<()> {
-        let victim = *self
-            .queued
-            .iter()
-            .rev()
-            .find(|s| {
-                self.requests
-                    .get(s)
-                    .is_some_and(|r| r.slot.is_some_and(|slot| slot >= self.pinned))
-            })?;
+        let victim = *self.queued.iter().rev().find(|s| {
+            self.requests
+                .get(s)
+                .is_some_and(|r| r.slot.is_some_and(|slot| slot >= self.pinned))
+        })?;
         let req = self.requests.get_mut(&victim)?;
         let slot = req.slot?;
         if req.op == Op::Write {

@@ -125,7 +125,10 @@ impl Broker {
 
     fn ublk_device(&self, name: &str) -> Option<std::path::PathBuf> {
         let devices = self.ublk.lock();
-        devices.iter().find(|(n, _)| n == name).map(|(_, d)| d.path())
+        devices
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.path())
     }
 
     /// Adds an export: mounts its file and, for `block`, attaches a block

@@ -145,10 +145,14 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         .as_slice()
     {
         _ if (block || force || ublk) && words.first().map(String::as_str) != Some("export") => {
-            return Err("--block, --frontend and --force belong to export add and export rm".into());
+            return Err(
+                "--block, --frontend and --force belong to export add and export rm".into(),
+            );
         }
         ["export", "add", ..] if block && ublk => {
-            return Err("--block is for FUSE exports; a ublk export is a block device already".into());
+            return Err(
+                "--block is for FUSE exports; a ublk export is a block device already".into(),
+            );
         }
         ["export", "add", name, size] if !json && !fail_pending && !handoff_flags && !force => {
             holdfast_proto::validate_name(name)?;

@@ -95,11 +95,11 @@ impl UblkDevice {
         let name = export.name().to_owned();
         std::thread::Builder::new()
             .name(format!("ublk-start-{name}"))
-            .spawn(move || match Control::open().and_then(|mut c| {
-                c.start(dev_id, std::process::id())
-            }) {
-                Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
-                Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
+            .spawn(move || {
+                match Control::open().and_then(|mut c| c.start(dev_id, std::process::id())) {
+                    Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
+                    Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
+                }
             })?;
         Ok(Self { dev_id, record })
     }
@@ -112,11 +112,17 @@ impl UblkDevice {
         let text = std::fs::read_to_string(&record).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("--recover: no ublk device recorded in {}: {e}", record.display()),
+                format!(
+                    "--recover: no ublk device recorded in {}: {e}",
+                    record.display()
+                ),
             )
         })?;
         let dev_id: u32 = text.trim().parse().map_err(|_| {
-            io::Error::other(format!("--recover: {} does not hold a device id", record.display()))
+            io::Error::other(format!(
+                "--recover: {} does not hold a device id",
+                record.display()
+            ))
         })?;
         let mut ctl = Control::open()?;
         let end = Instant::now() + RECOVER_WAIT;
@@ -150,7 +156,12 @@ impl UblkDevice {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(io::Error::new(e.kind(), format!("START_USER_RECOVERY: {e}"))),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("START_USER_RECOVERY: {e}"),
+                    ));
+                }
             }
         }
         serve(export, dev_id, info.queue_depth)?;
@@ -209,7 +220,9 @@ impl UblkDevice {
             std::thread::sleep(Duration::from_millis(10));
         }
         if !done.is_finished() {
-            warn!("ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel");
+            warn!(
+                "ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel"
+            );
         } else if let Ok(Err(e)) = done.join() {
             warn!("ublk device {id}: cannot stop and delete it: {e}");
         }
@@ -250,7 +263,9 @@ struct Mailbox {
 impl ReplySink for Mailbox {
     fn complete(&self, tag: u64, op: Op, outcome: Outcome<'_>) {
         let result = match outcome {
-            Outcome::Done { len, .. } if op.uses_buffer() => i32::try_from(len).unwrap_or(-libc::EIO),
+            Outcome::Done { len, .. } if op.uses_buffer() => {
+                i32::try_from(len).unwrap_or(-libc::EIO)
+            }
             Outcome::Done { .. } => 0,
             Outcome::Failed(errno) => errno.saturating_neg(),
         };
@@ -303,7 +318,11 @@ impl Queue {
         let slot = u32::from(tag);
         self.export
             .slot_offset(slot)
-            .and_then(|off| self.export.data().ptr(off, self.export.slot_size() as usize))
+            .and_then(|off| {
+                self.export
+                    .data()
+                    .ptr(off, self.export.slot_size() as usize)
+            })
             .map_or(0, |p| p as u64)
     }
 
@@ -449,9 +468,13 @@ impl Queue {
             _ => return Err(libc::EOPNOTSUPP),
         };
         let offset = d.start_sector.checked_mul(512).ok_or(libc::EINVAL)?;
-        let len = u64::from(d.nr_sectors).checked_mul(512).ok_or(libc::EINVAL)?;
+        let len = u64::from(d.nr_sectors)
+            .checked_mul(512)
+            .ok_or(libc::EINVAL)?;
         let end = offset.checked_add(len).ok_or(libc::EINVAL)?;
-        if end > self.export.size() || (op.uses_buffer() && len > u64::from(self.export.slot_size())) {
+        if end > self.export.size()
+            || (op.uses_buffer() && len > u64::from(self.export.slot_size()))
+        {
             return Err(libc::EINVAL);
         }
         Ok((op, offset, len))
