@@ -70,6 +70,9 @@ while [ $i -lt 20 ]; do
 done
 if ! wait $fio; then cat $W/fio-kills.log; echo "fio across kills: FAILED"; exit 1; fi
 grep -E "err=|write:|read:" $W/fio-kills.log | head -3
+replayed=$($B/holdfastctl status --json | grep -o '"replayed":[0-9]*' | cut -d: -f2)
+echo "requests replayed after kills: $replayed"
+[ "$replayed" -gt 0 ] || { echo "no kill hit a request in flight"; exit 1; }
 echo "fio across 20 daemon kills: ok"
 
 # Handoffs under fio.
