@@ -205,10 +205,10 @@ impl UblkDevice {
     }
 
     /// Stops and deletes the device. Requests still waiting for a daemon
-    /// keep the stop waiting, so this runs in the background, bounded.
+    /// keep the stop waiting, so this runs in the background, bounded; a
+    /// device left behind keeps its record, so `--recover` can find it.
     pub fn remove(&self) {
         let id = self.dev_id;
-        let _ = std::fs::remove_file(&self.record);
         let done = std::thread::spawn(move || {
             Control::open().and_then(|mut c| {
                 c.stop(id)?;
@@ -220,11 +220,15 @@ impl UblkDevice {
             std::thread::sleep(Duration::from_millis(10));
         }
         if !done.is_finished() {
-            warn!(
-                "ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel"
-            );
-        } else if let Ok(Err(e)) = done.join() {
-            warn!("ublk device {id}: cannot stop and delete it: {e}");
+            warn!("ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel");
+            return;
+        }
+        match done.join() {
+            Ok(Ok(())) => {
+                let _ = std::fs::remove_file(&self.record);
+            }
+            Ok(Err(e)) => warn!("ublk device {id}: cannot stop and delete it: {e}"),
+            Err(_) => warn!("ublk device {id}: the thread stopping it failed"),
         }
     }
 }
