@@ -125,8 +125,28 @@ fn block_device_round_trip_discard_and_export_add_rm() {
     assert!(code == 1 && err.contains("4096-byte blocks"), "{err}");
     let (code, err) = ctl_err(&broker, &["export", "rm", "nope"]);
     assert!(code == 1 && err.contains("no export named"), "{err}");
+    if !Path::new("/dev/ublk-control").exists() {
+        // No ublk in this kernel: a clear error, and nothing left behind.
+        let (code, err) = ctl_err(
+            &broker,
+            &["export", "add", "vol3", "16MiB", "--frontend", "ublk"],
+        );
+        assert!(code == 1 && err.contains("ublk_drv"), "{err}");
+        let (code, err) = ctl_err(&broker, &["export", "rm", "vol3"]);
+        assert!(code == 1 && err.contains("no export named"), "{err}");
+    }
     for bad in [
-        &["export", "add", "vol2"][..],
+        &[
+            "export",
+            "add",
+            "vol3",
+            "1M",
+            "--block",
+            "--frontend",
+            "ublk",
+        ][..],
+        &["export", "add", "vol3", "1M", "--frontend", "nbd"],
+        &["export", "add", "vol2"],
         &["export", "add", "a/b", "1M"],
         &["export", "rm", "vol1", "--block"],
         &["status", "--force"],

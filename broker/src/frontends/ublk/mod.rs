@@ -220,7 +220,9 @@ impl UblkDevice {
             std::thread::sleep(Duration::from_millis(10));
         }
         if !done.is_finished() {
-            warn!("ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel");
+            warn!(
+                "ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel"
+            );
             return;
         }
         match done.join() {
