@@ -437,10 +437,19 @@ fn supervised_upgrade_and_sighup() {
     let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
     std::thread::sleep(Duration::from_millis(200));
 
+    // On failure, the broker's log says why (a flake seen once here).
     let out = broker.ctl(&["upgrade", "vol0", "--dry-run"]);
-    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.status.success(),
+        "{out:?}\nbroker log:\n{}",
+        broker.proc.log_text()
+    );
     let out = broker.ctl(&["upgrade", "vol0"]);
-    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.status.success(),
+        "{out:?}\nbroker log:\n{}",
+        broker.proc.log_text()
+    );
     let (pid1, e1) = broker.wait_active("vol0", e0, Duration::from_secs(10));
     assert_ne!(pid1, pid0);
     std::thread::sleep(Duration::from_millis(200));
