@@ -437,7 +437,7 @@ fn supervised_upgrade_and_sighup() {
     let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
     std::thread::sleep(Duration::from_millis(200));
 
-    // On failure, the broker's log says why (a flake seen once here).
+    // On failure, the broker's log says why.
     let out = broker.ctl(&["upgrade", "vol0", "--dry-run"]);
     assert!(
         out.status.success(),
