@@ -146,7 +146,13 @@ fn fault_grid() {
         Point::SuccessorAfterActivate,
     ] {
         let (r, mut failed) = handoff(&broker, &scratch, "vol0", &backend, Some(point), 0);
-        assert_eq!(r.outcome, HandoffOutcome::Aborted, "{point:?}: {r:?}");
+        assert_eq!(
+            r.outcome,
+            HandoffOutcome::Aborted,
+            "{point:?}: {r:?} (a daemon built without its fault-injection feature ignores \
+             HOLDFAST_FAULT: `cargo build --workspace` builds it so; run the tests with \
+             `cargo test --workspace`, which rebuilds it)"
+        );
         assert!(r.reason.contains("successor"), "{point:?}: {r:?}");
         let status = failed.wait_timeout(Duration::from_secs(10)).unwrap();
         assert!(!status.success(), "{point:?}: the successor did not crash");
