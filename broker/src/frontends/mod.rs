@@ -2,6 +2,7 @@
 //! and complete them to the kernel when a daemon answers. One file (or
 //! folder) per kernel interface.
 
+pub mod cachefiles;
 pub mod fuse;
 pub mod ublk;
 
