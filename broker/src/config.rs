@@ -25,6 +25,12 @@ impl ExportSpec {
     /// Checks the name and that the size is whole blocks.
     pub fn check(&self, block_size: u32) -> Result<(), String> {
         holdfast_proto::validate_name(&self.name)?;
+        if self.block && self.ublk {
+            return Err(format!(
+                "export {}: block (a loop device over the FUSE file) and ublk exclude each other",
+                self.name
+            ));
+        }
         if self.size == 0 || !self.size.is_multiple_of(u64::from(block_size)) {
             return Err(format!(
                 "export {}: size {} is not a whole number of {block_size}-byte blocks",
@@ -264,6 +270,13 @@ mod tests {
             })
         );
         assert!(parse_export("vol0=1GiB,ublk").is_ok_and(|e| e.ublk && !e.block));
+        let both = ExportSpec {
+            name: "v".into(),
+            size: 4096,
+            block: true,
+            ublk: true,
+        };
+        assert!(both.check(512).is_err());
         assert!(parse_export("vol0=1G,blok").is_err());
         assert!(parse_export("vol0=1G,").is_err());
         assert!(parse_export("vol0").is_err());

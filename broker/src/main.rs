@@ -20,9 +20,11 @@ Options:
                           root and the broker's own uid are always accepted)
   --mountpoint DIR        directory of the exports: each export is the file
                           DIR/NAME, its own FUSE mount [default: /run/holdfast/mnt]
-  --export NAME=SIZE[,block]
+  --export NAME=SIZE[,block|,ublk]
                           an export, e.g. vol0=256MiB (repeatable); with
-                          ,block it also gets a block device /dev/loopN
+                          ,block it also gets a block device /dev/loopN over
+                          its FUSE file; with ,ublk it is a ublk device
+                          /dev/ublkbN instead
   --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
                           again whenever it exits (repeatable); `holdfastctl
                           upgrade EXPORT` or SIGHUP to the daemon hands its

@@ -29,6 +29,8 @@ fn help_and_version() {
         "--supervise",
         "--request-timeout",
         "--daemon-wait",
+        "--recover",
+        ",ublk",
     ] {
         assert!(text.contains(flag), "--help does not mention {flag}");
     }
