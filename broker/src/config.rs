@@ -41,6 +41,31 @@ impl ExportSpec {
     }
 }
 
+/// `--cachefiles DIR,TAG`: a cache bound in ondemand mode on DIR, served
+/// as the blob export named TAG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachefilesSpec {
+    pub dir: PathBuf,
+    pub tag: String,
+}
+
+/// Parses `DIR,TAG`.
+pub fn parse_cachefiles(s: &str) -> Result<CachefilesSpec, String> {
+    let (dir, tag) = s.rsplit_once(',').ok_or_else(|| {
+        format!("--cachefiles {s:?}: expected DIR,TAG, e.g. /var/cache/holdfast,images")
+    })?;
+    holdfast_proto::validate_name(tag).map_err(|e| format!("--cachefiles {s:?}: tag: {e}"))?;
+    if !dir.starts_with('/') || dir.contains(['\n', ' ']) {
+        return Err(format!(
+            "--cachefiles {s:?}: the cache directory must be an absolute path without spaces"
+        ));
+    }
+    Ok(CachefilesSpec {
+        dir: dir.into(),
+        tag: tag.to_owned(),
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub socket: PathBuf,
@@ -49,6 +74,7 @@ pub struct Config {
     pub allow_uids: Vec<u32>,
     pub mountpoint: PathBuf,
     pub exports: Vec<ExportSpec>,
+    pub cachefiles: Option<CachefilesSpec>,
     /// Daemon command lines to run and restart.
     pub supervise: Vec<String>,
     pub fuse_workers: usize,
@@ -74,6 +100,7 @@ impl Default for Config {
             allow_uids: Vec::new(),
             mountpoint: DEFAULT_MOUNTPOINT.into(),
             exports: Vec::new(),
+            cachefiles: None,
             supervise: Vec::new(),
             fuse_workers: 4,
             slot_count: 64,
@@ -91,7 +118,7 @@ impl Config {
     /// With no `--export`, one default export served by a supervised daemon
     /// on a local file (unless `--supervise` names another command).
     pub fn apply_defaults(&mut self, daemon_binary: &str) {
-        if self.exports.is_empty() {
+        if self.exports.is_empty() && self.cachefiles.is_none() {
             self.exports.push(ExportSpec {
                 name: DEFAULT_EXPORT.into(),
                 size: DEFAULT_EXPORT_SIZE,
@@ -115,6 +142,14 @@ impl Config {
                 return Err(format!("export {:?} is given twice", e.name));
             }
             e.check(self.block_size)?;
+        }
+        if let Some(c) = &self.cachefiles
+            && names.contains(&c.tag)
+        {
+            return Err(format!(
+                "--cachefiles tag {:?} is also an --export name; the cachefiles export is named by its tag",
+                c.tag
+            ));
         }
         if self.exports.len() > holdfast_proto::MAX_EXPORTS {
             return Err(format!(
@@ -282,6 +317,28 @@ mod tests {
         assert!(parse_export("vol0").is_err());
         assert!(parse_export("a/b=1M").is_err());
         assert!(parse_export("=1M").is_err());
+    }
+
+    #[test]
+    fn cachefiles() {
+        assert_eq!(
+            parse_cachefiles("/var/cache/hf,images"),
+            Ok(CachefilesSpec {
+                dir: "/var/cache/hf".into(),
+                tag: "images".into()
+            })
+        );
+        for bad in ["/c", "c,images", "/c,", "/c d,t", "/c,a/b"] {
+            assert!(parse_cachefiles(bad).is_err(), "{bad}");
+        }
+        let mut cfg = Config {
+            cachefiles: Some(parse_cachefiles("/c,vol0").unwrap()),
+            ..Config::default()
+        };
+        cfg.apply_defaults("d");
+        assert!(cfg.exports.is_empty());
+        cfg.exports.push(parse_export("vol0=1MiB").unwrap());
+        assert!(cfg.validate().unwrap_err().contains("also an --export"));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! *dispatched* to the daemon of one epoch. It keeps its slot (and so its
 //! write data) until it completes; a daemon loss moves its dispatched
 //! requests back to the queue, flagged replayed, and the queue is ordered by
-//! sequence number, so replays go out in their original order.
+//! sequence number, so replays go out in their original order. Requests
+//! submitted [`Priority::First`] (a blob export's OPENs sent again to a new
+//! daemon) go before every other queued one.
 //!
 //! Completions from shared memory are checked here against this private
 //! table: a completion must name a dispatched request by sequence number,
@@ -42,8 +44,41 @@ enum State {
     Dispatched { epoch: u64, at: Instant },
 }
 
+/// Where a request goes in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// Before every `Normal` request (in sequence order among themselves).
+    First,
+    /// In sequence order.
+    Normal,
+}
+
+/// What a new request asks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub op: Op,
+    /// Blob exports: the blob; volume exports: 0.
+    pub object: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Ask {
+    /// A request on a volume export.
+    pub fn volume(op: Op, offset: u64, len: u64) -> Self {
+        Self {
+            op,
+            object: 0,
+            offset,
+            len,
+        }
+    }
+}
+
 struct Request {
     op: Op,
+    object: u32,
+    priority: Priority,
     offset: u64,
     len: u64,
     origin: Origin,
@@ -147,7 +182,8 @@ pub struct Inflight {
     /// never in `free`, never stolen, kept when their request completes.
     pinned: u32,
     requests: BTreeMap<u64, Request>,
-    queued: BTreeSet<u64>,
+    /// Queued requests in dispatch order.
+    queued: BTreeSet<(Priority, u64)>,
     next_seq: u64,
     heap_bytes: usize,
 }
@@ -198,6 +234,17 @@ impl Inflight {
 
     /// Adds a request; it is queued until [`Self::next_dispatch`].
     pub fn submit(&mut self, op: Op, offset: u64, len: u64, origin: Origin, data: Data) -> u64 {
+        self.submit_ask(Ask::volume(op, offset, len), Priority::Normal, origin, data)
+    }
+
+    /// Adds a request with its object and place in the queue.
+    pub fn submit_ask(&mut self, ask: Ask, priority: Priority, origin: Origin, data: Data) -> u64 {
+        let Ask {
+            op,
+            object,
+            offset,
+            len,
+        } = ask;
         let seq = self.next_seq;
         self.next_seq = self.next_seq.saturating_add(1);
         let (slot, heap) = match data {
@@ -212,6 +259,8 @@ impl Inflight {
             seq,
             Request {
                 op,
+                object,
+                priority,
                 offset,
                 len,
                 origin,
@@ -221,7 +270,7 @@ impl Inflight {
                 replayed: false,
             },
         );
-        self.queued.insert(seq);
+        self.queued.insert((priority, seq));
         seq
     }
 
@@ -240,7 +289,7 @@ impl Inflight {
         now: Instant,
         to_heap: impl FnOnce(u32, u64) -> Option<Box<[u8]>>,
     ) -> Option<Dispatch> {
-        let seq = *self.queued.first()?;
+        let (priority, seq) = *self.queued.first()?;
         if self.requests.get(&seq)?.slot.is_none() && self.free.is_empty() {
             self.steal_slot(to_heap)?;
         }
@@ -253,7 +302,7 @@ impl Inflight {
                 s
             }
         };
-        self.queued.remove(&seq);
+        self.queued.remove(&(priority, seq));
         req.state = State::Dispatched { epoch, at: now };
         let heap = req.heap.take();
         if let Some(h) = &heap {
@@ -266,9 +315,10 @@ impl Inflight {
                 len: req.len,
                 epoch,
                 slot,
+                object: req.object,
                 op: req.op as u8,
                 flags: if req.replayed { FLAG_REPLAYED } else { 0 },
-                reserved: 0,
+                reserved: [0; 6],
             },
             heap,
         })
@@ -276,14 +326,14 @@ impl Inflight {
 
     /// Frees the slot of the latest queued request holding one.
     fn steal_slot(&mut self, to_heap: impl FnOnce(u32, u64) -> Option<Box<[u8]>>) -> Option<()> {
-        let victim = *self.queued.iter().rev().find(|s| {
+        let (_, victim) = *self.queued.iter().rev().find(|(_, s)| {
             self.requests
                 .get(s)
                 .is_some_and(|r| r.slot.is_some_and(|slot| slot >= self.pinned))
         })?;
         let req = self.requests.get_mut(&victim)?;
         let slot = req.slot?;
-        if req.op == Op::Write {
+        if req.op.carries_data() {
             let data = to_heap(slot, req.len)?;
             self.heap_bytes = self.heap_bytes.saturating_add(data.len());
             req.heap = Some(data);
@@ -345,7 +395,7 @@ impl Inflight {
             if matches!(req.state, State::Dispatched { epoch: e, .. } if e == epoch) {
                 req.state = State::Queued;
                 req.replayed = true;
-                self.queued.insert(*seq);
+                self.queued.insert((req.priority, *seq));
                 n = n.saturating_add(1);
             }
         }
@@ -355,7 +405,7 @@ impl Inflight {
     /// Removes every queued request (to fail them) and frees their slots.
     pub fn take_queued(&mut self) -> Vec<Failed> {
         let mut out = Vec::with_capacity(self.queued.len());
-        for seq in std::mem::take(&mut self.queued) {
+        for (_, seq) in std::mem::take(&mut self.queued) {
             if let Some(req) = self.requests.remove(&seq) {
                 if let Some(s) = req.slot {
                     self.free.push(s);
@@ -381,7 +431,7 @@ impl Inflight {
     pub fn queued_replays(&self) -> usize {
         self.queued
             .iter()
-            .filter(|s| self.requests.get(s).is_some_and(|r| r.replayed))
+            .filter(|(_, s)| self.requests.get(s).is_some_and(|r| r.replayed))
             .count()
     }
 
@@ -414,7 +464,7 @@ fn check_result(op: Op, len: u64, result: i32) -> Option<Result<u64, i32>> {
         return (errno <= MAX_ERRNO).then_some(Err(errno));
     }
     let n = u64::try_from(result).ok()?;
-    let expected = if op.uses_buffer() { len } else { 0 };
+    let expected = if op.moves_len() { len } else { 0 };
     (n == expected).then_some(Ok(n))
 }
 

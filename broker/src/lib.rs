@@ -13,6 +13,7 @@ pub mod export;
 pub mod frontends;
 pub mod inflight;
 pub mod log;
+pub mod restart;
 pub mod shm;
 pub mod supervise;
 pub mod sys;
@@ -20,11 +21,14 @@ pub mod sys;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use holdfast_proto::{ErrorCode, ErrorReply, ExportAdd, ExportStatus, HandoffRequest, Reply};
+use holdfast_proto::{
+    ErrorCode, ErrorReply, ExportAdd, ExportKind, ExportStatus, HandoffRequest, Reply,
+};
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::Config;
 use crate::export::{Export, ExportConfig, HandoffParams};
+use crate::frontends::cachefiles::{self, Cachefiles};
 use crate::frontends::fuse::FuseFrontend;
 use crate::frontends::ublk::UblkDevice;
 use crate::supervise::Supervisor;
@@ -46,6 +50,8 @@ pub struct Broker {
     frontend: FuseFrontend,
     /// The ublk devices, by export name.
     ublk: Mutex<Vec<(String, UblkDevice)>>,
+    /// The cache and its export's name (`--cachefiles`).
+    cachefiles: OnceLock<(String, Cachefiles)>,
     /// Shape of every export (slots, block size); only names and sizes differ.
     shape: ExportConfig,
     /// Held while an export is added or removed (mounts take a while).
@@ -118,6 +124,7 @@ impl Broker {
         let ublk = self.ublk_device(&e.name);
         let (frontend, device) = match ublk {
             Some(d) => ("ublk", Some(d)),
+            None if e.kind == ExportKind::Blobs => ("cachefiles", Some(cachefiles::DEVICE.into())),
             None => ("fuse", self.frontend.device(&e.name)),
         };
         e.status(frontend, device.map(|d| d.to_string_lossy().into_owned()))
@@ -194,11 +201,88 @@ impl Broker {
         Ok(export)
     }
 
+    /// Binds the cache (or takes over the one a previous broker passed on,
+    /// with `recover`) and adds its blob export.
+    fn start_cachefiles(&self, spec: &config::CachefilesSpec, recover: bool) -> Result<(), String> {
+        let export = Arc::new(
+            Export::new(&ExportConfig {
+                name: spec.tag.clone(),
+                kind: ExportKind::Blobs,
+                size: 0,
+                ..self.shape.clone()
+            })
+            .map_err(|e| format!("export {}: {e}", spec.tag))?,
+        );
+        let inherited = if recover {
+            restart::inherited_cachefiles_fd()?
+        } else {
+            None
+        };
+        let (cache, how) = Cachefiles::start(export.clone(), &spec.dir, &spec.tag, inherited)?;
+        match how {
+            cachefiles::Device::Bound => info!(
+                "{}: cache bound in ondemand mode on {}",
+                spec.tag,
+                spec.dir.display()
+            ),
+            cachefiles::Device::Restored => info!(
+                "{}: took over the cache a previous broker held; wrote restore",
+                spec.tag
+            ),
+        }
+        match restart::store_fd(cache.device_fd(), cachefiles::FD_NAME) {
+            Ok(true) => info!("{}: cache fd handed to systemd's fd store", spec.tag),
+            Ok(false) => {}
+            Err(e) => warn!("{}: {e}", spec.tag),
+        }
+        self.exports.write().push(export);
+        let _ = self.cachefiles.set((spec.tag.clone(), cache));
+        Ok(())
+    }
+
+    /// SIGUSR2: replaces this process with a new broker (same binary path,
+    /// options and `--recover`) that inherits /dev/cachefiles. Refused with
+    /// FUSE or ublk exports, whose devices a re-exec would end.
+    fn reexec(&self, how: &restart::Reexec) {
+        let Some((_, cache)) = self.cachefiles.get() else {
+            return warn!("SIGUSR2: re-exec refused: there is no --cachefiles cache to keep");
+        };
+        let others: Vec<String> = self
+            .exports()
+            .iter()
+            .filter(|e| e.kind != ExportKind::Blobs)
+            .map(|e| e.name.clone())
+            .collect();
+        if !others.is_empty() {
+            return warn!(
+                "SIGUSR2: re-exec refused: exports {} would lose their FUSE mounts or ublk \
+                 devices; remove them first (holdfastctl export rm)",
+                others.join(", ")
+            );
+        }
+        info!("SIGUSR2: re-executing, keeping {}", cachefiles::DEVICE);
+        // Daemons get SIGTERM and detach; the new broker starts its own.
+        for s in self.supervisors.get().into_iter().flatten() {
+            s.shutdown(Duration::from_secs(3));
+        }
+        let err = how.exec(cache.device_fd());
+        warn!("SIGUSR2: re-exec failed: {err}; this broker goes on without its supervised daemons");
+    }
+
     /// Removes an export. Refused while its file or block device is open,
     /// unless `force`: then the users' I/O fails with EIO from here on.
     pub fn remove_export(&self, name: &str, force: bool) -> Result<(), ErrorReply> {
         let _admin = self.admin.lock();
         let export = self.find(name)?;
+        if export.kind == ExportKind::Blobs {
+            return Err(ErrorReply::new(
+                ErrorCode::BadState,
+                format!(
+                    "export {name} is the cachefiles cache (--cachefiles); it lasts as long as \
+                     the broker: unmount its erofs file systems and stop the broker instead"
+                ),
+            ));
+        }
         let mut users = self.frontend.users(name);
         if let Some(device) = self.ublk_device(name) {
             users.extend(frontends::holders(Some(&device), &[]));
@@ -290,7 +374,8 @@ impl Broker {
 
 /// Runs the broker until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), String> {
-    let signals = [libc::SIGTERM, libc::SIGINT];
+    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR2];
+    let reexec = restart::Reexec::capture()?;
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals are taken only by the main thread below.
     sys::block_signals(&signals).map_err(|e| format!("cannot block signals: {e}"))?;
@@ -314,8 +399,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         exports: RwLock::default(),
         frontend: FuseFrontend::new(&cfg.mountpoint, cfg.fuse_workers),
         ublk: Mutex::default(),
+        cachefiles: OnceLock::new(),
         shape: ExportConfig {
             name: String::new(),
+            kind: ExportKind::Volume,
             size: 0,
             block_size: cfg.block_size,
             slot_count: cfg.slot_count,
@@ -334,6 +421,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     });
     for spec in &cfg.exports {
         broker.create(spec, cfg.recover)?;
+    }
+    if let Some(spec) = &cfg.cachefiles {
+        broker.start_cachefiles(spec, cfg.recover)?;
     }
 
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -384,8 +474,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
         broker.export_names()
     );
     let sig = loop {
-        if let Some(s) = sys::wait_signal(&signals, Duration::from_secs(1)) {
-            break s;
+        match sys::wait_signal(&signals, Duration::from_secs(1)) {
+            Some(libc::SIGUSR2) => broker.reexec(&reexec),
+            Some(s) => break s,
+            None => {}
         }
     };
     info!("signal {sig}: shutting down");

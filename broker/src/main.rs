@@ -25,6 +25,11 @@ Options:
                           ,block it also gets a block device /dev/loopN over
                           its FUSE file; with ,ublk it is a ublk device
                           /dev/ublkbN instead
+  --cachefiles DIR,TAG    bind /dev/cachefiles in ondemand mode on DIR (a
+                          directory on ext4 or xfs) with TAG, and serve it as
+                          the blob export named TAG: daemons attach with
+                          `--export TAG --backend dir:PATH`, and erofs
+                          mounts `-o fsid=BLOB` read through it
   --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
                           again whenever it exits (repeatable); `holdfastctl
                           upgrade EXPORT` or SIGHUP to the daemon hands its
@@ -43,7 +48,14 @@ Options:
   --block-size N          logical block size, 512 or 4096 [default: 512]
   --recover               take over the ublk devices of a broker that was
                           killed (same --socket and --export lines): the
-                          kernel re-issues what was in flight to this broker
+                          kernel re-issues what was in flight to this broker;
+                          with --cachefiles, take over the cache fd a
+                          previous broker passed on (re-exec, systemd's fd
+                          store) and have the kernel re-send its requests
+
+Signals: SIGTERM or SIGINT stop the broker; SIGUSR2 re-executes it (the
+binary it was started from, with the same options and --recover), keeping
+/dev/cachefiles open; refused while it serves FUSE or ublk exports.
   -h, --help              print this help
   -V, --version           print the version
 
@@ -114,6 +126,9 @@ fn parse_args() -> Result<Option<Config>, String> {
                     u32::try_from(size).map_err(|_| "--slot-size is too large".to_string())?;
             }
             Long("recover") => cfg.recover = true,
+            Long("cachefiles") => {
+                cfg.cachefiles = Some(config::parse_cachefiles(&string_value(&mut parser)?)?);
+            }
             Long("block-size") => {
                 let v = string_value(&mut parser)?;
                 cfg.block_size = v

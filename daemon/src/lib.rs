@@ -82,6 +82,9 @@ pub struct Options {
     /// After a request that came alone, how long the I/O loop polls the
     /// submission ring before sleeping (zero: never polls).
     pub poll: Duration,
+    /// Sleep this long before each read (tests: requests in flight at a
+    /// kill). Zero: none.
+    pub read_delay: Duration,
 }
 
 /// Attaches (or, as a successor, prepares), opens the backend with `open`,
@@ -118,7 +121,9 @@ pub fn run_with(
         conn: &mut conn,
         export: &opts.export,
         size: geometry.size,
+        kind: geometry.kind,
     })?);
+    backends::check_kind(&opts.export, geometry.kind, backend.kind())?;
     if opts.successor {
         fault::inject(Point::SuccessorAfterPrepare);
         conn.send(&Request::Ready)?;

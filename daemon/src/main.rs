@@ -26,6 +26,8 @@ Backends:
   file:PATH             a local file, created sparse if missing; flush = fdatasync
   mem                   a memfd kept in the broker's fd store (survives daemon
                         crashes, not broker restarts)
+  dir:PATH              for a cachefiles export (holdfast-broker --cachefiles):
+                        blobs (erofs images) as files in PATH, read-only
 
 Options:
   --socket PATH         the broker's control socket [default: $HOLDFAST_SOCKET
@@ -42,6 +44,8 @@ Options:
                         one for N microseconds before sleeping: lower latency
                         at queue depth 1 for up to a core of CPU while busy
                         (see BENCHMARKS.md) [default: 0, never poll]
+  --read-delay-ms N     sleep N ms before each read (for tests that need reads
+                        in flight) [default: 0]
   -h, --help            print this help
   -V, --version         print the version
 
@@ -70,6 +74,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     let mut workers = 16usize;
     let mut lease_timeout = 30u64;
     let mut poll_us = 0u64;
+    let mut read_delay_ms = 0u64;
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -86,6 +91,12 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
                 workers = number("--workers", &string_value(&mut p)?)?;
                 if !(1..=1024).contains(&workers) {
                     return Err("--workers must be from 1 to 1024".into());
+                }
+            }
+            Long("read-delay-ms") => {
+                read_delay_ms = number("--read-delay-ms", &string_value(&mut p)?)?;
+                if read_delay_ms > 60_000 {
+                    return Err("--read-delay-ms must be at most 60000 (one minute)".into());
                 }
             }
             Long("poll-us") => {
@@ -123,6 +134,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
             workers,
             lease_timeout: Duration::from_secs(lease_timeout),
             poll: Duration::from_micros(poll_us),
+            read_delay: Duration::from_millis(read_delay_ms),
         },
         backend,
     )))

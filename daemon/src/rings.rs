@@ -5,11 +5,11 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use holdfast_proto::Attached;
 use holdfast_proto::control::attach_fds;
 use holdfast_proto::shm::{
     Completion, DataLayout, NEED_WAKEUP, Op, RingLayout, Submission, offsets,
 };
+use holdfast_proto::{Attached, ExportKind};
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::Error;
@@ -133,20 +133,30 @@ impl Attachment {
     }
 
     /// Checks a submission against the geometry; returns the op and, for
-    /// reads and writes, the slot buffer's address and length.
+    /// the ops that use it, the slot buffer's address and length (an
+    /// OPEN's: the whole slot, the name being its first `len` bytes).
     pub fn check(&self, s: &Submission) -> Option<(Op, Option<(*mut u8, usize)>)> {
         let op = Op::from_u8(s.op)?;
         let end = s.offset.checked_add(s.len)?;
-        if end > self.geometry.size {
+        let blobs = self.geometry.kind == ExportKind::Blobs;
+        let allowed = match op {
+            Op::Read => true,
+            Op::Open | Op::Close => blobs,
+            _ => !blobs,
+        };
+        // A blob's size is the daemon's own answer; the broker clamps to it.
+        if !allowed || (!blobs && end > self.geometry.size) {
             return None;
         }
         if !op.uses_buffer() {
             return Some((op, None));
         }
+        let slot_size = self.data_layout.slot_size() as usize;
         let len = usize::try_from(s.len).ok()?;
-        if len > self.data_layout.slot_size() as usize {
+        if len > slot_size {
             return None;
         }
+        let len = if op == Op::Open { slot_size } else { len };
         let off = self.data_layout.slot_offset(s.slot)?;
         // SAFETY: slot_offset + slot_size is inside the mapping.
         let ptr = unsafe { self.data.as_mut_ptr().add(off) };

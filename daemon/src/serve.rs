@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use holdfast_proto::shm::{Completion, Submission};
+use holdfast_proto::shm::{Completion, Op, Submission};
 use holdfast_proto::{HandoffRequest, Reply, Request};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
-use crate::backends::Backend;
+use crate::backends::{Ask, Backend};
 use crate::client::Connection;
 use crate::fault::{self, Point};
 use crate::rings::Attachment;
@@ -150,6 +150,8 @@ struct Executor {
     outstanding: AtomicUsize,
     quiescing: AtomicBool,
     drained: OwnedFd,
+    /// `--read-delay-ms`: a test's way to have reads in flight.
+    read_delay: Duration,
 }
 
 impl Executor {
@@ -161,7 +163,16 @@ impl Executor {
                 // SAFETY: the broker hands a slot's buffer to exactly one
                 // request at a time and does not touch it until completion.
                 let buf = buf.map(|(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr, len) });
-                match crate::backends::run(self.backend.as_ref(), op, s.offset, s.len, buf) {
+                if op == Op::Read && !self.read_delay.is_zero() {
+                    std::thread::sleep(self.read_delay);
+                }
+                let ask = Ask {
+                    op,
+                    object: s.object,
+                    offset: s.offset,
+                    len: s.len,
+                };
+                match crate::backends::run(self.backend.as_ref(), ask, buf) {
                     Ok(n) => i32::try_from(n).unwrap_or(-libc::EIO),
                     Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
                 }
@@ -222,6 +233,7 @@ pub fn serve(
         quiescing: AtomicBool::new(false),
         drained: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| Error::io("eventfd", e.into()))?,
+        read_delay: opts.read_delay,
     });
     let mut threads = Vec::new();
     for i in 0..opts.workers.max(1) {
@@ -254,7 +266,10 @@ pub fn serve(
             let s = att.submission(head);
             head = head.wrapping_add(1);
             exec.outstanding.fetch_add(1, Ordering::SeqCst);
-            if quick && alone {
+            // A blob's OPEN and CLOSE run here, in ring order: a read that
+            // follows an OPEN (replays after a restore do) must find it.
+            let ordered = matches!(Op::from_u8(s.op), Some(Op::Open | Op::Close));
+            if (quick && alone) || ordered {
                 att.set_submission_head(head);
                 exec.run(&s);
             } else if tx.send(s).is_err() {

@@ -152,10 +152,40 @@ pub enum Request {
     },
 }
 
+/// What an export holds, and so which ops its daemon gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExportKind {
+    /// One volume of `size` bytes (FUSE file, loop or ublk device): read,
+    /// write, flush, discard, write-zeroes, allocate.
+    Volume = 1,
+    /// Named read-only blobs (cachefiles: the blobs of erofs images): open,
+    /// read (of one blob), close.
+    Blobs = 2,
+}
+
+impl ExportKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Volume),
+            2 => Some(Self::Blobs),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Volume => "volume",
+            Self::Blobs => "blobs",
+        }
+    }
+}
+
 /// Shape of the export and of the shared memory, sent with ATTACHED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attached {
-    /// Export size in bytes.
+    pub kind: ExportKind,
+    /// Export size in bytes (blob exports: 0).
     pub size: u64,
     /// Logical block size in bytes (512 or 4096).
     pub block_size: u32,
@@ -575,7 +605,8 @@ impl Reply {
             }
             Self::Attached(a) => {
                 let mut w = header(kind::ATTACHED);
-                w.u64(a.size)
+                w.u8(a.kind as u8)
+                    .u64(a.size)
                     .u32(a.block_size)
                     .u32(a.slot_count)
                     .u32(a.slot_size)
@@ -645,6 +676,13 @@ impl Reply {
                 broker_pid: r.u32("hello.broker_pid")?,
             },
             kind::ATTACHED => Self::Attached(Attached {
+                kind: {
+                    let v = r.u8("attached.kind")?;
+                    ExportKind::from_u8(v).ok_or(DecodeError::BadValue {
+                        field: "attached.kind",
+                        value: u64::from(v),
+                    })?
+                },
                 size: r.u64("attached.size")?,
                 block_size: r.u32("attached.block_size")?,
                 slot_count: r.u32("attached.slot_count")?,
@@ -804,6 +842,7 @@ mod tests {
                 broker_pid: 9,
             },
             Reply::Attached(Attached {
+                kind: ExportKind::Blobs,
                 size: 256 << 20,
                 block_size: 512,
                 slot_count: 64,

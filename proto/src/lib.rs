@@ -16,7 +16,8 @@ pub mod shm;
 mod wire;
 
 pub use control::{
-    Attach, Attached, DaemonState, DaemonStatus, ExportAdd, ExportStatus, Hello, Reply, Request,
+    Attach, Attached, DaemonState, DaemonStatus, ExportAdd, ExportKind, ExportStatus, Hello, Reply,
+    Request,
 };
 pub use error::{ErrorCode, ErrorReply};
 pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};
@@ -24,7 +25,7 @@ pub use wire::DecodeError;
 
 /// The control protocol version this crate speaks. A broker answers a HELLO
 /// with another version with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Environment variable naming the broker's control socket, read by
 /// `holdfast-daemon` and `holdfastctl` when `--socket` is not given.

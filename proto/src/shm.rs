@@ -68,6 +68,15 @@ pub enum Op {
     WriteZeroes = 5,
     /// Allocate backing space for `[offset, offset + len)`.
     Allocate = 6,
+    /// Blob exports: blob `object` is opened. The slot buffer holds its
+    /// name (`len` bytes; cachefiles: the cookie key). The daemon writes
+    /// the blob's size in bytes as a little-endian u64 at the start of the
+    /// slot buffer and completes with 0, or fails with a negative errno.
+    /// Sent again for every open blob before anything else to each new
+    /// daemon of the export, so a daemon learns every blob it is asked for.
+    Open = 7,
+    /// Blob exports: blob `object` is closed; its number may be reused.
+    Close = 8,
 }
 
 impl Op {
@@ -79,13 +88,26 @@ impl Op {
             4 => Self::Discard,
             5 => Self::WriteZeroes,
             6 => Self::Allocate,
+            7 => Self::Open,
+            8 => Self::Close,
             _ => return None,
         })
     }
 
-    /// Whether the op moves data through the slot buffer.
+    /// Whether the op uses the slot buffer.
     pub fn uses_buffer(self) -> bool {
+        matches!(self, Self::Read | Self::Write | Self::Open)
+    }
+
+    /// Whether a successful completion reports `len` bytes moved (reads and
+    /// writes) rather than 0.
+    pub fn moves_len(self) -> bool {
         matches!(self, Self::Read | Self::Write)
+    }
+
+    /// Whether the slot buffer holds data for the daemon when dispatched.
+    pub fn carries_data(self) -> bool {
+        matches!(self, Self::Write | Self::Open)
     }
 
     pub fn name(self) -> &'static str {
@@ -96,6 +118,8 @@ impl Op {
             Self::Discard => "discard",
             Self::WriteZeroes => "write-zeroes",
             Self::Allocate => "allocate",
+            Self::Open => "open",
+            Self::Close => "close",
         }
     }
 }
@@ -113,7 +137,7 @@ pub struct Submission {
     /// Request sequence number: unique per export, increasing in arrival
     /// order; the completion echoes it.
     pub seq: u64,
-    /// Byte offset in the export.
+    /// Byte offset in the export (blob exports: in blob `object`).
     pub offset: u64,
     /// Length in bytes (at most `slot_size` for reads and writes).
     pub len: u64,
@@ -121,11 +145,14 @@ pub struct Submission {
     pub epoch: u64,
     /// Slot index; for reads and writes, the data is in this slot's buffer.
     pub slot: u32,
+    /// Blob exports: the blob (cachefiles: the kernel's object id, named
+    /// by an earlier [`Op::Open`]). Volume exports: 0.
+    pub object: u32,
     /// An [`Op`] as u8.
     pub op: u8,
     /// [`FLAG_REPLAYED`] and future flags.
     pub flags: u8,
-    pub reserved: u16,
+    pub reserved: [u8; 6],
 }
 
 /// A completion ring entry (daemon → broker).
@@ -147,7 +174,7 @@ pub struct Completion {
 
 pub const SUBMISSION_SIZE: usize = size_of::<Submission>();
 pub const COMPLETION_SIZE: usize = size_of::<Completion>();
-const _: () = assert!(SUBMISSION_SIZE == 40 && COMPLETION_SIZE == 24);
+const _: () = assert!(SUBMISSION_SIZE == 48 && COMPLETION_SIZE == 24);
 
 /// Geometry of the rings memfd for a given number of entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,13 +305,14 @@ mod tests {
             slot: 5,
             op: Op::Write as u8,
             flags: FLAG_REPLAYED,
-            reserved: 0,
+            object: 6,
+            reserved: [0; 6],
         };
         assert_eq!(Submission::read_from_bytes(s.as_bytes()).unwrap(), s);
         for v in 0..=255u8 {
             assert_eq!(
                 Op::from_u8(v).map(|o| o as u8),
-                (1..=6).contains(&v).then_some(v)
+                (1..=8).contains(&v).then_some(v)
             );
         }
     }

@@ -266,6 +266,7 @@ impl Export {
         if let Some(old) = st.session.replace(new) {
             old.link.notify(Notice::Release);
         }
+        self.resend_opens(st);
         let replays = u32::try_from(st.inflight.queued_replays()).unwrap_or(u32::MAX);
         self.finish(st, HandoffOutcome::Completed, String::new());
         info!("{}: daemon pid {pid} (epoch {epoch}) took over", self.name);
@@ -544,6 +545,7 @@ mod tests {
     fn released_successor_ending_late_spares_the_next_handoff() {
         let export = Export::new(&ExportConfig {
             name: "vol0".into(),
+            kind: holdfast_proto::ExportKind::Volume,
             size: 1 << 20,
             block_size: 512,
             slot_count: 8,

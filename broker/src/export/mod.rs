@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use holdfast_proto::shm::{DataLayout, FLAG_REPLAYED, Op, RingLayout};
 use holdfast_proto::{
-    Attached, DaemonState, DaemonStatus, ErrorCode, ErrorReply, ExportStatus, HandoffReport,
-    MAX_NAME_LEN,
+    Attached, DaemonState, DaemonStatus, ErrorCode, ErrorReply, ExportKind, ExportStatus,
+    HandoffReport, MAX_NAME_LEN,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::frontends::{Origin, Outcome, SlotData, Target};
-use crate::inflight::{Data, Done, Failed, Inflight};
+use crate::frontends::{Origin, Outcome, Reopen, SlotData, Target};
+use crate::inflight::{Ask, Data, Done, Failed, Inflight, Priority};
 use crate::shm::{RingViolation, Rings, SharedRegion};
 use crate::sys::{self, pidfd::Pidfd};
 use crate::{info, warn};
@@ -34,6 +34,7 @@ pub const MAX_STORED_FDS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
     pub name: String,
+    pub kind: ExportKind,
     pub size: u64,
     pub block_size: u32,
     pub slot_count: u32,
@@ -178,6 +179,7 @@ impl std::fmt::Display for Violation {
 
 pub struct Export {
     pub name: String,
+    pub kind: ExportKind,
     pub size: u64,
     pub block_size: u32,
     layout: DataLayout,
@@ -186,6 +188,8 @@ pub struct Export {
     data: SharedRegion,
     state: Mutex<State>,
     changed: Condvar,
+    /// A blob export's frontend: what a new daemon must be told first.
+    reopen: Mutex<Option<std::sync::Weak<dyn Reopen>>>,
 }
 
 impl Export {
@@ -203,6 +207,7 @@ impl Export {
         let data = SharedRegion::map(&data_fd, layout.byte_len())?;
         Ok(Self {
             name: cfg.name.clone(),
+            kind: cfg.kind,
             size: cfg.size,
             block_size: cfg.block_size,
             layout,
@@ -224,7 +229,41 @@ impl Export {
                 modified: false,
             }),
             changed: Condvar::new(),
+            reopen: Mutex::new(None),
         })
+    }
+
+    /// Names the frontend whose open blobs every new daemon is told about
+    /// (as OPENs sent before anything else) when it starts serving.
+    pub fn set_reopen(&self, frontend: std::sync::Weak<dyn Reopen>) {
+        *self.reopen.lock() = Some(frontend);
+    }
+
+    /// Adds a request on a blob of a blob export.
+    pub fn submit_blob(&self, ask: Ask, origin: Origin, data: Data) {
+        let mut st = self.state.lock();
+        if st.removed {
+            drop(st);
+            return origin
+                .sink
+                .complete(origin.tag, ask.op, Outcome::Failed(libc::EIO));
+        }
+        st.inflight.submit_ask(ask, Priority::Normal, origin, data);
+        self.dispatch(&mut st);
+        update_waiting(&mut st);
+    }
+
+    /// Queues the frontend's OPENs again, before every other request: the
+    /// daemon that is about to get requests has not seen them.
+    fn resend_opens(&self, st: &mut State) {
+        let frontend = self
+            .reopen
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        for (ask, origin, data) in frontend.map(|f| f.reopens()).unwrap_or_default() {
+            st.inflight.submit_ask(ask, Priority::First, origin, data);
+        }
     }
 
     pub fn data_fd(&self) -> &OwnedFd {
@@ -504,6 +543,7 @@ impl Export {
         };
         let grant = Grant {
             reply: Attached {
+                kind: self.kind,
                 size: self.size,
                 block_size: self.block_size,
                 slot_count: self.layout.slot_count(),
@@ -570,7 +610,10 @@ impl Export {
             return Err(self.not_attached());
         };
         match s.state {
-            DaemonState::Attached => s.state = DaemonState::Active,
+            DaemonState::Attached => {
+                s.state = DaemonState::Active;
+                self.resend_opens(st);
+            }
             DaemonState::Active => {}
             other => {
                 return Err(ErrorReply::new(

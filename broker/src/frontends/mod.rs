@@ -135,3 +135,13 @@ pub fn holders(device: Option<&Path>, files: &[PathBuf]) -> Vec<String> {
     }
     found
 }
+
+/// A blob frontend (cachefiles), which a new daemon must tell about every
+/// open blob before it gets anything else: a blob's reads name it only by
+/// number.
+pub trait Reopen: Send + Sync {
+    /// An [`Op::Open`](holdfast_proto::shm::Op::Open) per open blob, with
+    /// its name as data and an origin that expects no reply to the kernel.
+    /// Called under the export's lock: must not call into the export.
+    fn reopens(&self) -> Vec<(crate::inflight::Ask, Origin, Data)>;
+}

@@ -2,6 +2,7 @@
 //! implements [`Backend`], which is all a user implements to write their own
 //! daemon on this library.
 
+pub mod dir;
 pub mod file;
 pub mod mem;
 
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use holdfast_proto::ExportKind;
 use holdfast_proto::shm::Op;
 use rustix::fs::FallocateFlags;
 
@@ -67,19 +69,77 @@ pub trait Backend: Send + Sync {
     fn quick(&self) -> bool {
         false
     }
+    /// What the backend serves: one volume (the ops above), or named blobs
+    /// (the ops below; the volume ops then fail).
+    fn kind(&self) -> ExportKind {
+        ExportKind::Volume
+    }
+    /// Blobs: opens blob `name` under the number `object` (a later open of
+    /// the same number replaces it) and returns its size in bytes.
+    fn open_blob(&self, _object: u32, _name: &[u8]) -> io::Result<u64> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Blobs: fills `buf` with the bytes of blob `object` at `offset`
+    /// (zeroes past its end).
+    fn read_blob(&self, _object: u32, _offset: u64, _buf: &mut [u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Blobs: forgets blob `object`.
+    fn close_blob(&self, _object: u32) {}
+}
+
+/// What a request asks of the backend: the op, and for blob exports the
+/// blob (0 for volumes).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub op: Op,
+    pub object: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Ask {
+    /// A request on a volume.
+    pub fn volume(op: Op, offset: u64, len: u64) -> Self {
+        Self {
+            op,
+            object: 0,
+            offset,
+            len,
+        }
+    }
 }
 
 /// Runs one request against `backend`: `buf` is the request's data (read
-/// into, or written from) for the ops that carry data. Returns the bytes
-/// done; a data op without a buffer is EINVAL.
-pub fn run(
-    backend: &dyn Backend,
-    op: Op,
-    offset: u64,
-    len: u64,
-    buf: Option<&mut [u8]>,
-) -> io::Result<usize> {
+/// into, or written from) for the ops that carry data (an OPEN's: the slot
+/// holding the name, which gets the size). Returns the bytes done; a data
+/// op without a buffer is EINVAL.
+pub fn run(backend: &dyn Backend, ask: Ask, buf: Option<&mut [u8]>) -> io::Result<usize> {
+    let Ask {
+        op,
+        object,
+        offset,
+        len,
+    } = ask;
+    let blobs = backend.kind() == ExportKind::Blobs;
     match (op, buf) {
+        (Op::Read, Some(buf)) if blobs => {
+            backend.read_blob(object, offset, buf).map(|()| buf.len())
+        }
+        (Op::Open, Some(buf)) => {
+            let name = usize::try_from(len).ok().and_then(|n| buf.get(..n));
+            let name = name.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let size = backend.open_blob(object, name)?;
+            let out = buf
+                .get_mut(..8)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            out.copy_from_slice(&size.to_le_bytes());
+            Ok(0)
+        }
+        (Op::Close, _) => {
+            backend.close_blob(object);
+            Ok(0)
+        }
         (Op::Read, Some(buf)) => backend.read(offset, buf).map(|()| buf.len()),
         (Op::Write, Some(buf)) => backend.write(offset, buf).map(|()| buf.len()),
         (Op::Flush, _) => backend.flush().map(|()| 0),
@@ -97,6 +157,8 @@ pub enum BackendSpec {
     File(PathBuf),
     /// `mem`: a memfd kept in the broker's fd store, so it survives daemon crashes.
     Mem,
+    /// `dir:PATH`: the blobs of a blob export (cachefiles), one file each.
+    Dir(PathBuf),
 }
 
 impl FromStr for BackendSpec {
@@ -107,7 +169,10 @@ impl FromStr for BackendSpec {
         }
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(Self::File(path.into())),
-            _ => Err(format!("unknown backend {s:?}: use file:PATH or mem")),
+            Some(("dir", path)) if !path.is_empty() => Ok(Self::Dir(path.into())),
+            _ => Err(format!(
+                "unknown backend {s:?}: use file:PATH, mem, or dir:PATH (blobs)"
+            )),
         }
     }
 }
@@ -118,14 +183,42 @@ pub struct OpenContext<'a> {
     pub conn: &'a mut Connection,
     pub export: &'a str,
     pub size: u64,
+    pub kind: ExportKind,
+}
+
+/// Refuses a backend that serves another kind than the export holds.
+pub fn check_kind(export: &str, holds: ExportKind, serves: ExportKind) -> Result<(), Error> {
+    if holds == serves {
+        return Ok(());
+    }
+    Err(Error::Protocol(format!(
+        "export {export} holds {}, and this backend serves {}: {}",
+        holds.name(),
+        serves.name(),
+        match holds {
+            ExportKind::Blobs => "serve it with --backend dir:PATH",
+            ExportKind::Volume => "serve it with --backend file:PATH or mem",
+        }
+    )))
 }
 
 impl BackendSpec {
-    /// Opens the backend (without its lease).
+    /// What the backend serves.
+    pub fn kind(&self) -> ExportKind {
+        match self {
+            Self::File(_) | Self::Mem => ExportKind::Volume,
+            Self::Dir(_) => ExportKind::Blobs,
+        }
+    }
+
+    /// Opens the backend (without its lease), after checking that it
+    /// serves what the export holds.
     pub fn open(&self, ctx: OpenContext<'_>) -> Result<Box<dyn Backend>, Error> {
+        check_kind(ctx.export, ctx.kind, self.kind())?;
         Ok(match self {
             Self::File(path) => Box::new(file::open(path, ctx.size)?),
             Self::Mem => Box::new(mem::open(ctx)?),
+            Self::Dir(path) => Box::new(dir::open(path)?),
         })
     }
 }
@@ -230,6 +323,8 @@ mod tests {
         assert_eq!("mem".parse(), Ok(BackendSpec::Mem));
         assert_eq!("file:/x/y".parse(), Ok(BackendSpec::File("/x/y".into())));
         assert!("file:".parse::<BackendSpec>().is_err());
+        assert_eq!("dir:/b".parse(), Ok(BackendSpec::Dir("/b".into())));
+        assert!("dir:".parse::<BackendSpec>().is_err());
         assert!("s3://b".parse::<BackendSpec>().is_err());
     }
 }

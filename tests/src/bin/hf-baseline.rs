@@ -73,19 +73,21 @@ impl Target for InPlace {
         let buf = ptr.map(|p| unsafe { std::slice::from_raw_parts_mut(p, n) });
         let outcome = match (op.uses_buffer(), buf) {
             (true, None) => Outcome::Failed(libc::EIO),
-            (_, buf) => match backends::run(&*self.backend, op, offset, len, buf) {
-                Ok(done) => Outcome::Done {
-                    len: done as u64,
-                    data: slot.and_then(|s| {
-                        Some(SlotData {
-                            region: &self.data,
-                            offset: self.layout.slot_offset(s)?,
-                            len: done,
-                        })
-                    }),
-                },
-                Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
-            },
+            (_, buf) => {
+                match backends::run(&*self.backend, backends::Ask::volume(op, offset, len), buf) {
+                    Ok(done) => Outcome::Done {
+                        len: done as u64,
+                        data: slot.and_then(|s| {
+                            Some(SlotData {
+                                region: &self.data,
+                                offset: self.layout.slot_offset(s)?,
+                                len: done,
+                            })
+                        }),
+                    },
+                    Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
+                }
+            }
         };
         origin.sink.complete(origin.tag, op, outcome);
         if let Some(s) = slot {
