@@ -754,14 +754,20 @@ impl Export {
             Err(errno) => Outcome::Failed(errno),
             Ok(len) => Outcome::Done {
                 len,
-                data: (d.op == Op::Read)
-                    .then(|| self.layout.slot_offset(d.slot))
-                    .flatten()
-                    .map(|offset| SlotData {
+                // What the daemon left in the slot: a read's data, an
+                // OPEN's blob size.
+                data: match d.op {
+                    Op::Read => usize::try_from(len).ok(),
+                    Op::Open => Some(size_of::<u64>()),
+                    _ => None,
+                }
+                .and_then(|n| {
+                    Some(SlotData {
                         region: &self.data,
-                        offset,
-                        len: usize::try_from(len).unwrap_or(0),
-                    }),
+                        offset: self.layout.slot_offset(d.slot)?,
+                        len: n,
+                    })
+                }),
             },
         };
         d.origin.sink.complete(d.origin.tag, d.op, outcome);

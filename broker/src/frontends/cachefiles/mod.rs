@@ -475,7 +475,7 @@ struct Reply {
 
 /// The blob size a daemon wrote at the start of an OPEN's slot buffer.
 fn blob_size(data: Option<&SlotData<'_>>) -> Option<u64> {
-    let d = data?;
+    let d = data.filter(|d| d.len == size_of::<u64>())?;
     let size: [u8; 8] = d.region.read(d.offset)?;
     Some(u64::from_le_bytes(size)).filter(|s| i64::try_from(*s).is_ok())
 }
@@ -498,7 +498,13 @@ impl ReplySink for Reply {
                     }
                     Err(errno) => {
                         // The object fails to open: give its fd back.
-                        inner.objects.lock().remove(object);
+                        let gone = inner.objects.lock().remove(object);
+                        warn!(
+                            "cachefiles object {object} ({}): the daemon failed the OPEN: {}",
+                            gone.map(|o| String::from_utf8_lossy(&o.name).into_owned())
+                                .unwrap_or_default(),
+                            io::Error::from_raw_os_error(errno)
+                        );
                         inner.copen(*msg_id, -i64::from(errno));
                     }
                 }
