@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Instant;
 
-use holdfast_proto::shm::{Completion, FLAG_REPLAYED, Op, Submission};
+use holdfast_proto::shm::{Ask, Completion, FLAG_REPLAYED, Op, Submission};
 
 use crate::frontends::Origin;
 
@@ -51,28 +51,6 @@ pub enum Priority {
     First,
     /// In sequence order.
     Normal,
-}
-
-/// What a new request asks of the daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ask {
-    pub op: Op,
-    /// Blob exports: the blob; volume exports: 0.
-    pub object: u32,
-    pub offset: u64,
-    pub len: u64,
-}
-
-impl Ask {
-    /// A request on a volume export.
-    pub fn volume(op: Op, offset: u64, len: u64) -> Self {
-        Self {
-            op,
-            object: 0,
-            offset,
-            len,
-        }
-    }
 }
 
 struct Request {
@@ -693,5 +671,66 @@ mod tests {
         assert!(t.take_slot().is_none());
         assert_eq!(t.take_queued().len(), 1);
         assert!(t.take_slot().is_some());
+    }
+
+    /// A blob export's OPENs sent again to a new daemon go before the
+    /// replays (and stay first if that daemon is lost too); an OPEN's
+    /// completion reports 0, and its name survives a stolen slot.
+    #[test]
+    fn first_priority_opens_go_before_replays() {
+        let mut t = Inflight::new(2);
+        let now = Instant::now();
+        let read = |object, offset| Ask {
+            op: Op::Read,
+            object,
+            offset,
+            len: 4096,
+        };
+        t.submit_ask(read(5, 0), Priority::Normal, origin(1), Data::None);
+        let r = t.next_dispatch(1, now, no_heap).unwrap();
+        assert_eq!((r.entry.object, r.entry.op), (5, Op::Read as u8));
+        assert_eq!(t.reclaim(1), 1);
+        let open = Ask {
+            op: Op::Open,
+            object: 5,
+            offset: 0,
+            len: 3,
+        };
+        t.submit_ask(
+            open,
+            Priority::First,
+            origin(2),
+            Data::Heap(b"img".to_vec().into()),
+        );
+        let o = t.next_dispatch(2, now, no_heap).unwrap();
+        assert_eq!(o.entry.op, Op::Open as u8);
+        assert_eq!(o.heap.as_deref(), Some(&b"img"[..]));
+        assert!(
+            t.complete(2, &done(&o, 3)).is_err(),
+            "an OPEN moves no bytes"
+        );
+        // Lost again: the OPEN is still first.
+        assert_eq!(t.reclaim(2), 1);
+        let o = t.next_dispatch(3, now, no_heap).unwrap();
+        assert_eq!(o.entry.op, Op::Open as u8);
+        let r = t.next_dispatch(3, now, no_heap).unwrap();
+        assert_eq!((r.entry.op, r.entry.flags), (Op::Read as u8, FLAG_REPLAYED));
+        let d = t.complete(3, &done(&o, 0)).unwrap();
+        assert_eq!((d.op, d.result), (Op::Open, Ok(0)));
+
+        // A queued OPEN holding a slot gives it up to an older request
+        // without one, and keeps its name.
+        let mut t = Inflight::new(1);
+        t.submit(Op::Flush, 0, 0, origin(4), Data::None);
+        let s = t.take_slot().unwrap();
+        t.submit_ask(open, Priority::Normal, origin(5), Data::Slot(s));
+        let copied = |_: u32, len: u64| Some(vec![7u8; len as usize].into_boxed_slice());
+        let f = t.next_dispatch(1, now, copied).unwrap();
+        assert_eq!(f.entry.op, Op::Flush as u8);
+        let d = t.complete(1, &done(&f, 0)).unwrap();
+        t.release(d.slot);
+        let o = t.next_dispatch(1, now, no_heap).unwrap();
+        assert_eq!(o.heap.as_deref(), Some(&[7u8; 3][..]));
+        assert_eq!(o.entry.op, Op::Open as u8);
     }
 }

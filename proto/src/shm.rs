@@ -124,6 +124,29 @@ impl Op {
     }
 }
 
+/// What a request asks of a daemon: a submission without the broker's
+/// bookkeeping (sequence number, epoch, slot, flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub op: Op,
+    /// Blob exports: the blob; volume exports: 0.
+    pub object: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Ask {
+    /// A request on a volume export.
+    pub fn volume(op: Op, offset: u64, len: u64) -> Self {
+        Self {
+            op,
+            object: 0,
+            offset,
+            len,
+        }
+    }
+}
+
 /// Submission flag: this request was dispatched to an earlier daemon that
 /// was lost before completing it.
 pub const FLAG_REPLAYED: u8 = 1 << 0;

@@ -5,6 +5,7 @@
 #     mounted with -o fsid=IMAGE, every file read against known checksums.
 #  2. The same from a cold cache while the daemon (delaying each READ) is
 #     SIGKILLed 50 times, each kill with reads in flight; no read fails.
+#     Then a cold pass across 5 planned handoffs.
 #  3. The broker's own restart: SIGUSR2 re-executes it with /dev/cachefiles
 #     inherited while a read waits in it; `restore` makes the kernel re-send.
 # Each pass uses a new blob name (a hard link): a new cache cookie, so the
@@ -125,6 +126,22 @@ $B/holdfastctl status
 echo "requests replayed after 50 kills: $replayed"
 [ "$replayed" -ge 50 ] || { echo "fewer replays than kills"; exit 1; }
 echo "erofs reads across 50 daemon kills: every file correct, none failed"
+
+# 2b. Reads across 5 handoffs: each successor is told the open blobs
+# before it gets the reads.
+( check_pass handoff || { cat $W/check-handoff.log; exit 1; } ) > $W/reader.log 2>&1 &
+reader=$!
+i=0
+while [ $i -lt 5 ]; do
+    sleep 1
+    $B/holdfastctl handoff images --exec "$B/holdfast-daemon --export images --backend dir:$W/blobs --read-delay-ms 10 2>>$W/daemon.log" > $W/handoff.log 2>&1 ||
+        { cat $W/handoff.log; echo "handoff $i: FAILED"; exit 1; }
+    i=$((i + 1))
+done
+if ! wait $reader; then cat $W/reader.log; echo "reads across 5 handoffs: FAILED"; exit 1; fi
+reader=
+daemon=$($B/holdfastctl status | awk '$1 == "images" { print $5 }')
+echo "erofs reads across 5 handoffs: every file correct"
 
 # 3. The broker's re-exec with /dev/cachefiles inherited. The daemon is
 # stopped so that a read waits in the broker across the exec.

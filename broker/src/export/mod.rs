@@ -22,10 +22,11 @@ use holdfast_proto::{
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::frontends::{Origin, Outcome, Reopen, SlotData, Target};
-use crate::inflight::{Ask, Data, Done, Failed, Inflight, Priority};
+use crate::inflight::{Data, Done, Failed, Inflight, Priority};
 use crate::shm::{RingViolation, Rings, SharedRegion};
 use crate::sys::{self, pidfd::Pidfd};
 use crate::{info, warn};
+use holdfast_proto::shm::Ask;
 
 /// Most descriptors one export's fd store holds.
 pub const MAX_STORED_FDS: usize = 16;

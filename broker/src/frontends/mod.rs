@@ -143,5 +143,5 @@ pub trait Reopen: Send + Sync {
     /// An [`Op::Open`](holdfast_proto::shm::Op::Open) per open blob, with
     /// its name as data and an origin that expects no reply to the kernel.
     /// Called under the export's lock: must not call into the export.
-    fn reopens(&self) -> Vec<(crate::inflight::Ask, Origin, Data)>;
+    fn reopens(&self) -> Vec<(holdfast_proto::shm::Ask, Origin, Data)>;
 }

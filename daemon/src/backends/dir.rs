@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -90,19 +89,7 @@ impl Backend for DirBackend {
         let blobs = self.blobs.read();
         // An object the broker never opened here is a broker bug: EIO.
         let file = blobs.get(&object).ok_or_else(|| errno(libc::EIO))?;
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        super::read_full(file, offset, buf)
     }
 
     fn close_blob(&self, object: u32) {

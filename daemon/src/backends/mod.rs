@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use holdfast_proto::ExportKind;
+pub use holdfast_proto::shm::Ask;
 use holdfast_proto::shm::Op;
 use rustix::fs::FallocateFlags;
 
@@ -86,28 +87,6 @@ pub trait Backend: Send + Sync {
     }
     /// Blobs: forgets blob `object`.
     fn close_blob(&self, _object: u32) {}
-}
-
-/// What a request asks of the backend: the op, and for blob exports the
-/// blob (0 for volumes).
-#[derive(Debug, Clone, Copy)]
-pub struct Ask {
-    pub op: Op,
-    pub object: u32,
-    pub offset: u64,
-    pub len: u64,
-}
-
-impl Ask {
-    /// A request on a volume.
-    pub fn volume(op: Op, offset: u64, len: u64) -> Self {
-        Self {
-            op,
-            object: 0,
-            offset,
-            len,
-        }
-    }
 }
 
 /// Runs one request against `backend`: `buf` is the request's data (read
@@ -223,6 +202,24 @@ impl BackendSpec {
     }
 }
 
+/// Fills `buf` with `file`'s bytes at `offset`; past the end of the file
+/// (a short file, a blob's last page) it reads zeroes.
+pub fn read_full(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A backend on a file descriptor (a regular file or a memfd), shared by
 /// the `file` and `mem` kinds.
 pub struct FdBackend {
@@ -264,20 +261,7 @@ impl Backend for FdBackend {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                // Past the end of a short file: the export reads zeroes.
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        read_full(&self.file, offset, buf)
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {

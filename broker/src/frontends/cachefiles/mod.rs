@@ -33,8 +33,9 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::export::Export;
 use crate::frontends::{Origin, Outcome, Reopen, ReplySink, SlotData, Target};
-use crate::inflight::{Ask, Data};
+use crate::inflight::Data;
 use crate::warn;
+use holdfast_proto::shm::Ask;
 
 /// The device (Documentation/filesystems/caching/cachefiles.rst).
 pub const DEVICE: &str = "/dev/cachefiles";
