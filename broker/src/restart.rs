@@ -62,13 +62,30 @@ pub fn inherited_cachefiles_fd() -> Result<Option<OwnedFd>, String> {
 
 /// The fd systemd passed under `name`, if the variables are for this pid.
 fn systemd_fd(name: &str) -> Option<RawFd> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    if pid != std::process::id() {
+    let var = |k| std::env::var(k).ok();
+    listen_fd(
+        name,
+        std::process::id(),
+        var("LISTEN_PID").as_deref(),
+        var("LISTEN_FDS").as_deref(),
+        var("LISTEN_FDNAMES").as_deref(),
+    )
+}
+
+/// sd_listen_fds_with_names(3) for one name: `LISTEN_PID` must be `me`,
+/// and the fds are numbered from 3 in `LISTEN_FDNAMES` order.
+fn listen_fd(
+    name: &str,
+    me: u32,
+    pid: Option<&str>,
+    count: Option<&str>,
+    names: Option<&str>,
+) -> Option<RawFd> {
+    if pid?.parse::<u32>().ok()? != me {
         return None;
     }
-    let count: usize = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    let index = names.split(':').take(count).position(|n| n == name)?;
+    let count: usize = count?.parse().ok()?;
+    let index = names?.split(':').take(count).position(|n| n == name)?;
     LISTEN_FDS_START.checked_add(RawFd::try_from(index).ok()?)
 }
 
@@ -173,6 +190,21 @@ impl Reexec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_fds_by_name() {
+        let fd = |pid, count, names| listen_fd("cachefiles", 7, Some(pid), Some(count), names);
+        assert_eq!(fd("7", "1", Some("cachefiles")), Some(3));
+        assert_eq!(fd("7", "3", Some("a:b:cachefiles")), Some(5));
+        assert_eq!(fd("8", "1", Some("cachefiles")), None, "another pid's");
+        assert_eq!(
+            fd("7", "2", Some("a:b:cachefiles")),
+            None,
+            "past LISTEN_FDS"
+        );
+        assert_eq!(fd("7", "1", None), None);
+        assert_eq!(fd("7", "x", Some("cachefiles")), None);
+    }
 
     #[test]
     fn store_fd_sends_the_fd_with_its_name() {

@@ -22,7 +22,7 @@ pub mod sys;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -56,6 +56,19 @@ const MAX_BLOB_NAME: usize = sys::MSG_MAX_SIZE;
 /// page covers every logical block size.
 const CACHE_ALIGN: usize = 4096;
 
+/// Where an object in the table is, in the kernel's terms (`enum
+/// cachefiles_object_state`, 6.8+). An object not in the table is CLOSE
+/// for the broker: never opened, closed, or its fd died with a previous
+/// broker (then the kernel moves it to REOPENING on its next read and
+/// sends a new OPEN, which enters it here again under a new number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjectState {
+    /// OPEN received, `copen` not written yet (the daemon has the request).
+    Opening,
+    /// `copen` written with the blob's size: READs come.
+    Open { size: u64 },
+}
+
 /// One cache object the kernel opened.
 struct Object {
     /// The blob's name (the cookie key).
@@ -63,14 +76,12 @@ struct Object {
     /// The anonymous fd the kernel installed for it; closing it closes the
     /// object. Shared with reads in progress.
     fd: Arc<OwnedFd>,
-    /// The blob's size once the daemon answered the OPEN (`copen` written).
-    size: Option<u64>,
+    state: ObjectState,
 }
 
 struct Inner {
     dev: OwnedFd,
     export: Arc<Export>,
-    dir: PathBuf,
     objects: Mutex<BTreeMap<u32, Object>>,
 }
 
@@ -110,7 +121,6 @@ impl Cachefiles {
         let inner = Arc::new(Inner {
             dev,
             export: export.clone(),
-            dir: dir.to_path_buf(),
             objects: Mutex::new(BTreeMap::new()),
         });
         let weak: Weak<dyn Reopen> = Arc::downgrade(&(inner.clone() as Arc<dyn Reopen>));
@@ -127,15 +137,6 @@ impl Cachefiles {
     /// systemd's fd store.
     pub fn device_fd(&self) -> &OwnedFd {
         &self.inner.dev
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
-    }
-
-    /// Objects open now.
-    pub fn objects(&self) -> usize {
-        self.inner.objects.lock().len()
     }
 }
 
@@ -267,7 +268,7 @@ impl Inner {
             Object {
                 name: name.clone(),
                 fd: Arc::new(fd),
-                size: None,
+                state: ObjectState::Opening,
             },
         );
         let sink = Arc::new(Reply {
@@ -291,7 +292,10 @@ impl Inner {
             .objects
             .lock()
             .get(&object)
-            .and_then(|o| Some((o.fd.clone(), o.size?)));
+            .and_then(|o| match o.state {
+                ObjectState::Open { size } => Some((o.fd.clone(), size)),
+                ObjectState::Opening => None,
+            });
         let Some((fd, size)) = found else {
             warn!("cachefiles READ {msg_id} names object {object}, which is not open; ignored");
             return;
@@ -370,7 +374,10 @@ impl Reopen for Inner {
         objects
             .iter()
             .filter_map(|(&object, o)| {
-                let size = o.size?;
+                let ObjectState::Open { size } = o.state else {
+                    // Its OPEN is still in the export's table: replayed.
+                    return None;
+                };
                 let ask = Ask {
                     op: Op::Open,
                     object,
@@ -493,7 +500,7 @@ impl ReplySink for Reply {
                 match size {
                     Ok(size) => {
                         if let Some(o) = inner.objects.lock().get_mut(object) {
-                            o.size = Some(size);
+                            o.state = ObjectState::Open { size };
                         }
                         inner.copen(*msg_id, size as i64);
                     }
