@@ -251,6 +251,10 @@ impl Inner {
     }
 
     fn open(self: &Arc<Self>, msg_id: u32, object: u32, name: Vec<u8>, fd: i32) {
+        if fd < 0 {
+            warn!("cachefiles OPEN {msg_id} for object {object} carries fd {fd}; failed");
+            return self.copen(msg_id, -i64::from(libc::EBADF));
+        }
         // SAFETY: the kernel installed `fd` in this process for this OPEN;
         // nothing else knows it, so it is ours to own and close.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
