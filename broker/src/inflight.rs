@@ -217,12 +217,6 @@ impl Inflight {
 
     /// Adds a request with its object and place in the queue.
     pub fn submit_ask(&mut self, ask: Ask, priority: Priority, origin: Origin, data: Data) -> u64 {
-        let Ask {
-            op,
-            object,
-            offset,
-            len,
-        } = ask;
         let seq = self.next_seq;
         self.next_seq = self.next_seq.saturating_add(1);
         let (slot, heap) = match data {
@@ -236,11 +230,11 @@ impl Inflight {
         self.requests.insert(
             seq,
             Request {
-                op,
-                object,
+                op: ask.op,
+                object: ask.object,
                 priority,
-                offset,
-                len,
+                offset: ask.offset,
+                len: ask.len,
                 origin,
                 slot,
                 heap,

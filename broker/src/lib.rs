@@ -201,9 +201,13 @@ impl Broker {
         Ok(export)
     }
 
-    /// Binds the cache (or takes over the one a previous broker passed on,
-    /// with `recover`) and adds its blob export.
-    fn start_cachefiles(&self, spec: &config::CachefilesSpec, recover: bool) -> Result<(), String> {
+    /// Binds the cache, or takes over `inherited` (the one a previous
+    /// broker passed on), and adds its blob export.
+    fn start_cachefiles(
+        &self,
+        spec: &config::CachefilesSpec,
+        inherited: Option<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
         let export = Arc::new(
             Export::new(&ExportConfig {
                 name: spec.tag.clone(),
@@ -213,11 +217,6 @@ impl Broker {
             })
             .map_err(|e| format!("export {}: {e}", spec.tag))?,
         );
-        let inherited = if recover {
-            restart::inherited_cachefiles_fd()?
-        } else {
-            None
-        };
         let (cache, how) = Cachefiles::start(export.clone(), &spec.dir, &spec.tag, inherited)?;
         match how {
             cachefiles::Device::Bound => info!(
@@ -376,6 +375,12 @@ impl Broker {
 pub fn run(cfg: Config) -> Result<(), String> {
     let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR2];
     let reexec = restart::Reexec::capture()?;
+    // Read (and cleared from the environment) before any thread starts.
+    let inherited = if cfg.recover && cfg.cachefiles.is_some() {
+        restart::inherited_cachefiles_fd()?
+    } else {
+        None
+    };
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals are taken only by the main thread below.
     sys::block_signals(&signals).map_err(|e| format!("cannot block signals: {e}"))?;
@@ -423,7 +428,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         broker.create(spec, cfg.recover)?;
     }
     if let Some(spec) = &cfg.cachefiles {
-        broker.start_cachefiles(spec, cfg.recover)?;
+        broker.start_cachefiles(spec, inherited)?;
     }
 
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {

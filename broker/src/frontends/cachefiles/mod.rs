@@ -16,6 +16,10 @@
 //! `restore`: the kernel then re-sends what was read and not answered, and
 //! re-opens the objects whose fds died with the old broker (their state goes
 //! CLOSE → REOPENING → OPEN). kmod-notes/cachefiles.md has the protocol.
+#![cfg_attr(
+    not(test),
+    deny(clippy::arithmetic_side_effects, clippy::indexing_slicing)
+)]
 
 pub mod sys;
 
@@ -253,7 +257,7 @@ impl Inner {
     fn open(self: &Arc<Self>, msg_id: u32, object: u32, name: Vec<u8>, fd: i32) {
         if fd < 0 {
             warn!("cachefiles OPEN {msg_id} for object {object} carries fd {fd}; failed");
-            return self.copen(msg_id, -i64::from(libc::EBADF));
+            return self.copen_error(msg_id, libc::EBADF);
         }
         // SAFETY: the kernel installed `fd` in this process for this OPEN;
         // nothing else knows it, so it is ours to own and close.
@@ -264,7 +268,7 @@ impl Inner {
             warn!("cachefiles object {object}: cannot set FD_CLOEXEC: {e}");
         }
         if name.len() > MAX_BLOB_NAME.min(self.export.slot_size() as usize) {
-            return self.copen(msg_id, -i64::from(libc::ENAMETOOLONG));
+            return self.copen_error(msg_id, libc::ENAMETOOLONG);
         }
         let len = name.len() as u64;
         self.objects.lock().insert(
@@ -319,7 +323,7 @@ impl Inner {
         }
         let mut at = off;
         while at < end {
-            let n = (end - at).min(slot);
+            let n = end.saturating_sub(at).min(slot);
             let sink = Arc::new(Reply {
                 inner: self.clone(),
                 what: What::Read {
@@ -338,7 +342,7 @@ impl Inner {
                 Origin { sink, tag: 0 },
                 Data::None,
             );
-            at += n;
+            at = at.saturating_add(n);
         }
     }
 
@@ -361,6 +365,11 @@ impl Inner {
             Origin { sink, tag: 0 },
             Data::None,
         );
+    }
+
+    /// Fails OPEN `msg_id` with `errno` (positive).
+    fn copen_error(&self, msg_id: u32, errno: i32) {
+        self.copen(msg_id, i64::from(errno).saturating_neg());
     }
 
     fn copen(&self, msg_id: u32, size_or_errno: i64) {
@@ -517,7 +526,7 @@ impl ReplySink for Reply {
                                 .unwrap_or_default(),
                             io::Error::from_raw_os_error(errno)
                         );
-                        inner.copen(*msg_id, -i64::from(errno));
+                        inner.copen_error(*msg_id, errno);
                     }
                 }
             }
@@ -557,7 +566,14 @@ fn write_part(fd: &OwnedFd, d: &SlotData<'_>, offset: u64) -> io::Result<()> {
         let at = i64::try_from(offset.saturating_add(done as u64))
             .map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
         // SAFETY: `ptr..ptr + padded` is inside the mapped data area.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), ptr.add(done).cast(), padded - done, at) };
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                ptr.add(done).cast(),
+                padded.saturating_sub(done),
+                at,
+            )
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -565,10 +581,10 @@ fn write_part(fd: &OwnedFd, d: &SlotData<'_>, offset: u64) -> io::Result<()> {
             }
             return Err(e);
         }
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        match usize::try_from(n) {
+            Ok(0) | Err(_) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => done = done.saturating_add(n),
         }
-        done += n as usize;
     }
     Ok(())
 }
