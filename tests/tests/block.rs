@@ -205,6 +205,8 @@ fn fio_verify_args(dev: &Path, size: u64, seed: u64) -> Vec<String> {
         "--verify=crc32c".into(),
         "--do_verify=1".into(),
         "--verify_fatal=1".into(),
+        // fio otherwise leaves local-*-verify.state files in the cwd.
+        "--verify_state_save=0".into(),
     ]
     .into()
 }
