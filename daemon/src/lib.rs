@@ -7,6 +7,7 @@
 
 pub mod backends;
 pub mod client;
+pub mod crc32c;
 pub mod fault;
 pub mod lease;
 pub mod rings;
@@ -137,7 +138,11 @@ pub fn run_with(
     backend.acquire_lease(opts.lease_timeout)?;
     let replayed = conn.restore()?;
     log(&format!("restored; {replayed} requests replayed"));
-    serve::serve(conn, att, backend, opts, signals)
+    let handed_off = serve::serve(conn, att, backend.clone(), opts, signals)?;
+    if !handed_off {
+        backend.detach()?;
+    }
+    Ok(())
 }
 
 /// [`run_with`] for a backend named on the command line.

@@ -28,6 +28,23 @@ Backends:
                         crashes, not broker restarts)
   dir:PATH              for a cachefiles export (holdfast-broker --cachefiles):
                         blobs (erofs images) as files in PATH, read-only
+  s3://BUCKET[/PREFIX]  chunk objects and a manifest in S3 or an S3-compatible
+                        store, with a write-ahead log in --cache-dir; writes
+                        complete in the log and are uploaded in the background
+                        (credentials and region: the standard AWS chain)
+
+S3 options:
+  --cache-dir DIR       the log, the read cache and the lease (required); the
+                        log must stay with the volume until it is uploaded
+  --endpoint URL        an S3-compatible store (path-style addressing)
+  --chunk-size SIZE     chunk size of a new volume, 64KiB to 64MiB, a power of
+                        two [default: 4MiB; an existing volume keeps its own]
+  --log-size SIZE       bound on the log; writes wait for uploads past it
+                        [default: 1GiB]
+  --read-cache-size SIZE  bound on the read cache [default: 1GiB]
+  --uploads N           chunk uploads in flight at once [default: 8]
+  --checkpoint-ms N     upload a write at most this long after it completes,
+                        unless the log fills sooner [default: 5000]
 
 Options:
   --socket PATH         the broker's control socket [default: $HOLDFAST_SOCKET
@@ -50,7 +67,8 @@ Options:
   -V, --version         print the version
 
 Exit status: 0 after a clean detach or a handoff to a successor (and for a
-successor released by a dry run), 1 on errors, 2 on bad usage.";
+successor released by a dry run), 1 on errors, 2 on bad usage, 3 when another
+daemon took an s3:// volume over (it stops writing at once).";
 
 fn string_value(p: &mut lexopt::Parser) -> Result<String, String> {
     p.value()
@@ -64,6 +82,64 @@ fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
         .map_err(|_| format!("{flag} {v:?}: expected a number"))
 }
 
+/// The S3 options, applied to an s3:// backend once all flags are read.
+#[derive(Default)]
+struct S3Flags {
+    given: Vec<&'static str>,
+    cache_dir: Option<PathBuf>,
+    endpoint: Option<String>,
+    chunk_size: Option<u64>,
+    log_size: Option<u64>,
+    read_cache_size: Option<u64>,
+    uploads: Option<usize>,
+    checkpoint_ms: Option<u64>,
+}
+
+impl S3Flags {
+    fn size(&mut self, flag: &'static str, v: &str) -> Result<u64, String> {
+        self.given.push(flag);
+        holdfast_proto::parse_size(v).map_err(|e| format!("{flag}: {e}"))
+    }
+
+    #[cfg(feature = "s3")]
+    fn apply(self, backend: &mut BackendSpec) -> Result<(), String> {
+        use holdfast_daemon::backends::s3;
+        let BackendSpec::S3(cfg) = backend else {
+            return self.refuse();
+        };
+        cfg.cache_dir = Some(
+            self.cache_dir
+                .ok_or("an s3:// backend needs --cache-dir DIR")?,
+        );
+        cfg.endpoint = self.endpoint;
+        if let Some(c) = self.chunk_size {
+            if !s3::valid_chunk_size(c) {
+                return Err("--chunk-size must be a power of two from 64KiB to 64MiB".into());
+            }
+            cfg.chunk_size = Some(c);
+        }
+        cfg.log_size = self.log_size.unwrap_or(cfg.log_size);
+        cfg.read_cache_size = self.read_cache_size.unwrap_or(cfg.read_cache_size);
+        cfg.uploads = self.uploads.unwrap_or(cfg.uploads);
+        if let Some(ms) = self.checkpoint_ms {
+            cfg.checkpoint_interval = Duration::from_millis(ms);
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "s3"))]
+    fn apply(self, _backend: &mut BackendSpec) -> Result<(), String> {
+        self.refuse()
+    }
+
+    fn refuse(&self) -> Result<(), String> {
+        match self.given.first() {
+            Some(flag) => Err(format!("{flag} is an option of s3:// backends")),
+            None => Ok(()),
+        }
+    }
+}
+
 fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     use lexopt::prelude::*;
     let mut socket = std::env::var_os(SOCKET_ENV)
@@ -75,6 +151,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     let mut lease_timeout = 30u64;
     let mut poll_us = 0u64;
     let mut read_delay_ms = 0u64;
+    let mut s3 = S3Flags::default();
     let mut p = lexopt::Parser::from_env();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -85,6 +162,43 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
                 export = Some(v);
             }
             Long("backend") => backend = Some(string_value(&mut p)?.parse::<BackendSpec>()?),
+            Long("cache-dir") => {
+                s3.given.push("--cache-dir");
+                s3.cache_dir = Some(string_value(&mut p)?.into());
+            }
+            Long("endpoint") => {
+                s3.given.push("--endpoint");
+                let url = string_value(&mut p)?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!(
+                        "--endpoint {url:?}: expected an http:// or https:// URL"
+                    ));
+                }
+                s3.endpoint = Some(url);
+            }
+            Long("chunk-size") => {
+                s3.chunk_size = Some(s3.size("--chunk-size", &string_value(&mut p)?)?);
+            }
+            Long("log-size") => s3.log_size = Some(s3.size("--log-size", &string_value(&mut p)?)?),
+            Long("read-cache-size") => {
+                s3.read_cache_size = Some(s3.size("--read-cache-size", &string_value(&mut p)?)?);
+            }
+            Long("uploads") => {
+                s3.given.push("--uploads");
+                let n = number("--uploads", &string_value(&mut p)?)?;
+                if !(1..=256).contains(&n) {
+                    return Err("--uploads must be from 1 to 256".into());
+                }
+                s3.uploads = Some(n);
+            }
+            Long("checkpoint-ms") => {
+                s3.given.push("--checkpoint-ms");
+                let ms = number("--checkpoint-ms", &string_value(&mut p)?)?;
+                if !(1..=3_600_000).contains(&ms) {
+                    return Err("--checkpoint-ms must be from 1 to 3600000 (an hour)".into());
+                }
+                s3.checkpoint_ms = Some(ms);
+            }
             Long("takeover") => takeover = true,
             Long("successor") => successor = true,
             Long("workers") => {
@@ -124,7 +238,9 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
         return Err("--takeover and --successor exclude each other".into());
     }
     holdfast_daemon::fault::check_env()?;
-    let backend = backend.ok_or("--backend SPEC is required (file:PATH or mem)")?;
+    let mut backend = backend
+        .ok_or("--backend SPEC is required (file:PATH, mem, s3://BUCKET/PREFIX or dir:PATH)")?;
+    s3.apply(&mut backend)?;
     Ok(Some((
         Options {
             socket,

@@ -212,15 +212,15 @@ fn poll_ring(att: &Attachment, head: u32, bound: Duration) -> bool {
 }
 
 /// Serves requests until the broker confirms a DETACH (after SIGTERM or
-/// SIGINT) or releases this daemon after a handoff (both return `Ok`), or
-/// goes away (returns `Err(BrokerGone)`).
+/// SIGINT: returns `Ok(false)`) or releases this daemon after a handoff
+/// (`Ok(true)`), or goes away (`Err(BrokerGone)`).
 pub fn serve(
     mut conn: Connection,
     att: Attachment,
     backend: Arc<dyn Backend>,
     opts: &Options,
     signals: Signals,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let att = Arc::new(att);
     let entries = att.geometry.slot_count;
     let (tx, rx) = crossbeam_channel::bounded::<Submission>(entries as usize);
@@ -361,7 +361,7 @@ pub fn serve(
                     } else if !detaching {
                         log("detached by the broker (the export was removed)");
                     }
-                    break Ok(());
+                    break Ok(phase == Phase::Quiesced);
                 }
                 Reply::Quiesce => {
                     fault::inject(Point::PredecessorDuringQuiesce);

@@ -104,22 +104,7 @@ impl Drop for Mounted {
 /// CRC-32C (Castagnoli) as fio's `--verify=crc32c` computes it: seeded
 /// with all ones but, unlike the standard one, not inverted at the end.
 pub fn fio_crc32c(data: &[u8]) -> u32 {
-    const POLY: u32 = 0x82F6_3B78;
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { (c >> 1) ^ POLY } else { c >> 1 };
-            }
-            *e = c;
-        }
-        t
-    });
-    data.iter().fold(!0u32, |c, &b| {
-        table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
-    })
+    holdfast_daemon::crc32c::update(!0, data)
 }
 
 /// fio's `struct verify_header` (fio 3.x, verify.h): magic 0xacca, verify

@@ -12,6 +12,7 @@
 
 pub mod block;
 pub mod pattern;
+pub mod s3;
 
 use std::fs::File;
 use std::io::Read;

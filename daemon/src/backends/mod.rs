@@ -5,6 +5,8 @@
 pub mod dir;
 pub mod file;
 pub mod mem;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use std::fs::File;
 use std::io;
@@ -43,6 +45,12 @@ pub trait Backend: Send + Sync {
     fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// The daemon detached cleanly (no handoff): every request has
+    /// completed and none will come. Write back what should not wait for
+    /// the next daemon (the default does nothing).
+    fn detach(&self) -> Result<(), Error> {
+        Ok(())
+    }
     /// Deallocates a range; it must read back as zeroes.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.write_zeroes(offset, len)
@@ -138,6 +146,10 @@ pub enum BackendSpec {
     Mem,
     /// `dir:PATH`: the blobs of a blob export (cachefiles), one file each.
     Dir(PathBuf),
+    /// `s3://BUCKET/PREFIX`: chunk objects and a manifest in S3, with a
+    /// local write-ahead log.
+    #[cfg(feature = "s3")]
+    S3(Box<s3::S3Config>),
 }
 
 impl FromStr for BackendSpec {
@@ -146,11 +158,17 @@ impl FromStr for BackendSpec {
         if s == "mem" {
             return Ok(Self::Mem);
         }
+        if s.starts_with("s3://") {
+            #[cfg(feature = "s3")]
+            return s3::S3Config::parse(s).map(|c| Self::S3(Box::new(c)));
+            #[cfg(not(feature = "s3"))]
+            return Err("this holdfast-daemon was built without the s3 feature".into());
+        }
         match s.split_once(':') {
             Some(("file", path)) if !path.is_empty() => Ok(Self::File(path.into())),
             Some(("dir", path)) if !path.is_empty() => Ok(Self::Dir(path.into())),
             _ => Err(format!(
-                "unknown backend {s:?}: use file:PATH, mem, or dir:PATH (blobs)"
+                "unknown backend {s:?}: use file:PATH, mem, s3://BUCKET/PREFIX, or dir:PATH (blobs)"
             )),
         }
     }
@@ -176,7 +194,7 @@ pub fn check_kind(export: &str, holds: ExportKind, serves: ExportKind) -> Result
         serves.name(),
         match holds {
             ExportKind::Blobs => "serve it with --backend dir:PATH",
-            ExportKind::Volume => "serve it with --backend file:PATH or mem",
+            ExportKind::Volume => "serve it with --backend file:PATH, mem or s3://BUCKET/PREFIX",
         }
     )))
 }
@@ -186,6 +204,8 @@ impl BackendSpec {
     pub fn kind(&self) -> ExportKind {
         match self {
             Self::File(_) | Self::Mem => ExportKind::Volume,
+            #[cfg(feature = "s3")]
+            Self::S3(_) => ExportKind::Volume,
             Self::Dir(_) => ExportKind::Blobs,
         }
     }
@@ -198,6 +218,8 @@ impl BackendSpec {
             Self::File(path) => Box::new(file::open(path, ctx.size)?),
             Self::Mem => Box::new(mem::open(ctx)?),
             Self::Dir(path) => Box::new(dir::open(path)?),
+            #[cfg(feature = "s3")]
+            Self::S3(cfg) => Box::new(s3::open(cfg, ctx.export, ctx.size)?),
         })
     }
 }
@@ -310,5 +332,6 @@ mod tests {
         assert_eq!("dir:/b".parse(), Ok(BackendSpec::Dir("/b".into())));
         assert!("dir:".parse::<BackendSpec>().is_err());
         assert!("s3://b".parse::<BackendSpec>().is_err());
+        assert!("s3:/bucket".parse::<BackendSpec>().is_err());
     }
 }

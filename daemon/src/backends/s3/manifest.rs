@@ -1,0 +1,199 @@
+//! The manifest: the one object that says what the volume is. It names the
+//! chunk object that holds each chunk (chunks never written are zeroes), and
+//! it is only ever replaced with a conditional write (If-Match the ETag it
+//! was read with, or If-None-Match for the first). Identical bodies would
+//! have identical ETags, so every write bumps `generation` and names its
+//! `owner`: a daemon whose conditional write fails was superseded by another
+//! daemon and must stop writing.
+//!
+//! The body is text, one field per line:
+//!
+//! ```text
+//! holdfast-s3-volume 1
+//! size BYTES
+//! chunk-size BYTES
+//! generation N
+//! owner LINEAGE NONCE HOST PID
+//! chunk INDEX KEY        (one per stored chunk, ascending; KEY is under the prefix)
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+const FORMAT: &str = "holdfast-s3-volume 1";
+
+/// Who wrote a manifest. `lineage` names a cache directory (its log):
+/// daemons that follow each other on one cache directory share it.
+/// `nonce` names one daemon's claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub lineage: String,
+    pub nonce: String,
+    pub host: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub size: u64,
+    pub chunk_size: u64,
+    pub generation: u64,
+    pub owner: Owner,
+    /// Chunk index → its object's key under the prefix.
+    pub chunks: BTreeMap<u64, String>,
+}
+
+/// A token of the manifest (a key, a host name): printable, no spaces.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 512
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+}
+
+impl Manifest {
+    /// How many chunks the volume has.
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let o = &self.owner;
+        let mut s = format!(
+            "{FORMAT}\nsize {}\nchunk-size {}\ngeneration {}\nowner {} {} {} {}\n",
+            self.size, self.chunk_size, self.generation, o.lineage, o.nonce, o.host, o.pid
+        );
+        for (i, key) in &self.chunks {
+            let _ = writeln!(s, "chunk {i} {key}");
+        }
+        s.into_bytes()
+    }
+
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(body).map_err(|_| "the manifest is not UTF-8")?;
+        let mut lines = text.lines();
+        if lines.next() != Some(FORMAT) {
+            return Err(format!("the manifest does not start with {FORMAT:?}"));
+        }
+        let mut field = |name: &str| -> Result<Vec<&str>, String> {
+            let line = lines
+                .next()
+                .ok_or(format!("the manifest has no {name} line"))?;
+            let mut words = line.split(' ');
+            if words.next() != Some(name) {
+                return Err(format!(
+                    "expected the manifest's {name} line, found {line:?}"
+                ));
+            }
+            Ok(words.collect())
+        };
+        let number = |name: &str, v: &[&str]| -> Result<u64, String> {
+            match v {
+                [n] => n
+                    .parse()
+                    .map_err(|_| format!("manifest {name} {n:?} is not a number")),
+                _ => Err(format!("manifest {name}: expected one number")),
+            }
+        };
+        let size = number("size", &field("size")?)?;
+        let chunk_size = number("chunk-size", &field("chunk-size")?)?;
+        let generation = number("generation", &field("generation")?)?;
+        let owner = match field("owner")?[..] {
+            [lineage, nonce, host, pid] if [lineage, nonce, host].iter().all(|t| is_token(t)) => {
+                Owner {
+                    lineage: lineage.into(),
+                    nonce: nonce.into(),
+                    host: host.into(),
+                    pid: pid.parse().map_err(|_| "manifest owner: bad pid")?,
+                }
+            }
+            _ => return Err("manifest owner: expected LINEAGE NONCE HOST PID".into()),
+        };
+        if size == 0 || !valid_chunk_size(chunk_size) {
+            return Err(format!(
+                "manifest: size {size} or chunk-size {chunk_size} is out of range"
+            ));
+        }
+        let mut m = Self {
+            size,
+            chunk_size,
+            generation,
+            owner,
+            chunks: BTreeMap::new(),
+        };
+        for line in lines {
+            let (index, key) = match line.split(' ').collect::<Vec<_>>()[..] {
+                ["chunk", i, key] => (i.parse::<u64>().ok(), key),
+                _ => (None, ""),
+            };
+            let index = index
+                .filter(|&i| i < m.chunk_count() && is_token(key))
+                .ok_or_else(|| format!("manifest: bad chunk line {line:?}"))?;
+            if m.chunks
+                .last_key_value()
+                .is_some_and(|(&last, _)| last >= index)
+            {
+                return Err(format!("manifest: chunk {index} is out of order"));
+            }
+            m.chunks.insert(index, key.into());
+        }
+        Ok(m)
+    }
+}
+
+/// Chunk sizes: powers of two from 64 KiB (the read cache's fill unit) to
+/// 64 MiB.
+pub fn valid_chunk_size(n: u64) -> bool {
+    n.is_power_of_two() && (64 << 10..=64 << 20).contains(&n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            size: 10 << 20,
+            chunk_size: 4 << 20,
+            generation: 7,
+            owner: Owner {
+                lineage: "ab12".into(),
+                nonce: "cd34".into(),
+                host: "host-1".into(),
+                pid: 42,
+            },
+            chunks: [
+                (0, "chunks/0.7.cd34".to_string()),
+                (2, "chunks/2.7.cd34".into()),
+            ]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        assert_eq!(Manifest::parse(&m.encode()), Ok(m.clone()));
+        assert_eq!(m.chunk_count(), 3);
+    }
+
+    #[test]
+    fn bad_manifests_are_refused() {
+        let good = String::from_utf8(sample().encode()).unwrap();
+        for (from, to) in [
+            ("holdfast-s3-volume 1", "holdfast-s3-volume 2"),
+            ("size 10485760", "size ten"),
+            ("chunk-size 4194304", "chunk-size 4194305"),
+            ("chunk 2 ", "chunk 3 "),
+            ("chunk 2 chunks/2.7.cd34", "chunk 0 chunks/x"),
+            ("chunks/0.7.cd34", "chunks/../x y"),
+            ("owner ab12 cd34 host-1 42", "owner ab12"),
+            ("generation 7\n", ""),
+        ] {
+            let bad = good.replace(from, to);
+            assert_ne!(bad, good, "{from}");
+            assert!(Manifest::parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(Manifest::parse(&[0xff]).is_err());
+    }
+}

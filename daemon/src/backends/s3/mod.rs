@@ -1,0 +1,908 @@
+//! `s3://BUCKET/PREFIX`: a volume kept in S3 (or any S3-compatible store) as
+//! fixed-size chunk objects and a manifest, with a local write-ahead log in
+//! front (`--cache-dir`).
+//!
+//! A write completes once it is appended to the log ([`wal`]); flush makes
+//! the log durable. A checkpointer thread uploads the chunks the log has
+//! touched (new objects, never overwritten), then replaces the manifest
+//! with a conditional write, then deletes the log segments it covered.
+//! Reads overlay the log's extents ([`extents`]) on the chunks, which come
+//! from S3 through a local read cache ([`cache`]).
+//!
+//! Who may write: on one host, the flock lease on the cache directory; across
+//! hosts, the manifest ([`manifest`]). Taking the lease claims the manifest
+//! (a conditional write of the next generation naming this daemon); a daemon
+//! whose conditional write then fails was superseded and exits at once
+//! (status 3) without writing again. Its chunk uploads have keys of their
+//! own, so they cannot overwrite anything a manifest names.
+
+mod cache;
+mod extents;
+mod manifest;
+mod store;
+mod wal;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use std::{fs, io};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use self::cache::Cache;
+use self::extents::{Extents, Piece};
+use self::manifest::{Manifest, Owner};
+use self::store::{Condition, Failure, Patience, Store};
+use self::wal::{Kind, Wal};
+use super::Backend;
+use crate::Error;
+use crate::lease::Lease;
+
+pub use self::manifest::valid_chunk_size;
+
+const MANIFEST: &str = "manifest";
+/// How long opening and claiming wait for S3 before giving up.
+const S3_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a clean detach waits for the log to reach S3.
+const DETACH_UPLOAD: Duration = Duration::from_secs(60);
+/// How often a long checkpoint reports progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The exit status of a daemon superseded by another one.
+pub const SUPERSEDED_EXIT: i32 = 3;
+
+/// What `--backend s3://...` and the S3 options name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    pub prefix: String,
+    /// `--cache-dir`: the log, the read cache and the lease.
+    pub cache_dir: Option<PathBuf>,
+    /// `--endpoint`: an S3-compatible store (path-style addressing).
+    pub endpoint: Option<String>,
+    /// `--chunk-size`: for a new volume; an existing one keeps its own.
+    pub chunk_size: Option<u64>,
+    /// `--log-size`: the log's bound; writes wait for uploads past it.
+    pub log_size: u64,
+    /// `--read-cache-size`.
+    pub read_cache_size: u64,
+    /// `--uploads`: chunk uploads in flight at once.
+    pub uploads: usize,
+    /// `--checkpoint-ms`: how long a write may sit in the log before its
+    /// chunk is uploaded (when the log is not filling up sooner).
+    pub checkpoint_interval: Duration,
+}
+
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+impl S3Config {
+    /// Parses `s3://BUCKET[/PREFIX]`, with the other settings at their
+    /// defaults.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{url:?} is not an s3://BUCKET/PREFIX URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !bucket_ok {
+            return Err(format!(
+                "{url:?}: bucket names are 3 to 63 characters of a-z, 0-9, '.' and '-'"
+            ));
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if !prefix.is_empty()
+            && (!manifest::is_token(prefix)
+                || prefix
+                    .split('/')
+                    .any(|p| p.is_empty() || p == ".." || p == "."))
+        {
+            return Err(format!(
+                "{url:?}: the prefix must be path segments of A-Z, a-z, 0-9, '.', '_' and '-'"
+            ));
+        }
+        Ok(Self {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            cache_dir: None,
+            endpoint: None,
+            chunk_size: None,
+            log_size: 1 << 30,
+            read_cache_size: 1 << 30,
+            uploads: 8,
+            checkpoint_interval: Duration::from_secs(5),
+        })
+    }
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+fn random_hex(bytes: usize) -> Result<String, Error> {
+    let mut b = vec![0u8; bytes];
+    rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty())
+        .map_err(|e| Error::io("getrandom", e.into()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The cache directory's lineage: made once, kept by every daemon that
+/// follows on this directory (and its log).
+fn lineage(dir: &std::path::Path) -> Result<String, Error> {
+    let path = dir.join("lineage");
+    match fs::read_to_string(&path) {
+        Ok(s) if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) => return Ok(s),
+        Ok(_) => {
+            return Err(Error::Protocol(format!(
+                "{} is not a lineage id written by holdfast",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+    }
+    let id = random_hex(16)?;
+    let tmp = dir.join("lineage.tmp");
+    fs::write(&tmp, &id)
+        .and_then(|()| fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, &path))
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    Ok(id)
+}
+
+fn hostname() -> String {
+    let uname = rustix::system::uname();
+    let host: String = uname
+        .nodename()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if host.is_empty() {
+        "unknown".into()
+    } else {
+        host
+    }
+}
+
+/// The backend: its settings, and the state of the volume while this daemon
+/// holds the lease.
+pub struct S3Backend {
+    size: u64,
+    chunk_size: u64,
+    cfg: S3Config,
+    cache_dir: PathBuf,
+    store: Arc<Store>,
+    lease: Lease,
+    owner: Owner,
+    active: RwLock<Option<Arc<Active>>>,
+}
+
+/// The log, its index and the manifest they sit on: one lock, so that a
+/// reader sees extents and chunk keys of one moment.
+struct Log {
+    wal: Wal,
+    extents: Extents,
+    manifest: Manifest,
+    etag: String,
+    /// Writers waiting for room in the log.
+    waiting: usize,
+    /// A clean detach asks for everything to be uploaded now.
+    drain: bool,
+    last_checkpoint: Instant,
+}
+
+/// The volume while this daemon holds the lease.
+struct Active {
+    store: Arc<Store>,
+    cache: Cache,
+    size: u64,
+    chunk_size: u64,
+    owner: Owner,
+    cfg: S3Config,
+    cache_dir: PathBuf,
+    log: Mutex<Log>,
+    /// Wakes the checkpointer.
+    wake: Condvar,
+    /// Wakes writers waiting for room and a detach waiting for uploads.
+    room: Condvar,
+    stop: AtomicBool,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Opens the backend without its lease: checks the settings, and that the
+/// volume in S3 (if there is one) fits the export.
+pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error> {
+    let cache_dir = cfg.cache_dir.clone().ok_or_else(|| {
+        Error::Protocol("an s3:// backend needs --cache-dir DIR for its log and read cache".into())
+    })?;
+    fs::create_dir_all(&cache_dir)
+        .map_err(|e| Error::io(format!("cache directory {}", cache_dir.display()), e))?;
+    let lease_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cache_dir.join("lease"))
+        .map_err(|e| Error::io(format!("lease file in {}", cache_dir.display()), e))?;
+    let store =
+        Store::new(&cfg.bucket, &cfg.prefix, cfg.endpoint.as_deref()).map_err(Error::Protocol)?;
+    let existing = match store.get(MANIFEST, Patience::For(S3_PATIENCE)) {
+        Ok((body, _)) => Some(parse_manifest(&store, &body)?),
+        Err(Failure::NotFound) => None,
+        Err(e) => {
+            return Err(Error::Protocol(format!(
+                "cannot read {}{MANIFEST}: {e}",
+                store.url()
+            )));
+        }
+    };
+    let chunk_size = match (&existing, cfg.chunk_size) {
+        (Some(m), Some(c)) if m.chunk_size != c => {
+            return Err(Error::Protocol(format!(
+                "{} has chunks of {} bytes, not the {c} of --chunk-size",
+                store.url(),
+                m.chunk_size
+            )));
+        }
+        (Some(m), _) => m.chunk_size,
+        (None, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
+    };
+    if let Some(m) = &existing
+        && m.size != size
+    {
+        return Err(Error::Protocol(format!(
+            "{} holds a volume of {} bytes, and export {export} is {size} bytes",
+            store.url(),
+            m.size
+        )));
+    }
+    if cfg.log_size < 4 * chunk_size || cfg.read_cache_size < 4 * chunk_size {
+        return Err(Error::Protocol(format!(
+            "--log-size and --read-cache-size must be at least 4 chunks ({} bytes)",
+            4 * chunk_size
+        )));
+    }
+    let owner = Owner {
+        lineage: lineage(&cache_dir)?,
+        nonce: random_hex(8)?,
+        host: hostname(),
+        pid: std::process::id(),
+    };
+    crate::log(&format!(
+        "S3 volume {} ({}; chunks of {chunk_size} bytes), cache {}",
+        store.url(),
+        match &existing {
+            Some(m) => format!(
+                "generation {}, {} chunks stored",
+                m.generation,
+                m.chunks.len()
+            ),
+            None => "new".into(),
+        },
+        cache_dir.display()
+    ));
+    Ok(S3Backend {
+        size,
+        chunk_size,
+        cfg: cfg.clone(),
+        lease: Lease::new(
+            lease_file,
+            format!("cache directory {}", cache_dir.display()),
+        ),
+        cache_dir,
+        store: Arc::new(store),
+        owner,
+        active: RwLock::new(None),
+    })
+}
+
+fn parse_manifest(store: &Store, body: &[u8]) -> Result<Manifest, Error> {
+    Manifest::parse(body).map_err(|e| Error::Protocol(format!("{}{MANIFEST}: {e}", store.url())))
+}
+
+impl S3Backend {
+    fn active(&self) -> io::Result<Arc<Active>> {
+        self.active.read().clone().ok_or_else(|| errno(libc::EIO))
+    }
+
+    /// Takes the manifest over: the next generation, naming this daemon,
+    /// written on condition that nobody wrote since it was read. A log
+    /// with writes in it may only follow a manifest of its own lineage.
+    fn claim(&self, log_has_writes: bool) -> Result<(Manifest, String), Error> {
+        let url = self.store.url();
+        for _ in 0..10 {
+            let read = match self.store.get(MANIFEST, Patience::For(S3_PATIENCE)) {
+                Ok((body, etag)) => Some((parse_manifest(&self.store, &body)?, etag)),
+                Err(Failure::NotFound) => None,
+                Err(e) => return Err(Error::Protocol(format!("cannot read {url}{MANIFEST}: {e}"))),
+            };
+            let (mut m, cond) = match &read {
+                Some((m, _)) if m.owner.nonce == self.owner.nonce => {
+                    // Ours already (a REVIVE with nobody in between, or a
+                    // retried write that had landed).
+                    return Ok((m.clone(), read.map(|r| r.1).unwrap_or_default()));
+                }
+                Some((m, _)) if log_has_writes && m.owner.lineage != self.owner.lineage => {
+                    return Err(Error::Lease(format!(
+                        "the log in {} holds writes that never reached S3, and {url} has since \
+                         been taken over by a daemon of another cache directory (pid {} on {}, \
+                         generation {}): replaying them would overwrite newer data. Move {} \
+                         aside to serve what S3 holds (its writes are then lost), or serve the \
+                         volume from the host that owns it",
+                        self.cache_dir.display(),
+                        m.owner.pid,
+                        m.owner.host,
+                        m.generation,
+                        self.cache_dir.join("wal").display()
+                    )));
+                }
+                Some((m, etag)) => (m.clone(), Condition::IfMatch(etag)),
+                None if log_has_writes => {
+                    return Err(Error::Lease(format!(
+                        "the log in {} holds writes, but {url} has no manifest: was the volume \
+                         deleted? Move the log aside to start an empty volume",
+                        self.cache_dir.display()
+                    )));
+                }
+                None => (
+                    Manifest {
+                        size: self.size,
+                        chunk_size: self.chunk_size,
+                        generation: 0,
+                        owner: self.owner.clone(),
+                        chunks: BTreeMap::new(),
+                    },
+                    Condition::IfNoneMatch,
+                ),
+            };
+            if m.size != self.size || m.chunk_size != self.chunk_size {
+                return Err(Error::Protocol(format!(
+                    "{url} changed shape while this daemon warmed up ({} bytes in chunks of {})",
+                    m.size, m.chunk_size
+                )));
+            }
+            m.generation += 1;
+            m.owner = self.owner.clone();
+            match self
+                .store
+                .put(MANIFEST, &m.encode(), cond, Patience::For(S3_PATIENCE))
+            {
+                Ok(etag) => return Ok((m, etag)),
+                // Somebody wrote in between (or our own retry landed):
+                // read again.
+                Err(Failure::Precondition) => continue,
+                Err(e) => {
+                    return Err(Error::Protocol(format!(
+                        "cannot write {url}{MANIFEST}: {e}"
+                    )));
+                }
+            }
+        }
+        Err(Error::Lease(format!(
+            "{url}{MANIFEST} changed ten times while this daemon claimed it: another daemon \
+             is claiming this volume too"
+        )))
+    }
+}
+
+impl Backend for S3Backend {
+    /// The lease, then the log's replay, then the manifest's claim; then
+    /// the checkpointer starts.
+    fn acquire_lease(&self, timeout: Duration) -> Result<(), Error> {
+        if self.active.read().is_some() {
+            return Ok(());
+        }
+        self.lease.acquire(timeout)?;
+        let mut extents = Extents::default();
+        let wal_dir = self.cache_dir.join("wal");
+        let (wal, replay) = Wal::open(&wal_dir, self.size, |r| {
+            extents.insert(r.offset, r.offset + r.len, r.src);
+        })
+        .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
+        let (manifest, etag) = self.claim(!extents.is_empty())?;
+        let cache = Cache::open(
+            &self.cache_dir.join("cache"),
+            self.chunk_size,
+            self.cfg.read_cache_size,
+        )
+        .map_err(|e| Error::io("read cache", e))?;
+        crate::log(&format!(
+            "claimed {} at generation {}; the log replayed {} records ({} bytes) to upload",
+            self.store.url(),
+            manifest.generation,
+            replay.records,
+            replay.bytes
+        ));
+        let active = Arc::new(Active {
+            store: self.store.clone(),
+            cache,
+            size: self.size,
+            chunk_size: self.chunk_size,
+            owner: self.owner.clone(),
+            cfg: self.cfg.clone(),
+            cache_dir: self.cache_dir.clone(),
+            log: Mutex::new(Log {
+                wal,
+                extents,
+                manifest,
+                etag,
+                waiting: 0,
+                drain: false,
+                last_checkpoint: Instant::now(),
+            }),
+            wake: Condvar::new(),
+            room: Condvar::new(),
+            stop: AtomicBool::new(false),
+            checkpointer: Mutex::new(None),
+        });
+        let a = active.clone();
+        let t = std::thread::Builder::new()
+            .name("holdfast-checkpoint".into())
+            .spawn(move || a.checkpointer())
+            .map_err(|e| Error::io("cannot start the checkpoint thread", e))?;
+        *active.checkpointer.lock() = Some(t);
+        *self.active.write() = Some(active);
+        Ok(())
+    }
+
+    /// Stops uploading (a checkpoint in progress is abandoned before its
+    /// manifest write; the successor replays the log), makes the log
+    /// durable, and unlocks.
+    fn release_lease(&self) -> Result<(), Error> {
+        let Some(active) = self.active.write().take() else {
+            return self.lease.release();
+        };
+        active.stop();
+        active.sync().map_err(|e| Error::io("fsync the log", e))?;
+        self.lease.release()
+    }
+
+    fn detach(&self) -> Result<(), Error> {
+        let Some(active) = self.active.write().take() else {
+            return Ok(());
+        };
+        active.upload_all(DETACH_UPLOAD);
+        active.stop();
+        active.sync().map_err(|e| Error::io("fsync the log", e))
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.active()?.read(offset, buf)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.active()?
+            .append(Kind::Write, offset, buf.len() as u64, buf)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.active()?.sync()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.active()?.append(Kind::Zeroes, offset, len, &[])
+    }
+}
+
+/// Why a checkpoint did not finish.
+enum Stopped {
+    /// The lease is being given up.
+    Stop,
+    /// A local failure (reading the log): try again later.
+    Io(io::Error),
+}
+
+impl Active {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_all();
+        if let Some(t) = self.checkpointer.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        // Older segments were made durable when they were rotated out.
+        let file = self.log.lock().wal.current_file();
+        match file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.size);
+        let end = end.ok_or_else(|| errno(libc::EINVAL))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let need = 32 + data.len() as u64;
+        let mut log = self.log.lock();
+        let mut told = false;
+        while log.wal.bytes() > 0 && log.wal.bytes() + need > self.cfg.log_size {
+            if !told {
+                crate::log(&format!(
+                    "the log is full ({} bytes): writes wait for uploads to S3",
+                    log.wal.bytes()
+                ));
+                told = true;
+            }
+            log.waiting += 1;
+            self.wake.notify_one();
+            self.room.wait(&mut log);
+            log.waiting -= 1;
+        }
+        let src = log.wal.append(kind, offset, len, data)?;
+        log.extents.insert(offset, end, src);
+        if log.wal.bytes() >= self.cfg.log_size / 4 {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Reads `[offset, offset+buf.len())`: the log's extents over the
+    /// chunks. A chunk object replaced and deleted after the lookup (a
+    /// checkpoint ran meanwhile) makes it look again.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size);
+        let end = end.ok_or_else(|| errno(libc::EINVAL))?;
+        for _ in 0..5 {
+            match self.read_once(offset, end, buf) {
+                Err(Failure::NotFound) => continue,
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    crate::log(&format!("read of {} bytes at {offset}: {e}", buf.len()));
+                    return Err(errno(libc::EIO));
+                }
+            }
+        }
+        Err(errno(libc::EIO))
+    }
+
+    fn read_once(&self, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), Failure> {
+        let (pieces, chunks, files) = {
+            let log = self.log.lock();
+            let pieces = log.extents.pieces(offset, end);
+            let chunks: BTreeMap<u64, String> = log
+                .manifest
+                .chunks
+                .range(offset / self.chunk_size..=(end - 1) / self.chunk_size)
+                .map(|(&i, k)| (i, k.clone()))
+                .collect();
+            let files: BTreeMap<u64, Arc<fs::File>> = pieces
+                .iter()
+                .filter_map(|p| p.src)
+                .filter_map(|s| Some((s.segment, log.wal.file(s.segment)?)))
+                .collect();
+            (pieces, chunks, files)
+        };
+        for p in pieces {
+            let dst = &mut buf[(p.start - offset) as usize..(p.end - offset) as usize];
+            self.fill(p, dst, &chunks, &files)?;
+        }
+        Ok(())
+    }
+
+    /// Fills `dst` with piece `p`: log data, zeroes, or chunk bytes.
+    fn fill(
+        &self,
+        p: Piece,
+        dst: &mut [u8],
+        chunks: &BTreeMap<u64, String>,
+        files: &BTreeMap<u64, Arc<fs::File>>,
+    ) -> Result<(), Failure> {
+        match p.src {
+            Some(src) => match src.data {
+                None => dst.fill(0),
+                Some(at) => {
+                    let file = files.get(&src.segment).ok_or_else(|| {
+                        Failure::Permanent(format!("log segment {} is gone", src.segment))
+                    })?;
+                    file.read_exact_at(dst, at)
+                        .map_err(|e| Failure::Permanent(format!("reading the log: {e}")))?;
+                }
+            },
+            None => {
+                let mut at = p.start;
+                while at < p.end {
+                    let index = at / self.chunk_size;
+                    let within = at % self.chunk_size;
+                    let n = (self.chunk_size - within).min(p.end - at);
+                    let d = &mut dst[(at - p.start) as usize..(at - p.start + n) as usize];
+                    match chunks.get(&index) {
+                        None => d.fill(0),
+                        Some(key) => self.cache.read(key, within, d, |o, l| {
+                            self.store
+                                .get_range(key, o, l, Patience::UntilStopped(&self.stop))
+                        })?,
+                    }
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk `index` as it reads now (the base object and the log over it).
+    fn build_chunk(&self, index: u64, base: Option<&String>) -> Result<Vec<u8>, Failure> {
+        let start = index * self.chunk_size;
+        let mut data = vec![0u8; self.chunk_size as usize];
+        if let Some(key) = base {
+            self.cache.read(key, 0, &mut data, |o, l| {
+                self.store
+                    .get_range(key, o, l, Patience::UntilStopped(&self.stop))
+            })?;
+        }
+        let end = (start + self.chunk_size).min(self.size);
+        let (pieces, files) = {
+            let log = self.log.lock();
+            let pieces = log.extents.pieces(start, end);
+            let files: BTreeMap<u64, Arc<fs::File>> = pieces
+                .iter()
+                .filter_map(|p| p.src)
+                .filter_map(|s| Some((s.segment, log.wal.file(s.segment)?)))
+                .collect();
+            (pieces, files)
+        };
+        let none = BTreeMap::new();
+        for p in pieces.into_iter().filter(|p| p.src.is_some()) {
+            let dst = &mut data[(p.start - start) as usize..(p.end - start) as usize];
+            self.fill(p, dst, &none, &files)?;
+        }
+        Ok(data)
+    }
+
+    /// The checkpointer: uploads when the log is a quarter full, when its
+    /// oldest write is `--checkpoint-ms` old, when writers wait for room,
+    /// or when a detach asks; until stopped.
+    fn checkpointer(&self) {
+        loop {
+            {
+                let mut log = self.log.lock();
+                loop {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let due = log.last_checkpoint + self.cfg.checkpoint_interval;
+                    if !log.extents.is_empty()
+                        && (log.wal.bytes() >= self.cfg.log_size / 4
+                            || log.waiting > 0
+                            || log.drain
+                            || Instant::now() >= due)
+                    {
+                        break;
+                    }
+                    if log.extents.is_empty() {
+                        log.last_checkpoint = Instant::now();
+                        self.room.notify_all();
+                        self.wake.wait_for(&mut log, self.cfg.checkpoint_interval);
+                    } else {
+                        self.wake.wait_until(&mut log, due);
+                    }
+                }
+            }
+            match self.checkpoint() {
+                Ok(()) | Err(Stopped::Stop) => {}
+                Err(Stopped::Io(e)) => {
+                    crate::log(&format!("checkpoint failed, retrying in a second: {e}"));
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Uploads every chunk the log's older segments touched, then the
+    /// manifest naming them, then drops those segments.
+    fn checkpoint(&self) -> Result<(), Stopped> {
+        let started = Instant::now();
+        let (cut, dirty, base, etag) = {
+            let mut log = self.log.lock();
+            log.last_checkpoint = started;
+            let cut = log.wal.rotate().map_err(Stopped::Io)?;
+            let dirty: Vec<u64> = log
+                .extents
+                .chunks_before(cut, self.chunk_size)
+                .into_iter()
+                .collect();
+            (cut, dirty, log.manifest.clone(), log.etag.clone())
+        };
+        let generation = base.generation + 1;
+        let uploaded: Mutex<BTreeMap<u64, Option<String>>> = Mutex::new(BTreeMap::new());
+        let bytes = AtomicU64::new(0);
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<Failure>> = Mutex::new(None);
+        let upload = || {
+            while !self.stop.load(Ordering::SeqCst) && failed.lock().is_none() {
+                let Some(&index) = dirty.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                    return;
+                };
+                match self.upload_chunk(index, base.chunks.get(&index), generation) {
+                    Ok(key) => {
+                        bytes.fetch_add(self.chunk_size, Ordering::Relaxed);
+                        uploaded.lock().insert(index, key);
+                    }
+                    Err(e) => *failed.lock() = Some(e),
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..self.cfg.uploads.min(dirty.len()).max(1))
+                .map(|_| s.spawn(upload))
+                .collect();
+            let mut reported = Instant::now();
+            while !workers.iter().all(|w| w.is_finished()) {
+                std::thread::sleep(Duration::from_millis(20));
+                if reported.elapsed() >= PROGRESS_EVERY {
+                    reported = Instant::now();
+                    crate::log(&format!(
+                        "checkpoint to generation {generation}: {}/{} chunks uploaded \
+                         ({} MiB) in {:.1} s; {} S3 failures so far",
+                        uploaded.lock().len(),
+                        dirty.len(),
+                        bytes.load(Ordering::Relaxed) >> 20,
+                        started.elapsed().as_secs_f64(),
+                        self.store.failures.load(Ordering::Relaxed)
+                    ));
+                }
+            }
+        });
+        if let Some(e) = failed.lock().take() {
+            return Err(match e {
+                Failure::Stopped => Stopped::Stop,
+                e => Stopped::Io(io::Error::other(e.to_string())),
+            });
+        }
+        if self.stop.load(Ordering::SeqCst) {
+            return Err(Stopped::Stop);
+        }
+        let uploaded = uploaded.into_inner();
+        let mut next_manifest = base.clone();
+        next_manifest.generation = generation;
+        next_manifest.owner = self.owner.clone();
+        for (&index, key) in &uploaded {
+            match key {
+                Some(k) => next_manifest.chunks.insert(index, k.clone()),
+                None => next_manifest.chunks.remove(&index),
+            };
+        }
+        let body = next_manifest.encode();
+        let new_etag = match self.store.put(
+            MANIFEST,
+            &body,
+            Condition::IfMatch(&etag),
+            Patience::UntilStopped(&self.stop),
+        ) {
+            Ok(t) => t,
+            Err(Failure::Precondition) => self.landed_or_superseded(&body)?,
+            Err(Failure::Stopped) => return Err(Stopped::Stop),
+            Err(e) => return Err(Stopped::Io(io::Error::other(e.to_string()))),
+        };
+        {
+            let mut log = self.log.lock();
+            log.manifest = next_manifest;
+            log.etag = new_etag;
+            log.extents.drop_before(cut);
+            log.wal.remove_before(cut).map_err(Stopped::Io)?;
+            if log.extents.is_empty() {
+                log.drain = false;
+            }
+        }
+        self.room.notify_all();
+        for index in uploaded.keys() {
+            if let Some(old) = base.chunks.get(index) {
+                self.cache.evict(old);
+                if let Err(e) = self
+                    .store
+                    .delete(old, Patience::For(Duration::from_secs(10)))
+                {
+                    crate::log(&format!("could not delete the replaced chunk {old}: {e}"));
+                }
+            }
+        }
+        let took = started.elapsed();
+        if took >= PROGRESS_EVERY {
+            crate::log(&format!(
+                "checkpoint to generation {generation}: {} chunks in {:.1} s",
+                uploaded.len(),
+                took.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Uploads chunk `index` under a key no other upload uses; `None` for a
+    /// chunk of zeroes, which needs no object.
+    fn upload_chunk(
+        &self,
+        index: u64,
+        base: Option<&String>,
+        generation: u64,
+    ) -> Result<Option<String>, Failure> {
+        let data = self.build_chunk(index, base)?;
+        if data.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        let key = format!("chunks/{index:08x}.{generation:016x}.{}", self.owner.nonce);
+        match self.store.put(
+            &key,
+            &data,
+            Condition::IfNoneMatch,
+            Patience::UntilStopped(&self.stop),
+        ) {
+            // Only this upload writes this key: a retry after an attempt
+            // that landed finds it there.
+            Ok(_) | Err(Failure::Precondition) => {}
+            Err(e) => return Err(e),
+        }
+        self.cache.insert(&key, &data);
+        Ok(Some(key))
+    }
+
+    /// A conditional manifest write failed: it landed after all (a retried
+    /// attempt), or another daemon owns the volume now and this one must
+    /// not write again.
+    fn landed_or_superseded(&self, body: &[u8]) -> Result<String, Stopped> {
+        match self.store.get(MANIFEST, Patience::UntilStopped(&self.stop)) {
+            Ok((now, etag)) if now == body => return Ok(etag),
+            Err(Failure::Stopped) => return Err(Stopped::Stop),
+            Ok((now, _)) => {
+                let who = Manifest::parse(&now).map_or_else(
+                    |e| format!("an unreadable manifest ({e})"),
+                    |m| {
+                        format!(
+                            "generation {} by pid {} on {}",
+                            m.generation, m.owner.pid, m.owner.host
+                        )
+                    },
+                );
+                crate::log(&format!(
+                    "superseded: {}{MANIFEST} is now {who}. This daemon stops writing and \
+                     exits; writes in its log ({}) that did not reach S3 are kept there",
+                    self.store.url(),
+                    self.cache_dir.join("wal").display()
+                ));
+            }
+            Err(e) => crate::log(&format!(
+                "superseded, or S3 failed ({e}): exiting without writing again"
+            )),
+        }
+        // Like a crash: what this daemon holds is replayed by the broker to
+        // the next one, which refuses a log the manifest has moved past.
+        // SAFETY: _exit ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(SUPERSEDED_EXIT) }
+    }
+
+    /// Uploads until the log is empty or `bound` has passed (a clean
+    /// detach: the next daemon, maybe on another host, then needs no log).
+    fn upload_all(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
+        let mut log = self.log.lock();
+        log.drain = true;
+        self.wake.notify_all();
+        while !log.extents.is_empty() {
+            if self.room.wait_until(&mut log, deadline).timed_out() {
+                crate::log(&format!(
+                    "detaching with {} bytes of the log not yet in S3; the next daemon on {} \
+                     replays them",
+                    log.wal.bytes(),
+                    self.cache_dir.display()
+                ));
+                return;
+            }
+        }
+        crate::log("every write is in S3");
+    }
+}
