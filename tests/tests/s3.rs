@@ -158,3 +158,312 @@ fn round_trip_through_s3() {
     broker.wait_active("vol0", epoch, Duration::from_secs(30));
     assert_eq!(read_at(&broker, 0, 16 << 20), expect, "from S3 alone");
 }
+
+/// The second oracle: detach `daemon` (it uploads its log), then check
+/// every block the writer saved in `state` through a daemon with an empty
+/// cache directory, so from S3 alone.
+fn check_from_s3(
+    broker: &Broker,
+    scratch: &Scratch,
+    moto: &Moto,
+    daemon: &mut Proc,
+    state: &std::path::Path,
+    seed: u64,
+) {
+    detach(daemon);
+    let epoch = broker.status("vol0")["daemon"]["epoch"]
+        .as_u64()
+        .unwrap_or(0);
+    let _fresh = start(broker, scratch, moto, "cache-check", &[]);
+    broker.wait_active("vol0", epoch, Duration::from_secs(30));
+    check_backing(scratch, &broker.file("vol0"), state, seed);
+}
+
+/// Small log and read cache (4 chunks) and frequent checkpoints, so that
+/// uploads, back-pressure and evictions all happen under the writer.
+const BUSY: [&str; 6] = [
+    "--checkpoint-ms",
+    "100",
+    "--log-size",
+    "4MiB",
+    "--read-cache-size",
+    "4MiB",
+];
+
+#[test]
+fn twenty_kills_under_verified_writer() {
+    let (scratch, moto, broker) = setup("s3-kills", "32MiB");
+    let mut daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
+    let (_, mut epoch) = broker.wait_active("vol0", 0, Duration::from_secs(30));
+    let state = scratch.path("gens");
+    let seed = seed();
+    let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
+    let mut rng = Rng::new(seed);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(rng.range(50, 400)));
+        daemon.kill();
+        assert!(writer.is_running(), "writer died:\n{}", writer.log_text());
+        daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
+        epoch = broker.wait_active("vol0", epoch, Duration::from_secs(30)).1;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let report = stop_writer(&mut writer);
+    let status = broker.status("vol0");
+    let generation = moto.generation(BUCKET, "vol");
+    eprintln!("writer: {report}\nbroker: {status}\nmanifest generation {generation}");
+    assert_eq!(status["daemons_lost"], 20);
+    assert_eq!(status["failed"], 0);
+    // Claims alone make 21 generations; checkpoints happened between kills.
+    assert!(
+        generation > 21,
+        "no checkpoint landed: generation {generation}"
+    );
+    check_from_s3(&broker, &scratch, &moto, &mut daemon, &state, seed);
+}
+
+#[test]
+fn ten_handoffs_under_verified_writer() {
+    let (scratch, moto, broker) = setup("s3-handoffs", "32MiB");
+    let mut daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    let state = scratch.path("gens");
+    let seed = seed();
+    let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
+    let mut stalls = Vec::new();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        let (mut conn, from) = broker.arm_handoff("vol0", false, 0);
+        let mut extra = BUSY.to_vec();
+        extra.push("--successor");
+        let next = start(&broker, &scratch, &moto, "cache", &extra);
+        let r = handoff_report(&mut conn);
+        assert_eq!(
+            r.outcome,
+            holdfast_proto::HandoffOutcome::Completed,
+            "{r:?}\nold:\n{}\nnew:\n{}",
+            daemon.log_text(),
+            next.log_text()
+        );
+        assert_eq!((r.from_pid, r.to_pid), (from, next.pid()));
+        let status = daemon.wait_timeout(Duration::from_secs(30)).unwrap();
+        assert!(status.success(), "{status}\n{}", daemon.log_text());
+        stalls.push(r.stall_us);
+        daemon = next;
+        assert!(writer.is_running(), "writer died:\n{}", writer.log_text());
+    }
+    let report = stop_writer(&mut writer);
+    let status = broker.status("vol0");
+    stalls.sort_unstable();
+    eprintln!(
+        "writer: {report}\nbroker: {status}\nstall us: median {} max {}",
+        stalls[stalls.len() / 2],
+        stalls[stalls.len() - 1]
+    );
+    assert_eq!(status["daemons_lost"], 0);
+    assert_eq!(status["failed"], 0);
+    check_from_s3(&broker, &scratch, &moto, &mut daemon, &state, seed);
+}
+
+/// A daemon stopped (SIGSTOP) with writes in its log while a daemon on
+/// another "host" (its own broker and cache directory) takes the volume
+/// over and writes; resumed, the stale daemon must not replace the
+/// manifest or any chunk it names, and must exit (status 3). A new daemon
+/// on the stale cache directory then refuses its log.
+#[test]
+fn stale_daemon_cannot_overwrite() {
+    let (scratch, moto, broker) = setup("s3-stale", "8MiB");
+    let mut stale = start(
+        &broker,
+        &scratch,
+        &moto,
+        "cache-a",
+        &["--checkpoint-ms", "1500"],
+    );
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    write_at(&broker, 0, &[0xAA; 8192]);
+    stale.signal(libc::SIGSTOP);
+
+    let other = Scratch::new("s3-stale-other", Duration::from_secs(600));
+    let broker_b = Broker::start(&other, BrokerOpts::new(&[("vol0", "8MiB")]));
+    let mut successor = start(
+        &broker_b,
+        &other,
+        &moto,
+        "cache-b",
+        &["--checkpoint-ms", "100"],
+    );
+    broker_b.wait_active("vol0", 0, Duration::from_secs(30));
+    write_at(&broker_b, 4096, &[0xBB; 4096]);
+    wait_for("the successor's chunk", Duration::from_secs(30), || {
+        moto.manifest(BUCKET, "vol")
+            .is_some_and(|(_, c)| c.len() == 1)
+    });
+    let (fields, chunks) = moto.manifest(BUCKET, "vol").unwrap();
+    let chunk = moto.get(BUCKET, &format!("vol/{}", chunks[0])).unwrap();
+
+    stale.signal(libc::SIGCONT);
+    let status = stale
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("stale daemon still running:\n{}", stale.log_text()));
+    assert_eq!(status.code(), Some(3), "{}", stale.log_text());
+    assert!(
+        stale.log_text().contains("superseded"),
+        "{}",
+        stale.log_text()
+    );
+    assert_eq!(moto.manifest(BUCKET, "vol"), Some((fields, chunks.clone())));
+    assert_eq!(moto.get(BUCKET, &format!("vol/{}", chunks[0])), Some(chunk));
+    // The successor's data, not the stale daemon's.
+    let mut want = vec![0u8; 8192];
+    want[4096..].fill(0xBB);
+    assert_eq!(read_at(&broker_b, 0, 8192), want);
+
+    // The stale cache directory's log may not be replayed over it.
+    let mut again = start(&broker, &scratch, &moto, "cache-a", &[]);
+    let status = again.wait_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        again
+            .log_text()
+            .contains("taken over by a daemon of another cache directory"),
+        "{}",
+        again.log_text()
+    );
+    successor.kill();
+}
+
+/// The S3 server stops answering (SIGSTOP) in the middle of uploads, the
+/// daemon is SIGKILLed and restarted meanwhile, and then the server
+/// resumes: no acknowledged write is lost, and I/O goes on.
+#[test]
+fn store_stopped_mid_upload() {
+    let (scratch, moto, broker) = setup("s3-stopped", "32MiB");
+    let mut daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
+    let (_, epoch) = broker.wait_active("vol0", 0, Duration::from_secs(30));
+    let state = scratch.path("gens");
+    let seed = seed();
+    let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
+    std::thread::sleep(Duration::from_millis(500));
+    let generation = moto.generation(BUCKET, "vol");
+    moto.pause(true);
+    std::thread::sleep(Duration::from_secs(3));
+    let done_while_stopped = broker.status("vol0")["completed"].as_u64().unwrap();
+    daemon.kill();
+    daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
+    std::thread::sleep(Duration::from_secs(1));
+    moto.pause(false);
+    broker.wait_active("vol0", epoch, Duration::from_secs(60));
+    wait_for(
+        "uploads after the store resumed",
+        Duration::from_secs(60),
+        || moto.generation(BUCKET, "vol") > generation + 1,
+    );
+    let status = broker.wait_status("vol0", Duration::from_secs(30), "I/O resumed", |s| {
+        s["completed"].as_u64().unwrap() > done_while_stopped + 100
+    });
+    let report = stop_writer(&mut writer);
+    eprintln!("writer: {report}\nbroker: {status}");
+    assert_eq!(status["failed"], 0);
+    check_from_s3(&broker, &scratch, &moto, &mut daemon, &state, seed);
+}
+
+/// Every bad S3 setting is refused with a message that says what to do.
+#[test]
+fn bad_settings_are_refused() {
+    let (scratch, moto, broker) = setup("s3-bad", "8MiB");
+    let run = |backend: &str, args: &[&str]| {
+        let mut cmd = broker.daemon_cmd("vol0", backend, args);
+        s3_env(&mut cmd);
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cache = scratch.path("cache");
+    let cache = cache.to_str().unwrap();
+    let url = format!("s3://{BUCKET}/vol");
+    let ep = moto.endpoint.as_str();
+    for (backend, args, code, text) in [
+        (url.as_str(), vec!["--endpoint", ep], 2, "needs --cache-dir"),
+        (
+            "mem",
+            vec!["--cache-dir", cache],
+            2,
+            "--cache-dir is an option of s3://",
+        ),
+        (
+            "s3://A_B/x",
+            vec!["--cache-dir", cache],
+            2,
+            "bucket names are 3 to 63",
+        ),
+        (
+            "s3://bucket/a//b",
+            vec!["--cache-dir", cache],
+            2,
+            "path segments",
+        ),
+        (
+            url.as_str(),
+            vec!["--cache-dir", cache, "--chunk-size", "3MiB"],
+            2,
+            "power of two",
+        ),
+        (
+            url.as_str(),
+            vec!["--cache-dir", cache, "--endpoint", "ftp://x"],
+            2,
+            "http://",
+        ),
+        (
+            url.as_str(),
+            vec!["--cache-dir", cache, "--uploads", "0"],
+            2,
+            "--uploads must be",
+        ),
+        (
+            "s3://no-such-bucket/vol",
+            vec!["--cache-dir", cache, "--endpoint", ep],
+            1,
+            "the bucket does not exist",
+        ),
+        (
+            url.as_str(),
+            vec!["--cache-dir", cache, "--endpoint", ep, "--log-size", "1MiB"],
+            1,
+            "at least 4 chunks",
+        ),
+    ] {
+        let (got, err) = run(backend, &args);
+        assert_eq!(got, Some(code), "{backend} {args:?}: {err}");
+        assert!(err.contains(text), "{backend} {args:?}: {err}");
+    }
+
+    // A volume of another size, or of another chunk size.
+    let mut d = start(&broker, &scratch, &moto, "cache", &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    detach(&mut d);
+    let other = Scratch::new("s3-bad-other", Duration::from_secs(120));
+    let small = Broker::start(&other, BrokerOpts::new(&[("vol0", "4MiB")]));
+    let mut cmd = s3_daemon(&small, &other, &moto, "cache", &[]);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds a volume of 8388608 bytes"), "{err}");
+    let mut cmd = broker.daemon_cmd(
+        "vol0",
+        &url,
+        &[
+            "--cache-dir",
+            cache,
+            "--endpoint",
+            ep,
+            "--chunk-size",
+            "2MiB",
+        ],
+    );
+    let out = s3_env(&mut cmd).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has chunks of 1048576 bytes"), "{err}");
+}
