@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::{Proc, Scratch};
 
+/// A manifest's fields (name, value) and its chunk keys, in order.
+pub type ManifestView = (Vec<(String, String)>, Vec<String>);
+
 pub struct Moto {
     pub endpoint: String,
     addr: String,
@@ -116,11 +119,7 @@ impl Moto {
     }
 
     /// The manifest's fields (`generation`, `owner`, ...) and its chunk keys.
-    pub fn manifest(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Option<(Vec<(String, String)>, Vec<String>)> {
+    pub fn manifest(&self, bucket: &str, prefix: &str) -> Option<ManifestView> {
         let body = self.get(bucket, &format!("{prefix}/manifest"))?;
         let text = String::from_utf8(body).unwrap();
         let mut fields = Vec::new();

@@ -7,7 +7,11 @@
 //! * baseline: `hf-baseline`, the same FUSE frontend and loop device with
 //!   the same file backend called in place (no broker hop): the limit of
 //!   this design;
-//! * kernel: a loop device on a plain file, no FUSE at all.
+//! * kernel: a loop device on a plain file, no FUSE at all;
+//! * s3: `holdfast-daemon --backend s3://` against moto's S3 server on
+//!   127.0.0.1 (writes complete in the local log, reads come from the read
+//!   cache once the fill has been uploaded): what the S3 backend's local
+//!   path costs, not what S3 costs.
 //!
 //! Each workload runs on the three paths back to back, so the ratio
 //! broker/baseline holds on a noisy machine even when absolute figures
@@ -20,6 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use holdfast_tests::block::{fio, require_tool};
+use holdfast_tests::s3::{Moto, s3_env};
 use holdfast_tests::{Broker, BrokerOpts, Proc, Scratch, bin};
 
 const USAGE: &str = "\
@@ -33,7 +38,8 @@ Usage: hf-bench-block [--runtime SECS] [--size SIZE] [--out PATH] [--markdown PA
   --markdown PATH  the tables, also printed [default: bench-block.md]
 
 Needs root (FUSE, loop devices), fio, and the workspace's binaries next to
-it (cargo build --release --workspace). bench/run does all of that.";
+it (cargo build --release --workspace), and moto's S3 server
+(tests/setup-moto). bench/run does all of that.";
 
 /// A fio workload: name, rw, block size, queue depth.
 const WORKLOADS: [(&str, &str, &str, u32); 6] = [
@@ -45,7 +51,7 @@ const WORKLOADS: [(&str, &str, &str, u32); 6] = [
     ("1m write qd4", "write", "1m", 4),
 ];
 
-const PATHS: [&str; 4] = ["broker", "broker-poll", "baseline", "kernel"];
+const PATHS: [&str; 5] = ["broker", "broker-poll", "baseline", "kernel", "s3"];
 
 #[derive(Clone, Copy, Default)]
 struct Result {
@@ -187,13 +193,33 @@ fn main() {
     let export = format!("{size},block");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", &export), ("vol1", &export)]),
+        BrokerOpts::new(&[("vol0", &export), ("vol1", &export), ("vol2", &export)]),
     );
     let backend = |name: &str| format!("file:{}", scratch.path(&format!("{name}.img")).display());
     let _daemon = broker.daemon(&scratch, "vol0", &backend("vol0"), &[]);
     let _polling = broker.daemon(&scratch, "vol1", &backend("vol1"), &["--poll-us", "100"]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
     broker.wait_active("vol1", 0, Duration::from_secs(10));
+    // vol2 on S3, with a read cache that holds the whole device.
+    let moto = Moto::start(&scratch);
+    moto.create_bucket("bench");
+    let cache = scratch.path("s3-cache");
+    let cache_size = (bytes + (64 << 20)).to_string();
+    let mut cmd = broker.daemon_cmd(
+        "vol2",
+        "s3://bench/vol2",
+        &[
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--endpoint",
+            &moto.endpoint,
+            "--read-cache-size",
+            &cache_size,
+        ],
+    );
+    s3_env(&mut cmd);
+    let _s3 = broker.daemon_with(&scratch, cmd, "vol2");
+    broker.wait_active("vol2", 0, Duration::from_secs(60));
     let baseline = baseline(&scratch, &size);
     let plain = scratch.path("kernel.img");
     std::fs::File::create(&plain)
@@ -206,6 +232,7 @@ fn main() {
         broker.device("vol1"),
         baseline.device.0.clone(),
         kernel.0.clone(),
+        broker.device("vol2"),
     ];
 
     // Fill every device once, so that reads read data, not holes.
@@ -238,8 +265,8 @@ fn main() {
             })
             .collect();
         eprintln!(
-            "{name}: broker {:.0} IOPS, broker-poll {:.0}, baseline {:.0}, kernel {:.0}",
-            row[0].iops, row[1].iops, row[2].iops, row[3].iops
+            "{name}: broker {:.0} IOPS, broker-poll {:.0}, baseline {:.0}, kernel {:.0}, s3 {:.0}",
+            row[0].iops, row[1].iops, row[2].iops, row[3].iops, row[4].iops
         );
         results.push((name, row));
     }
@@ -275,16 +302,17 @@ fn report(results: &[(&str, Vec<Result>)], runtime: u64, size: &str) -> (String,
     }
     let _ = writeln!(
         t,
-        "\n| workload | broker/baseline IOPS | p50 added by the broker, µs | broker-poll/baseline IOPS | p50 added by broker-poll, µs |\n|---|---|---|---|---|"
+        "\n| workload | broker/baseline IOPS | p50 added by the broker, µs | broker-poll/baseline IOPS | p50 added by broker-poll, µs | s3/broker IOPS |\n|---|---|---|---|---|---|"
     );
     let mut json_rows = Vec::new();
     for (name, row) in results {
         let (a, p, b) = (row[0], row[1], row[2]);
         let ratio = a.iops / b.iops.max(f64::MIN_POSITIVE);
         let added = a.p50_us - b.p50_us;
+        let s3 = row[4].iops / a.iops.max(f64::MIN_POSITIVE);
         let _ = writeln!(
             t,
-            "| {name} | {ratio:.3} | {added:+.1} | {:.3} | {:+.1} |",
+            "| {name} | {ratio:.3} | {added:+.1} | {:.3} | {:+.1} | {s3:.3} |",
             p.iops / b.iops.max(f64::MIN_POSITIVE),
             p.p50_us - b.p50_us
         );
@@ -299,7 +327,7 @@ fn report(results: &[(&str, Vec<Result>)], runtime: u64, size: &str) -> (String,
             })
             .collect();
         json_rows.push(format!(
-            "{{\"workload\":\"{name}\",{},\"broker_over_baseline_iops\":{ratio:.4},\"p50_added_us\":{added:.2},\"broker_poll_over_baseline_iops\":{:.4},\"poll_p50_added_us\":{:.2}}}",
+            "{{\"workload\":\"{name}\",{},\"broker_over_baseline_iops\":{ratio:.4},\"p50_added_us\":{added:.2},\"broker_poll_over_baseline_iops\":{:.4},\"poll_p50_added_us\":{:.2},\"s3_over_broker_iops\":{s3:.4}}}",
             paths.join(","),
             p.iops / b.iops.max(f64::MIN_POSITIVE),
             p.p50_us - b.p50_us

@@ -189,15 +189,20 @@ impl Store {
                 if give_up {
                     return Err(err);
                 }
-                let now = Instant::now();
-                let mut last = self.last_logged.lock();
-                if last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
-                    *last = Some(now);
+                let tell = {
+                    let now = Instant::now();
+                    let mut last = self.last_logged.lock();
+                    let tell = last.is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
+                    if tell {
+                        *last = Some(now);
+                    }
+                    tell
+                };
+                if tell {
                     crate::log(&format!(
                         "S3: {what} failed ({failed} so far, retrying): {err}"
                     ));
                 }
-                drop(last);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 if let Patience::UntilStopped(stop) = patience

@@ -322,7 +322,10 @@ mod tests {
         d
     }
 
-    fn replay(d: &Path) -> (Vec<(u64, u64, Option<Vec<u8>>)>, Replay) {
+    /// Offset, length and data (none for zeroes) of a replayed record.
+    type Replayed = (u64, u64, Option<Vec<u8>>);
+
+    fn replay(d: &Path) -> (Vec<Replayed>, Replay) {
         let mut recs = Vec::new();
         let (wal, r) = Wal::open(d, 1 << 20, |rec| recs.push(rec)).unwrap();
         let out = recs
