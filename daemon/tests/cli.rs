@@ -25,8 +25,12 @@ fn bad_arguments_exit_2_with_a_reason() {
         (&["--backend", "mem"], "--export NAME is required"),
         (&["--export", "vol0"], "--backend SPEC is required"),
         (
-            &["--export", "vol0", "--backend", "s3://x"],
+            &["--export", "vol0", "--backend", "nfs://x"],
             "unknown backend",
+        ),
+        (
+            &["--export", "vol0", "--backend", "s3://x"],
+            "bucket names are 3 to 63",
         ),
         (&["--export", "../x", "--backend", "mem"], "--export"),
         (

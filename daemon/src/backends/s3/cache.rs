@@ -45,6 +45,7 @@ impl Entry {
 }
 
 struct Inner {
+    /// By file name (see [`file_name`]), which is what survives a restart.
     entries: HashMap<String, Entry>,
     tick: u64,
     /// Fill blocks present in all entries.
@@ -83,9 +84,9 @@ impl Cache {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(key) = name.strip_prefix("c-") else {
+            if !name.starts_with("c-") {
                 continue;
-            };
+            }
             let loaded = if same_boot {
                 Self::load(&entry.path(), chunk_size)
             } else {
@@ -94,7 +95,7 @@ impl Cache {
             match loaded {
                 Some(e) => {
                     inner.blocks += e.blocks();
-                    inner.entries.insert(key.to_string(), e);
+                    inner.entries.insert(name, e);
                 }
                 None => std::fs::remove_file(entry.path())?,
             }
@@ -130,11 +131,12 @@ impl Cache {
     fn entry(&self, inner: &mut Inner, key: &str) -> io::Result<Arc<File>> {
         inner.tick += 1;
         let tick = inner.tick;
-        if let Some(e) = inner.entries.get_mut(key) {
+        let name = file_name(key);
+        if let Some(e) = inner.entries.get_mut(&name) {
             e.used = tick;
             return Ok(e.file.clone());
         }
-        let path = self.dir.join(file_name(key));
+        let path = self.dir.join(&name);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -147,7 +149,7 @@ impl Cache {
         file.write_all_at(&h, 0)?;
         let file = Arc::new(file);
         inner.entries.insert(
-            key.to_string(),
+            name,
             Entry {
                 file: file.clone(),
                 present: vec![0; bitmap_len(self.chunk_size)],
@@ -161,7 +163,7 @@ impl Cache {
     /// the file they were written to.
     fn mark(&self, key: &str, file: &Arc<File>, first: u64, end: u64) {
         let mut inner = self.inner.lock();
-        let Some(e) = inner.entries.get_mut(key) else {
+        let Some(e) = inner.entries.get_mut(&file_name(key)) else {
             return;
         };
         if !Arc::ptr_eq(&e.file, file) {
@@ -203,7 +205,7 @@ impl Cache {
             };
             if let Some(e) = inner.entries.remove(&oldest) {
                 inner.blocks -= e.blocks();
-                let _ = std::fs::remove_file(self.dir.join(file_name(&oldest)));
+                let _ = std::fs::remove_file(self.dir.join(&oldest));
             }
         }
     }
@@ -211,9 +213,10 @@ impl Cache {
     /// Forgets chunk object `key` (it was replaced).
     pub fn evict(&self, key: &str) {
         let mut inner = self.inner.lock();
-        if let Some(e) = inner.entries.remove(key) {
+        let name = file_name(key);
+        if let Some(e) = inner.entries.remove(&name) {
             inner.blocks -= e.blocks();
-            let _ = std::fs::remove_file(self.dir.join(file_name(key)));
+            let _ = std::fs::remove_file(self.dir.join(name));
         }
     }
 
@@ -238,7 +241,7 @@ impl Cache {
         let (file, missing) = {
             let mut inner = self.inner.lock();
             let file = self.entry(&mut inner, key).map_err(io_err)?;
-            let e = inner.entries.get(key);
+            let e = inner.entries.get(&file_name(key));
             let missing: Vec<u64> = (first..=last)
                 .filter(|&b| !e.is_some_and(|e| e.has(b)))
                 .collect();
@@ -338,8 +341,8 @@ mod tests {
         cache.insert("k/2", &object);
         cache.read("k/1", 0, &mut buf, fetch).unwrap();
         cache.insert("k/3", &object);
-        assert!(cache.inner.lock().entries.contains_key("k/1"));
-        assert!(!cache.inner.lock().entries.contains_key("k/2"));
+        assert!(cache.inner.lock().entries.contains_key(&file_name("k/1")));
+        assert!(!cache.inner.lock().entries.contains_key(&file_name("k/2")));
         assert!(!d.join(file_name("k/2")).exists());
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -146,13 +146,19 @@ fn lineage(dir: &std::path::Path) -> Result<String, Error> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
     }
+    // Written aside, then linked into place: of two daemons starting at
+    // once on a new directory, one id wins and both read it.
     let id = random_hex(16)?;
-    let tmp = dir.join("lineage.tmp");
-    fs::write(&tmp, &id)
+    let tmp = dir.join(format!("lineage.{}", std::process::id()));
+    let linked = fs::write(&tmp, &id)
         .and_then(|()| fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| fs::rename(&tmp, &path))
-        .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-    Ok(id)
+        .and_then(|()| fs::hard_link(&tmp, &path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(id),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => lineage(dir),
+        Err(e) => Err(Error::io(format!("write {}", path.display()), e)),
+    }
 }
 
 fn hostname() -> String {

@@ -245,7 +245,9 @@ impl Store {
         patience: Patience<'_>,
     ) -> Result<Vec<u8>, Failure> {
         let key = self.key(name);
-        let last = offset + len - 1;
+        let Some(last) = (offset + len).checked_sub(1).filter(|_| len > 0) else {
+            return Ok(Vec::new());
+        };
         self.retry(&format!("GET {key}"), patience, async || {
             let out = self
                 .client
