@@ -72,7 +72,7 @@ fn wrong_backend_kind_and_refused_reexec() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
-        text(&out).contains("holds volume") && text(&out).contains("file:PATH or mem"),
+        text(&out).contains("holds volume") && text(&out).contains("file:PATH, mem or s3://"),
         "{}",
         text(&out)
     );
