@@ -222,12 +222,12 @@ impl Cache {
 
     /// Fills `buf` with the bytes of chunk object `key` at `offset`,
     /// fetching the missing fill blocks with `fetch(offset, len)`.
-    pub fn read(
+    pub fn read<D: AsRef<[u8]>>(
         &self,
         key: &str,
         offset: u64,
         buf: &mut [u8],
-        fetch: impl Fn(u64, u64) -> Result<Vec<u8>, Failure>,
+        fetch: impl Fn(u64, u64) -> Result<D, Failure>,
     ) -> Result<(), Failure> {
         let end = offset + buf.len() as u64;
         if buf.is_empty() || end > self.chunk_size {
@@ -258,13 +258,14 @@ impl Cache {
             let start = from * FILL;
             let len = (to * FILL).min(self.chunk_size) - start;
             let data = fetch(start, len)?;
+            let data = data.as_ref();
             // Serve from what was fetched, so a full cache disk costs
             // only the caching.
             let lo = start.max(offset);
             let hi = (start + len).min(end);
             buf[(lo - offset) as usize..(hi - offset) as usize]
                 .copy_from_slice(&data[(lo - start) as usize..(hi - start) as usize]);
-            match file.write_all_at(&data, HEADER + start) {
+            match file.write_all_at(data, HEADER + start) {
                 Ok(()) => self.mark(key, &file, from, to),
                 Err(e) => crate::log(&format!("read cache: cannot write {key}: {e}")),
             }

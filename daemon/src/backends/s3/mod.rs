@@ -31,10 +31,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use std::{fs, io};
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use self::cache::Cache;
-use self::extents::{Extents, Piece};
+use self::extents::Extents;
 use self::manifest::{Manifest, Owner};
 use self::store::{Condition, Failure, Patience, Store};
 use self::wal::{Kind, Wal};
@@ -182,16 +183,22 @@ fn hostname() -> String {
     }
 }
 
-/// The backend: its settings, and the state of the volume while this daemon
-/// holds the lease.
-pub struct S3Backend {
+/// What stays fixed while the daemon runs: the settings, the volume's shape,
+/// the store, and who this daemon is.
+struct Volume {
     size: u64,
     chunk_size: u64,
     cfg: S3Config,
     cache_dir: PathBuf,
-    store: Arc<Store>,
-    lease: Lease,
+    store: Store,
     owner: Owner,
+}
+
+/// The backend: the volume, and its state while this daemon holds the
+/// lease.
+pub struct S3Backend {
+    vol: Arc<Volume>,
+    lease: Lease,
     active: RwLock<Option<Arc<Active>>>,
 }
 
@@ -211,13 +218,8 @@ struct Log {
 
 /// The volume while this daemon holds the lease.
 struct Active {
-    store: Arc<Store>,
+    vol: Arc<Volume>,
     cache: Cache,
-    size: u64,
-    chunk_size: u64,
-    owner: Owner,
-    cfg: S3Config,
-    cache_dir: PathBuf,
     log: Mutex<Log>,
     /// Wakes the checkpointer.
     wake: Condvar,
@@ -299,16 +301,18 @@ pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error>
         cache_dir.display()
     ));
     Ok(S3Backend {
-        size,
-        chunk_size,
-        cfg: cfg.clone(),
         lease: Lease::new(
             lease_file,
             format!("cache directory {}", cache_dir.display()),
         ),
-        cache_dir,
-        store: Arc::new(store),
-        owner,
+        vol: Arc::new(Volume {
+            size,
+            chunk_size,
+            cfg: cfg.clone(),
+            cache_dir,
+            store,
+            owner,
+        }),
         active: RwLock::new(None),
     })
 }
@@ -326,31 +330,31 @@ impl S3Backend {
     /// written on condition that nobody wrote since it was read. A log
     /// with writes in it may only follow a manifest of its own lineage.
     fn claim(&self, log_has_writes: bool) -> Result<(Manifest, String), Error> {
-        let url = self.store.url();
+        let url = self.vol.store.url();
         for _ in 0..10 {
-            let read = match self.store.get(MANIFEST, Patience::For(S3_PATIENCE)) {
-                Ok((body, etag)) => Some((parse_manifest(&self.store, &body)?, etag)),
+            let read = match self.vol.store.get(MANIFEST, Patience::For(S3_PATIENCE)) {
+                Ok((body, etag)) => Some((parse_manifest(&self.vol.store, &body)?, etag)),
                 Err(Failure::NotFound) => None,
                 Err(e) => return Err(Error::Protocol(format!("cannot read {url}{MANIFEST}: {e}"))),
             };
             let (mut m, cond) = match &read {
-                Some((m, _)) if m.owner.nonce == self.owner.nonce => {
+                Some((m, _)) if m.owner.nonce == self.vol.owner.nonce => {
                     // Ours already (a REVIVE with nobody in between, or a
                     // retried write that had landed).
                     return Ok((m.clone(), read.map(|r| r.1).unwrap_or_default()));
                 }
-                Some((m, _)) if log_has_writes && m.owner.lineage != self.owner.lineage => {
+                Some((m, _)) if log_has_writes && m.owner.lineage != self.vol.owner.lineage => {
                     return Err(Error::Lease(format!(
                         "the log in {} holds writes that never reached S3, and {url} has since \
                          been taken over by a daemon of another cache directory (pid {} on {}, \
                          generation {}): replaying them would overwrite newer data. Move {} \
                          aside to serve what S3 holds (its writes are then lost), or serve the \
                          volume from the host that owns it",
-                        self.cache_dir.display(),
+                        self.vol.cache_dir.display(),
                         m.owner.pid,
                         m.owner.host,
                         m.generation,
-                        self.cache_dir.join("wal").display()
+                        self.vol.cache_dir.join("wal").display()
                     )));
                 }
                 Some((m, etag)) => (m.clone(), Condition::IfMatch(etag)),
@@ -358,32 +362,34 @@ impl S3Backend {
                     return Err(Error::Lease(format!(
                         "the log in {} holds writes, but {url} has no manifest: was the volume \
                          deleted? Move the log aside to start an empty volume",
-                        self.cache_dir.display()
+                        self.vol.cache_dir.display()
                     )));
                 }
                 None => (
                     Manifest {
-                        size: self.size,
-                        chunk_size: self.chunk_size,
+                        size: self.vol.size,
+                        chunk_size: self.vol.chunk_size,
                         generation: 0,
-                        owner: self.owner.clone(),
+                        owner: self.vol.owner.clone(),
                         chunks: BTreeMap::new(),
                     },
                     Condition::IfNoneMatch,
                 ),
             };
-            if m.size != self.size || m.chunk_size != self.chunk_size {
+            if m.size != self.vol.size || m.chunk_size != self.vol.chunk_size {
                 return Err(Error::Protocol(format!(
                     "{url} changed shape while this daemon warmed up ({} bytes in chunks of {})",
                     m.size, m.chunk_size
                 )));
             }
             m.generation += 1;
-            m.owner = self.owner.clone();
-            match self
-                .store
-                .put(MANIFEST, &m.encode(), cond, Patience::For(S3_PATIENCE))
-            {
+            m.owner = self.vol.owner.clone();
+            match self.vol.store.put(
+                MANIFEST,
+                &Bytes::from(m.encode()),
+                cond,
+                Patience::For(S3_PATIENCE),
+            ) {
                 Ok(etag) => return Ok((m, etag)),
                 // Somebody wrote in between (or our own retry landed):
                 // read again.
@@ -411,33 +417,28 @@ impl Backend for S3Backend {
         }
         self.lease.acquire(timeout)?;
         let mut extents = Extents::default();
-        let wal_dir = self.cache_dir.join("wal");
-        let (wal, replay) = Wal::open(&wal_dir, self.size, |r| {
+        let wal_dir = self.vol.cache_dir.join("wal");
+        let (wal, replay) = Wal::open(&wal_dir, self.vol.size, |r| {
             extents.insert(r.offset, r.offset + r.len, r.src);
         })
         .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
         let (manifest, etag) = self.claim(!extents.is_empty())?;
         let cache = Cache::open(
-            &self.cache_dir.join("cache"),
-            self.chunk_size,
-            self.cfg.read_cache_size,
+            &self.vol.cache_dir.join("cache"),
+            self.vol.chunk_size,
+            self.vol.cfg.read_cache_size,
         )
         .map_err(|e| Error::io("read cache", e))?;
         crate::log(&format!(
             "claimed {} at generation {}; the log replayed {} records ({} bytes) to upload",
-            self.store.url(),
+            self.vol.store.url(),
             manifest.generation,
             replay.records,
             replay.bytes
         ));
         let active = Arc::new(Active {
-            store: self.store.clone(),
+            vol: self.vol.clone(),
             cache,
-            size: self.size,
-            chunk_size: self.chunk_size,
-            owner: self.owner.clone(),
-            cfg: self.cfg.clone(),
-            cache_dir: self.cache_dir.clone(),
             log: Mutex::new(Log {
                 wal,
                 extents,
@@ -527,8 +528,12 @@ impl Active {
         }
     }
 
+    /// Appends a record and indexes it. The append (a page-cache write)
+    /// runs under the log's lock on purpose: the index must order
+    /// overlapping writes as the log does, or a replay after a crash would
+    /// disagree with what was read before it.
     fn append(&self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> io::Result<()> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.size);
+        let end = offset.checked_add(len).filter(|&e| e <= self.vol.size);
         let end = end.ok_or_else(|| errno(libc::EINVAL))?;
         if len == 0 {
             return Ok(());
@@ -536,7 +541,7 @@ impl Active {
         let need = 32 + data.len() as u64;
         let mut log = self.log.lock();
         let mut told = false;
-        while log.wal.bytes() > 0 && log.wal.bytes() + need > self.cfg.log_size {
+        while log.wal.bytes() > 0 && log.wal.bytes() + need > self.vol.cfg.log_size {
             if !told {
                 crate::log(&format!(
                     "the log is full ({} bytes): writes wait for uploads to S3",
@@ -551,7 +556,7 @@ impl Active {
         }
         let src = log.wal.append(kind, offset, len, data)?;
         log.extents.insert(offset, end, src);
-        if log.wal.bytes() >= self.cfg.log_size / 4 {
+        if log.wal.bytes() >= self.vol.cfg.log_size / 4 {
             self.wake.notify_one();
         }
         Ok(())
@@ -563,7 +568,7 @@ impl Active {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size);
+            .filter(|&e| e <= self.vol.size);
         let end = end.ok_or_else(|| errno(libc::EINVAL))?;
         for _ in 0..5 {
             match self.read_once(offset, end, buf) {
@@ -578,14 +583,17 @@ impl Active {
         Err(errno(libc::EIO))
     }
 
+    /// Reads `[offset, end)` into `buf` as it reads now: the extents and
+    /// chunk keys are taken under the lock, the bytes outside it.
     fn read_once(&self, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), Failure> {
+        let cs = self.vol.chunk_size;
         let (pieces, chunks, files) = {
             let log = self.log.lock();
             let pieces = log.extents.pieces(offset, end);
             let chunks: BTreeMap<u64, String> = log
                 .manifest
                 .chunks
-                .range(offset / self.chunk_size..=(end - 1) / self.chunk_size)
+                .range(offset / cs..=(end - 1) / cs)
                 .map(|(&i, k)| (i, k.clone()))
                 .collect();
             let files: BTreeMap<u64, Arc<fs::File>> = pieces
@@ -597,78 +605,38 @@ impl Active {
         };
         for p in pieces {
             let dst = &mut buf[(p.start - offset) as usize..(p.end - offset) as usize];
-            self.fill(p, dst, &chunks, &files)?;
-        }
-        Ok(())
-    }
-
-    /// Fills `dst` with piece `p`: log data, zeroes, or chunk bytes.
-    fn fill(
-        &self,
-        p: Piece,
-        dst: &mut [u8],
-        chunks: &BTreeMap<u64, String>,
-        files: &BTreeMap<u64, Arc<fs::File>>,
-    ) -> Result<(), Failure> {
-        match p.src {
-            Some(src) => match src.data {
-                None => dst.fill(0),
-                Some(at) => {
-                    let file = files.get(&src.segment).ok_or_else(|| {
-                        Failure::Permanent(format!("log segment {} is gone", src.segment))
+            match p.src.map(|src| (src.segment, src.data)) {
+                Some((_, None)) => dst.fill(0),
+                Some((segment, Some(at))) => {
+                    let file = files.get(&segment).ok_or_else(|| {
+                        Failure::Permanent(format!("log segment {segment} is gone"))
                     })?;
                     file.read_exact_at(dst, at)
                         .map_err(|e| Failure::Permanent(format!("reading the log: {e}")))?;
                 }
-            },
-            None => {
-                let mut at = p.start;
-                while at < p.end {
-                    let index = at / self.chunk_size;
-                    let within = at % self.chunk_size;
-                    let n = (self.chunk_size - within).min(p.end - at);
-                    let d = &mut dst[(at - p.start) as usize..(at - p.start + n) as usize];
-                    match chunks.get(&index) {
-                        None => d.fill(0),
-                        Some(key) => self.cache.read(key, within, d, |o, l| {
-                            self.store
-                                .get_range(key, o, l, Patience::UntilStopped(&self.stop))
-                        })?,
+                None => {
+                    let mut at = p.start;
+                    while at < p.end {
+                        let within = at % cs;
+                        let n = (cs - within).min(p.end - at);
+                        let d = &mut dst[(at - p.start) as usize..(at - p.start + n) as usize];
+                        match chunks.get(&(at / cs)) {
+                            None => d.fill(0),
+                            Some(key) => self.cache.read(key, within, d, |o, l| {
+                                self.vol.store.get_range(
+                                    key,
+                                    o,
+                                    l,
+                                    Patience::UntilStopped(&self.stop),
+                                )
+                            })?,
+                        }
+                        at += n;
                     }
-                    at += n;
                 }
             }
         }
         Ok(())
-    }
-
-    /// Chunk `index` as it reads now (the base object and the log over it).
-    fn build_chunk(&self, index: u64, base: Option<&String>) -> Result<Vec<u8>, Failure> {
-        let start = index * self.chunk_size;
-        let mut data = vec![0u8; self.chunk_size as usize];
-        if let Some(key) = base {
-            self.cache.read(key, 0, &mut data, |o, l| {
-                self.store
-                    .get_range(key, o, l, Patience::UntilStopped(&self.stop))
-            })?;
-        }
-        let end = (start + self.chunk_size).min(self.size);
-        let (pieces, files) = {
-            let log = self.log.lock();
-            let pieces = log.extents.pieces(start, end);
-            let files: BTreeMap<u64, Arc<fs::File>> = pieces
-                .iter()
-                .filter_map(|p| p.src)
-                .filter_map(|s| Some((s.segment, log.wal.file(s.segment)?)))
-                .collect();
-            (pieces, files)
-        };
-        let none = BTreeMap::new();
-        for p in pieces.into_iter().filter(|p| p.src.is_some()) {
-            let dst = &mut data[(p.start - start) as usize..(p.end - start) as usize];
-            self.fill(p, dst, &none, &files)?;
-        }
-        Ok(data)
     }
 
     /// The checkpointer: uploads when the log is a quarter full, when its
@@ -682,9 +650,9 @@ impl Active {
                     if self.stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let due = log.last_checkpoint + self.cfg.checkpoint_interval;
+                    let due = log.last_checkpoint + self.vol.cfg.checkpoint_interval;
                     if !log.extents.is_empty()
-                        && (log.wal.bytes() >= self.cfg.log_size / 4
+                        && (log.wal.bytes() >= self.vol.cfg.log_size / 4
                             || log.waiting > 0
                             || log.drain
                             || Instant::now() >= due)
@@ -694,7 +662,8 @@ impl Active {
                     if log.extents.is_empty() {
                         log.last_checkpoint = Instant::now();
                         self.room.notify_all();
-                        self.wake.wait_for(&mut log, self.cfg.checkpoint_interval);
+                        self.wake
+                            .wait_for(&mut log, self.vol.cfg.checkpoint_interval);
                     } else {
                         self.wake.wait_until(&mut log, due);
                     }
@@ -720,7 +689,7 @@ impl Active {
             let cut = log.wal.rotate().map_err(Stopped::Io)?;
             let dirty: Vec<u64> = log
                 .extents
-                .chunks_before(cut, self.chunk_size)
+                .chunks_before(cut, self.vol.chunk_size)
                 .into_iter()
                 .collect();
             (cut, dirty, log.manifest.clone(), log.etag.clone())
@@ -735,9 +704,9 @@ impl Active {
                 let Some(&index) = dirty.get(next.fetch_add(1, Ordering::SeqCst)) else {
                     return;
                 };
-                match self.upload_chunk(index, base.chunks.get(&index), generation) {
+                match self.upload_chunk(index, generation) {
                     Ok(key) => {
-                        bytes.fetch_add(self.chunk_size, Ordering::Relaxed);
+                        bytes.fetch_add(self.vol.chunk_size, Ordering::Relaxed);
                         uploaded.lock().insert(index, key);
                     }
                     Err(e) => *failed.lock() = Some(e),
@@ -745,7 +714,7 @@ impl Active {
             }
         };
         std::thread::scope(|s| {
-            let workers: Vec<_> = (0..self.cfg.uploads.min(dirty.len()).max(1))
+            let workers: Vec<_> = (0..self.vol.cfg.uploads.min(dirty.len()).max(1))
                 .map(|_| s.spawn(upload))
                 .collect();
             let mut reported = Instant::now();
@@ -760,7 +729,7 @@ impl Active {
                         dirty.len(),
                         bytes.load(Ordering::Relaxed) >> 20,
                         started.elapsed().as_secs_f64(),
-                        self.store.failures.load(Ordering::Relaxed)
+                        self.vol.store.failures.load(Ordering::Relaxed)
                     ));
                 }
             }
@@ -777,15 +746,15 @@ impl Active {
         let uploaded = uploaded.into_inner();
         let mut next_manifest = base.clone();
         next_manifest.generation = generation;
-        next_manifest.owner = self.owner.clone();
+        next_manifest.owner = self.vol.owner.clone();
         for (&index, key) in &uploaded {
             match key {
                 Some(k) => next_manifest.chunks.insert(index, k.clone()),
                 None => next_manifest.chunks.remove(&index),
             };
         }
-        let body = next_manifest.encode();
-        let new_etag = match self.store.put(
+        let body = Bytes::from(next_manifest.encode());
+        let new_etag = match self.vol.store.put(
             MANIFEST,
             &body,
             Condition::IfMatch(&etag),
@@ -811,6 +780,7 @@ impl Active {
             if let Some(old) = base.chunks.get(index) {
                 self.cache.evict(old);
                 if let Err(e) = self
+                    .vol
                     .store
                     .delete(old, Patience::For(Duration::from_secs(10)))
                 {
@@ -831,18 +801,22 @@ impl Active {
 
     /// Uploads chunk `index` under a key no other upload uses; `None` for a
     /// chunk of zeroes, which needs no object.
-    fn upload_chunk(
-        &self,
-        index: u64,
-        base: Option<&String>,
-        generation: u64,
-    ) -> Result<Option<String>, Failure> {
-        let data = self.build_chunk(index, base)?;
+    fn upload_chunk(&self, index: u64, generation: u64) -> Result<Option<String>, Failure> {
+        // The chunk as it reads now. Its key in the manifest cannot change
+        // meanwhile: only this thread writes the manifest.
+        let start = index * self.vol.chunk_size;
+        let end = (start + self.vol.chunk_size).min(self.vol.size);
+        let mut data = vec![0u8; self.vol.chunk_size as usize];
+        self.read_once(start, end, &mut data[..(end - start) as usize])?;
         if data.iter().all(|&b| b == 0) {
             return Ok(None);
         }
-        let key = format!("chunks/{index:08x}.{generation:016x}.{}", self.owner.nonce);
-        match self.store.put(
+        let data = Bytes::from(data);
+        let key = format!(
+            "chunks/{index:08x}.{generation:016x}.{}",
+            self.vol.owner.nonce
+        );
+        match self.vol.store.put(
             &key,
             &data,
             Condition::IfNoneMatch,
@@ -861,7 +835,11 @@ impl Active {
     /// attempt), or another daemon owns the volume now and this one must
     /// not write again.
     fn landed_or_superseded(&self, body: &[u8]) -> Result<String, Stopped> {
-        match self.store.get(MANIFEST, Patience::UntilStopped(&self.stop)) {
+        match self
+            .vol
+            .store
+            .get(MANIFEST, Patience::UntilStopped(&self.stop))
+        {
             Ok((now, etag)) if now == body => return Ok(etag),
             Err(Failure::Stopped) => return Err(Stopped::Stop),
             Ok((now, _)) => {
@@ -877,8 +855,8 @@ impl Active {
                 crate::log(&format!(
                     "superseded: {}{MANIFEST} is now {who}. This daemon stops writing and \
                      exits; writes in its log ({}) that did not reach S3 are kept there",
-                    self.store.url(),
-                    self.cache_dir.join("wal").display()
+                    self.vol.store.url(),
+                    self.vol.cache_dir.join("wal").display()
                 ));
             }
             Err(e) => crate::log(&format!(
@@ -904,7 +882,7 @@ impl Active {
                     "detaching with {} bytes of the log not yet in S3; the next daemon on {} \
                      replays them",
                     log.wal.bytes(),
-                    self.cache_dir.display()
+                    self.vol.cache_dir.display()
                 ));
                 return;
             }

@@ -16,6 +16,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 /// How an S3 call failed.
@@ -214,15 +215,22 @@ impl Store {
         })
     }
 
-    /// The object `name` and its ETag.
-    pub fn get(&self, name: &str, patience: Patience<'_>) -> Result<(Vec<u8>, String), Failure> {
+    /// The object `name` (or `len` bytes of it from `offset`) and its ETag.
+    fn fetch(
+        &self,
+        name: &str,
+        range: Option<(u64, u64)>,
+        patience: Patience<'_>,
+    ) -> Result<(Bytes, String), Failure> {
         let key = self.key(name);
+        let header = range.map(|(offset, len)| format!("bytes={offset}-{}", offset + len - 1));
         self.retry(&format!("GET {key}"), patience, async || {
             let out = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(&key)
+                .set_range(header.clone())
                 .send()
                 .await
                 .map_err(classify)?;
@@ -231,9 +239,23 @@ impl Store {
                 .body
                 .collect()
                 .await
-                .map_err(|e| Failure::Transient(format!("reading {key}: {e}")))?;
-            Ok((body.into_bytes().to_vec(), etag))
+                .map_err(|e| Failure::Transient(format!("reading {key}: {e}")))?
+                .into_bytes();
+            if let Some((offset, len)) = range
+                && body.len() as u64 != len
+            {
+                return Err(Failure::Permanent(format!(
+                    "{key}: asked for {len} bytes at {offset}, got {}",
+                    body.len()
+                )));
+            }
+            Ok((body, etag))
         })
+    }
+
+    /// The object `name` and its ETag.
+    pub fn get(&self, name: &str, patience: Patience<'_>) -> Result<(Bytes, String), Failure> {
+        self.fetch(name, None, patience)
     }
 
     /// `len` bytes of object `name` from `offset`.
@@ -243,35 +265,11 @@ impl Store {
         offset: u64,
         len: u64,
         patience: Patience<'_>,
-    ) -> Result<Vec<u8>, Failure> {
-        let key = self.key(name);
-        let Some(last) = (offset + len).checked_sub(1).filter(|_| len > 0) else {
-            return Ok(Vec::new());
-        };
-        self.retry(&format!("GET {key}"), patience, async || {
-            let out = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .range(format!("bytes={offset}-{last}"))
-                .send()
-                .await
-                .map_err(classify)?;
-            let body = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| Failure::Transient(format!("reading {key}: {e}")))?
-                .into_bytes();
-            if body.len() as u64 != len {
-                return Err(Failure::Permanent(format!(
-                    "{key}: asked for {len} bytes at {offset}, got {}",
-                    body.len()
-                )));
-            }
-            Ok(body.to_vec())
-        })
+    ) -> Result<Bytes, Failure> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        Ok(self.fetch(name, Some((offset, len)), patience)?.0)
     }
 
     /// Writes object `name` if `cond` holds: `IfMatch(etag)`, or
@@ -279,7 +277,7 @@ impl Store {
     pub fn put(
         &self,
         name: &str,
-        body: &[u8],
+        body: &Bytes,
         cond: Condition<'_>,
         patience: Patience<'_>,
     ) -> Result<String, Failure> {
@@ -290,7 +288,8 @@ impl Store {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&key)
-                .body(ByteStream::from(body.to_vec()));
+                // A clone of Bytes shares the buffer: no copy per attempt.
+                .body(ByteStream::from(body.clone()));
             let req = match cond {
                 Condition::IfMatch(etag) => req.if_match(etag),
                 Condition::IfNoneMatch => req.if_none_match("*"),
