@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backends::{Backend, BackendSpec, OpenContext};
-use holdfast_proto::{ErrorReply, Request};
+use holdfast_proto::{ErrorReply, Reply, Request};
 
 use crate::fault::Point;
 
@@ -118,13 +118,20 @@ pub fn run_with(
         geometry.size,
         geometry.pending
     ));
-    let backend: Arc<dyn Backend> = Arc::from(open(OpenContext {
+    let opened = open(OpenContext {
         conn: &mut conn,
         export: &opts.export,
         size: geometry.size,
         kind: geometry.kind,
-    })?);
-    backends::check_kind(&opts.export, geometry.kind, backend.kind())?;
+    })
+    .and_then(|b| {
+        backends::check_kind(&opts.export, geometry.kind, b.kind())?;
+        Ok(Arc::<dyn Backend>::from(b))
+    });
+    let backend = match opened {
+        Ok(b) => b,
+        Err(e) => return Err(leave(&mut conn, opts, e)),
+    };
     if opts.successor {
         fault::inject(Point::SuccessorAfterPrepare);
         conn.send(&Request::Ready)?;
@@ -135,7 +142,9 @@ pub fn run_with(
         }
         fault::inject(Point::SuccessorAfterActivate);
     }
-    backend.acquire_lease(opts.lease_timeout)?;
+    if let Err(e) = backend.acquire_lease(opts.lease_timeout) {
+        return Err(leave(&mut conn, opts, e));
+    }
     let replayed = conn.restore()?;
     log(&format!("restored; {replayed} requests replayed"));
     let handed_off = serve::serve(conn, att, backend.clone(), opts, signals)?;
@@ -143,6 +152,21 @@ pub fn run_with(
         backend.detach()?;
     }
     Ok(())
+}
+
+/// A daemon that failed before serving leaves with DETACH and waits for
+/// DETACHED, then returns `err`. Closing the connection alone would have the
+/// broker declare it lost and SIGKILL it, which races the error message (and
+/// the exit status) out. A successor's failure aborts its handoff instead.
+fn leave(conn: &mut client::Connection, opts: &Options, err: Error) -> Error {
+    if !opts.successor && conn.send(&Request::Detach).is_ok() {
+        while let Ok((reply, _)) = conn.recv() {
+            if matches!(reply, Reply::Detached | Reply::Error(_)) {
+                break;
+            }
+        }
+    }
+    err
 }
 
 /// [`run_with`] for a backend named on the command line.

@@ -369,8 +369,6 @@ fn store_stopped_mid_upload() {
 
 /// Every bad S3 setting is refused with a message that says what to do.
 #[test]
-#[ignore = "flaky: once, a daemon run with --log-size 1MiB died of a signal 30 ms after attaching, \
-            before logging anything; passes alone (cargo test --test s3 -- --ignored)"]
 fn bad_settings_are_refused() {
     let (scratch, moto, broker) = setup("s3-bad", "8MiB");
     let run = |backend: &str, args: &[&str]| {
