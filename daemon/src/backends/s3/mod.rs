@@ -583,6 +583,16 @@ impl Active {
         Err(errno(libc::EIO))
     }
 
+    /// Fills `dst` with chunk object `key`'s bytes at `within`, through
+    /// the read cache.
+    fn cached(&self, key: &str, within: u64, dst: &mut [u8]) -> Result<(), Failure> {
+        self.cache.read(key, within, dst, |o, l| {
+            self.vol
+                .store
+                .get_range(key, o, l, Patience::UntilStopped(&self.stop))
+        })
+    }
+
     /// Reads `[offset, end)` into `buf` as it reads now: the extents and
     /// chunk keys are taken under the lock, the bytes outside it.
     fn read_once(&self, offset: u64, end: u64, buf: &mut [u8]) -> Result<(), Failure> {
@@ -622,14 +632,7 @@ impl Active {
                         let d = &mut dst[(at - p.start) as usize..(at - p.start + n) as usize];
                         match chunks.get(&(at / cs)) {
                             None => d.fill(0),
-                            Some(key) => self.cache.read(key, within, d, |o, l| {
-                                self.vol.store.get_range(
-                                    key,
-                                    o,
-                                    l,
-                                    Patience::UntilStopped(&self.stop),
-                                )
-                            })?,
+                            Some(key) => self.cached(key, within, d)?,
                         }
                         at += n;
                     }
@@ -807,6 +810,13 @@ impl Active {
         let start = index * self.vol.chunk_size;
         let end = (start + self.vol.chunk_size).min(self.vol.size);
         let mut data = vec![0u8; self.vol.chunk_size as usize];
+        // The whole base chunk first, in one ranged GET for what the cache
+        // lacks: between the log's extents the read below would otherwise
+        // fetch it in as many small GETs.
+        let base = self.log.lock().manifest.chunks.get(&index).cloned();
+        if let Some(key) = base {
+            self.cached(&key, 0, &mut data)?;
+        }
         self.read_once(start, end, &mut data[..(end - start) as usize])?;
         if data.iter().all(|&b| b == 0) {
             return Ok(None);
