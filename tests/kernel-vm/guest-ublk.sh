@@ -58,11 +58,16 @@ fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
         --verify_fatal=1 --output=$W/fio-$1.log > /dev/null 2>&1
 }
 
-# Daemon kills under fio.
+# Daemon kills under fio. Each kill waits until the daemon has attached:
+# a daemon killed while it is still starting (the debug build with the S3
+# SDK takes seconds to load over 9p) never held a request, and 20 such
+# kills once left nothing to replay.
+attached() { [ "$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')" = "$daemon" ]; }
 fio_verify kills &
 fio=$!
 i=0
 while [ $i -lt 20 ]; do
+    wait_for 60 attached
     sleep 0.3
     kill -9 $daemon; wait $daemon 2>/dev/null || true
     start_daemon
