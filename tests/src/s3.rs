@@ -34,15 +34,17 @@ fn moto_server() -> PathBuf {
 /// An HTTP/1.0 request (no chunked replies); returns the status and body.
 /// moto does not check signatures, but refuses anonymous reads of objects
 /// a signed request wrote: the Authorization header names a user.
-fn http(addr: &str, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\
          Authorization: AWS4-HMAC-SHA256 Credential=holdfast-test/20260101/us-east-1/s3/\
-         aws4_request, SignedHeaders=host, Signature=00\r\n\r\n"
+         aws4_request, SignedHeaders=host, Signature=00\r\n\r\n",
+        body.len()
     )?;
+    s.write_all(body)?;
     let mut reply = Vec::new();
     s.read_to_end(&mut reply)?;
     let split = reply
@@ -71,7 +73,7 @@ impl Moto {
         let mut proc = scratch.spawn(&mut cmd, "moto.log");
         let addr = format!("127.0.0.1:{port}");
         let end = Instant::now() + Duration::from_secs(30);
-        while http(&addr, "GET", "/").is_err() {
+        while http(&addr, "GET", "/", &[]).is_err() {
             assert!(
                 proc.is_running() && Instant::now() < end,
                 "moto_server did not come up:\n{}",
@@ -87,13 +89,19 @@ impl Moto {
     }
 
     pub fn create_bucket(&self, bucket: &str) {
-        let (status, body) = http(&self.addr, "PUT", &format!("/{bucket}")).unwrap();
+        let (status, body) = http(&self.addr, "PUT", &format!("/{bucket}"), &[]).unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+
+    /// Writes object `key` of `bucket`.
+    pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
+        let (status, body) = http(&self.addr, "PUT", &format!("/{bucket}/{key}"), data).unwrap();
+        assert_eq!(status, 200, "PUT {key}: {}", String::from_utf8_lossy(&body));
     }
 
     /// The object `key` of `bucket`, if there is one.
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
-        let (status, body) = http(&self.addr, "GET", &format!("/{bucket}/{key}")).unwrap();
+        let (status, body) = http(&self.addr, "GET", &format!("/{bucket}/{key}"), &[]).unwrap();
         match status {
             200 => Some(body),
             404 => None,
@@ -107,6 +115,7 @@ impl Moto {
             &self.addr,
             "GET",
             &format!("/{bucket}?list-type=2&prefix={prefix}"),
+            &[],
         )
         .unwrap();
         assert_eq!(status, 200);

@@ -3,7 +3,8 @@
 //! stale daemon that must not overwrite its successor's data, and the
 //! store stopping in the middle of uploads. Each test's second oracle reads
 //! the volume back through a daemon with an empty cache directory, so what
-//! it checks came from S3.
+//! it checks came from S3, and then checks that the chunk objects of
+//! abandoned uploads were collected.
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::FileExt;
@@ -177,6 +178,45 @@ fn check_from_s3(
     let _fresh = start(broker, scratch, moto, "cache-check", &[]);
     broker.wait_active("vol0", epoch, Duration::from_secs(30));
     check_backing(scratch, &broker.file("vol0"), state, seed);
+    // Its claim collects what abandoned checkpoints left: then the bucket
+    // holds exactly the chunks the manifest names.
+    wait_for("orphans collected", Duration::from_secs(30), || {
+        let (_, mut named) = moto.manifest(BUCKET, "vol").unwrap();
+        named.sort();
+        let mut stored = moto.keys(BUCKET, "vol/chunks/");
+        stored.sort();
+        stored
+            .iter()
+            .map(|k| &k[4..])
+            .eq(named.iter().map(String::as_str))
+    });
+}
+
+/// Chunk objects no manifest will name (uploaded for the claimed
+/// generation or before) are deleted at a claim; newer ones, which a
+/// successor may be about to name, and objects of other names are kept.
+#[test]
+fn orphans_are_collected() {
+    let (scratch, moto, broker) = setup("s3-orphans", "8MiB");
+    let orphan = "vol/chunks/00000000.0000000000000001.00aa.0";
+    let newer = "vol/chunks/00000001.0000000000000009.00bb.0";
+    let other = "vol/chunks/notes";
+    for key in [orphan, newer, other] {
+        moto.put(BUCKET, key, b"x");
+    }
+    let daemon = start(&broker, &scratch, &moto, "cache", &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    wait_for("the orphan deleted", Duration::from_secs(30), || {
+        moto.get(BUCKET, orphan).is_none()
+    });
+    let mut kept = moto.keys(BUCKET, "vol/chunks/");
+    kept.sort();
+    assert_eq!(kept, [newer, other]);
+    wait_for("the log line", Duration::from_secs(10), || {
+        daemon
+            .log_text()
+            .contains("removed 1 orphaned chunk objects")
+    });
 }
 
 /// Small log and read cache (4 chunks) and frequent checkpoints, so that

@@ -141,6 +141,32 @@ impl Manifest {
     }
 }
 
+/// Where chunk objects live, under the prefix.
+pub const CHUNKS: &str = "chunks/";
+
+/// A chunk object's key: `chunks/INDEX.GENERATION.NONCE.UPLOAD` (hex).
+/// GENERATION is the manifest generation the upload was made for, NONCE
+/// the claim of the daemon that made it and UPLOAD counts that daemon's
+/// uploads, so no two uploads share a key: an upload that finds its key
+/// taken knows its own earlier attempt landed.
+pub fn chunk_key(index: u64, generation: u64, nonce: &str, upload: u64) -> String {
+    format!("{CHUNKS}{index:08x}.{generation:016x}.{nonce}.{upload:x}")
+}
+
+/// The generation the chunk object `key` was uploaded for, if `key` is one
+/// that [`chunk_key`] makes.
+pub fn chunk_generation(key: &str) -> Option<u64> {
+    let hex = |s: &str| !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match key.strip_prefix(CHUNKS)?.split('.').collect::<Vec<_>>()[..] {
+        [index, generation, nonce, upload]
+            if hex(index) && generation.len() == 16 && hex(nonce) && hex(upload) =>
+        {
+            u64::from_str_radix(generation, 16).ok()
+        }
+        _ => None,
+    }
+}
+
 /// Chunk sizes: powers of two from 64 KiB (the read cache's fill unit) to
 /// 64 MiB.
 pub fn valid_chunk_size(n: u64) -> bool {
@@ -175,6 +201,24 @@ mod tests {
         let m = sample();
         assert_eq!(Manifest::parse(&m.encode()), Ok(m.clone()));
         assert_eq!(m.chunk_count(), 3);
+    }
+
+    #[test]
+    fn chunk_keys() {
+        let key = chunk_key(5, 0x1234, "00ff", 17);
+        assert_eq!(key, "chunks/00000005.0000000000001234.00ff.11");
+        assert_eq!(chunk_generation(&key), Some(0x1234));
+        assert_ne!(key, chunk_key(5, 0x1234, "00ff", 18));
+        for other in [
+            "chunks/README",
+            "chunks/5.1234.00ff.11",
+            "chunks/00000005.0000000000001234.00ff",
+            "chunks/00000005.0000000000001234.00ff.11.2",
+            "chunks/00000005.000000000000123x.00ff.11",
+            "other/00000005.0000000000001234.00ff.11",
+        ] {
+            assert_eq!(chunk_generation(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use self::cache::Cache;
 use self::extents::Extents;
-use self::manifest::{Manifest, Owner};
+use self::manifest::{CHUNKS, Manifest, Owner, chunk_generation, chunk_key};
 use self::store::{Condition, Failure, Patience, Store};
 use self::wal::{Kind, Wal};
 use super::Backend;
@@ -192,6 +192,8 @@ struct Volume {
     cache_dir: PathBuf,
     store: Store,
     owner: Owner,
+    /// Numbers this daemon's chunk uploads, for their keys.
+    uploads: AtomicU64,
 }
 
 /// The backend: the volume, and its state while this daemon holds the
@@ -226,7 +228,8 @@ struct Active {
     /// Wakes writers waiting for room and a detach waiting for uploads.
     room: Condvar,
     stop: AtomicBool,
-    checkpointer: Mutex<Option<JoinHandle<()>>>,
+    /// The checkpointer and the orphan collector.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// Opens the backend without its lease: checks the settings, and that the
@@ -312,9 +315,25 @@ pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error>
             cache_dir,
             store,
             owner,
+            uploads: AtomicU64::new(0),
         }),
         active: RwLock::new(None),
     })
+}
+
+/// Starts a thread of `active` (stopped and joined by [`Active::stop`]).
+fn spawn(
+    active: &Arc<Active>,
+    name: &str,
+    run: impl FnOnce(&Active) + Send + 'static,
+) -> Result<(), Error> {
+    let a = active.clone();
+    let t = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(&a))
+        .map_err(|e| Error::io(format!("cannot start thread {name}"), e))?;
+    active.threads.lock().push(t);
+    Ok(())
 }
 
 fn parse_manifest(store: &Store, body: &[u8]) -> Result<Manifest, Error> {
@@ -410,7 +429,7 @@ impl S3Backend {
 
 impl Backend for S3Backend {
     /// The lease, then the log's replay, then the manifest's claim; then
-    /// the checkpointer starts.
+    /// the checkpointer and the orphan collector start.
     fn acquire_lease(&self, timeout: Duration) -> Result<(), Error> {
         if self.active.read().is_some() {
             return Ok(());
@@ -423,6 +442,7 @@ impl Backend for S3Backend {
         })
         .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
         let (manifest, etag) = self.claim(!extents.is_empty())?;
+        let claimed = manifest.clone();
         let cache = Cache::open(
             &self.vol.cache_dir.join("cache"),
             self.vol.chunk_size,
@@ -451,14 +471,17 @@ impl Backend for S3Backend {
             wake: Condvar::new(),
             room: Condvar::new(),
             stop: AtomicBool::new(false),
-            checkpointer: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
         });
-        let a = active.clone();
-        let t = std::thread::Builder::new()
-            .name("holdfast-checkpoint".into())
-            .spawn(move || a.checkpointer())
-            .map_err(|e| Error::io("cannot start the checkpoint thread", e))?;
-        *active.checkpointer.lock() = Some(t);
+        let started = spawn(&active, "holdfast-checkpoint", Active::checkpointer).and_then(|()| {
+            spawn(&active, "holdfast-orphans", move |a| {
+                a.collect_orphans(&claimed)
+            })
+        });
+        if let Err(e) = started {
+            active.stop();
+            return Err(e);
+        }
         *self.active.write() = Some(active);
         Ok(())
     }
@@ -514,7 +537,8 @@ impl Active {
     fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
-        if let Some(t) = self.checkpointer.lock().take() {
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -791,12 +815,17 @@ impl Active {
         for index in uploaded.keys() {
             if let Some(old) = base.chunks.get(index) {
                 self.cache.evict(old);
-                if let Err(e) = self
+                // One left behind (stopped, or S3 failed) is an orphan
+                // that the next claim collects.
+                match self
                     .vol
                     .store
-                    .delete(old, Patience::For(Duration::from_secs(10)))
+                    .delete(old, Patience::UntilStopped(&self.stop))
                 {
-                    crate::log(&format!("could not delete the replaced chunk {old}: {e}"));
+                    Ok(()) | Err(Failure::Stopped) => {}
+                    Err(e) => {
+                        crate::log(&format!("could not delete the replaced chunk {old}: {e}"))
+                    }
                 }
             }
         }
@@ -833,18 +862,16 @@ impl Active {
             return Ok(None);
         }
         let data = Bytes::from(data);
-        let key = format!(
-            "chunks/{index:08x}.{generation:016x}.{}",
-            self.vol.owner.nonce
-        );
+        let upload = self.vol.uploads.fetch_add(1, Ordering::Relaxed);
+        let key = chunk_key(index, generation, &self.vol.owner.nonce, upload);
         match self.vol.store.put(
             &key,
             &data,
             Condition::IfNoneMatch,
             Patience::UntilStopped(&self.stop),
         ) {
-            // Only this upload writes this key: a retry after an attempt
-            // that landed finds it there.
+            // No other upload has this key: a retry after an attempt that
+            // landed finds it there.
             Ok(_) | Err(Failure::Precondition) => {}
             Err(e) => return Err(e),
         }
@@ -888,6 +915,44 @@ impl Active {
         // the next one, which refuses a log the manifest has moved past.
         // SAFETY: _exit ends the process at once; nothing runs after it.
         unsafe { libc::_exit(SUPERSEDED_EXIT) }
+    }
+
+    /// Deletes the chunk objects that no manifest names or ever will:
+    /// uploads of checkpoints that were abandoned (a kill, a handoff, a
+    /// superseded daemon) and replaced chunks whose delete was cut short.
+    /// Such a chunk was uploaded for a generation up to the one claimed,
+    /// and the claimed manifest does not name it; every later manifest
+    /// names only chunks uploaded for later generations (a checkpoint
+    /// uploads for the generation it will write, and a manifest write on
+    /// an older generation fails its condition). In the background, so
+    /// that a claim never waits for a listing.
+    fn collect_orphans(&self, claimed: &Manifest) {
+        let named: std::collections::HashSet<&str> =
+            claimed.chunks.values().map(String::as_str).collect();
+        let patience = Patience::UntilStopped(&self.stop);
+        let mut removed = 0u64;
+        let listed = self.vol.store.list(CHUNKS, patience, |names| {
+            for name in names {
+                let orphan = chunk_generation(&name).is_some_and(|g| g <= claimed.generation)
+                    && !named.contains(name.as_str());
+                if orphan {
+                    self.vol.store.delete(&name, patience)?;
+                    removed += 1;
+                }
+            }
+            Ok(())
+        });
+        match listed {
+            Ok(()) | Err(Failure::Stopped) => {}
+            Err(e) => crate::log(&format!("collecting orphaned chunks failed: {e}")),
+        }
+        if removed > 0 {
+            crate::log(&format!(
+                "removed {removed} orphaned chunk objects (uploaded for generation {} or \
+                 before, named by no manifest)",
+                claimed.generation
+            ));
+        }
     }
 
     /// Uploads until the log is empty or `bound` has passed (a clean

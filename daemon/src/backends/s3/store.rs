@@ -94,6 +94,8 @@ pub struct Store {
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const LOG_EVERY: Duration = Duration::from_secs(5);
+/// How often an attempt in flight checks whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(10);
 
 impl Store {
     /// A client with the standard credential and region chains (region
@@ -167,7 +169,7 @@ impl Store {
         let mut failed = 0u32;
         self.rt.block_on(async {
             loop {
-                let err = match attempt().await {
+                let err = match self.attempt(&attempt, patience).await {
                     Ok(v) => {
                         if failed > 0 {
                             crate::log(&format!("S3: {what} succeeded after {failed} failures"));
@@ -213,6 +215,28 @@ impl Store {
                 }
             }
         })
+    }
+
+    /// One attempt; with `UntilStopped`, dropped (the request cancelled)
+    /// once the flag is set, so that a handoff or a stop never waits out
+    /// an upload or a store that does not answer.
+    async fn attempt<T>(
+        &self,
+        attempt: &impl AsyncFn() -> Result<T, Failure>,
+        patience: Patience<'_>,
+    ) -> Result<T, Failure> {
+        let Patience::UntilStopped(stop) = patience else {
+            return attempt().await;
+        };
+        let mut call = std::pin::pin!(attempt());
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Err(Failure::Stopped);
+            }
+            if let Ok(result) = tokio::time::timeout(STOP_POLL, &mut call).await {
+                return result;
+            }
+        }
     }
 
     /// The object `name` (or `len` bytes of it from `offset`) and its ETag.
@@ -297,6 +321,43 @@ impl Store {
             let out = req.send().await.map_err(classify)?;
             Ok(out.e_tag().unwrap_or_default().to_string())
         })
+    }
+
+    /// The names of the objects under `under` (itself under the prefix),
+    /// a page (up to a thousand) at a time, passed to `page`.
+    pub fn list(
+        &self,
+        under: &str,
+        patience: Patience<'_>,
+        mut page: impl FnMut(Vec<String>) -> Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        let prefix = self.key(under);
+        let mut token: Option<String> = None;
+        loop {
+            let (names, next) = self.retry(&format!("LIST {prefix}"), patience, async || {
+                let out = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&prefix)
+                    .set_continuation_token(token.clone())
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                let names = out
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key()?.strip_prefix(&self.prefix))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>();
+                Ok((names, out.next_continuation_token().map(str::to_owned)))
+            })?;
+            page(names)?;
+            match next {
+                Some(t) => token = Some(t),
+                None => return Ok(()),
+            }
+        }
     }
 
     /// Deletes object `name` (a chunk no manifest names any more).
