@@ -270,6 +270,8 @@ fn ten_handoffs_under_verified_writer() {
     let seed = seed();
     let mut writer = writer(&scratch, &broker.file("vol0"), 4, seed, Some(&state));
     let mut stalls = Vec::new();
+    // Log records the successors read while warming up, and at ACTIVATE.
+    let (mut read_warm, mut read_now) = (0, 0);
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(300));
         let (mut conn, from) = broker.arm_handoff("vol0", false, 0);
@@ -288,6 +290,9 @@ fn ten_handoffs_under_verified_writer() {
         let status = daemon.wait_timeout(Duration::from_secs(30)).unwrap();
         assert!(status.success(), "{status}\n{}", daemon.log_text());
         stalls.push(r.stall_us);
+        let (warm, now) = log_reads(&next.log_text());
+        read_warm += warm;
+        read_now += now;
         daemon = next;
         assert!(writer.is_running(), "writer died:\n{}", writer.log_text());
     }
@@ -295,13 +300,28 @@ fn ten_handoffs_under_verified_writer() {
     let status = broker.status("vol0");
     stalls.sort_unstable();
     eprintln!(
-        "writer: {report}\nbroker: {status}\nstall us: median {} max {}",
+        "writer: {report}\nbroker: {status}\nstall us: median {} max {}\n\
+         log records read by successors: {read_warm} while warming up, {read_now} at ACTIVATE",
         stalls[stalls.len() / 2],
         stalls[stalls.len() - 1]
     );
+    // The successors read the log while warming up, not in the stall.
+    assert!(read_warm > read_now, "{read_warm} vs {read_now}");
     assert_eq!(status["daemons_lost"], 0);
     assert_eq!(status["failed"], 0);
     check_from_s3(&broker, &scratch, &moto, &mut daemon, &state, seed);
+}
+
+/// From a daemon's "claimed" line: the log records it read while warming
+/// up, and when it took the lease.
+fn log_reads(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("records read while warming up"))
+        .unwrap_or_else(|| panic!("no claim in:\n{log}"));
+    let (warm, rest) = line.rsplit_once('(').unwrap().1.split_once(' ').unwrap();
+    let now = rest.rsplit_once(", ").unwrap().1.split(' ').next().unwrap();
+    (warm.parse().unwrap(), now.parse().unwrap())
 }
 
 /// A daemon stopped (SIGSTOP) with writes in its log while a daemon on

@@ -38,7 +38,7 @@ use self::cache::Cache;
 use self::extents::Extents;
 use self::manifest::{CHUNKS, Manifest, Owner, chunk_generation, chunk_key};
 use self::store::{Condition, Failure, Patience, Store};
-use self::wal::{Kind, Wal};
+use self::wal::{Fit, Kind, Scan, Wal};
 use super::Backend;
 use crate::Error;
 use crate::lease::Lease;
@@ -202,6 +202,9 @@ pub struct S3Backend {
     vol: Arc<Volume>,
     lease: Lease,
     active: RwLock<Option<Arc<Active>>>,
+    /// The log as read while warming up (its owner may still append), so
+    /// that taking the lease reads only what came after.
+    warm: Mutex<Option<(Scan, Extents)>>,
 }
 
 /// The log, its index and the manifest they sit on: one lock, so that a
@@ -303,7 +306,23 @@ pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error>
         },
         cache_dir.display()
     ));
+    let wal_dir = cache_dir.join("wal");
+    let mut warm = (Scan::default(), Extents::default());
+    let warm = match Wal::scan(&wal_dir, size, &mut warm.0, true, |r| {
+        warm.1.insert(r.offset, r.offset + r.len, r.src)
+    }) {
+        Ok(_) => Some(warm),
+        Err(e) => {
+            // Taking the lease reads it all, and reports what is wrong.
+            crate::log(&format!(
+                "could not read the log {} yet: {e}",
+                wal_dir.display()
+            ));
+            None
+        }
+    };
     Ok(S3Backend {
+        warm: Mutex::new(warm),
         lease: Lease::new(
             lease_file,
             format!("cache directory {}", cache_dir.display()),
@@ -435,12 +454,25 @@ impl Backend for S3Backend {
             return Ok(());
         }
         self.lease.acquire(timeout)?;
-        let mut extents = Extents::default();
         let wal_dir = self.vol.cache_dir.join("wal");
-        let (wal, replay) = Wal::open(&wal_dir, self.vol.size, |r| {
-            extents.insert(r.offset, r.offset + r.len, r.src);
-        })
-        .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
+        let (mut scan, mut extents) = self.warm.lock().take().unwrap_or_default();
+        let read_warm = scan.records;
+        let mut read_now = 0u64;
+        loop {
+            let scanned = Wal::scan(&wal_dir, self.vol.size, &mut scan, false, |r| {
+                read_now += 1;
+                extents.insert(r.offset, r.offset + r.len, r.src)
+            });
+            match scanned.map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))? {
+                (Fit::Continued { oldest }, _) => {
+                    extents.drop_before(oldest);
+                    break;
+                }
+                (Fit::Stale, _) => (scan, extents) = Default::default(),
+            }
+        }
+        let wal = Wal::from_scan(&wal_dir, scan)
+            .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
         let (manifest, etag) = self.claim(!extents.is_empty())?;
         let claimed = manifest.clone();
         let cache = Cache::open(
@@ -450,11 +482,12 @@ impl Backend for S3Backend {
         )
         .map_err(|e| Error::io("read cache", e))?;
         crate::log(&format!(
-            "claimed {} at generation {}; the log replayed {} records ({} bytes) to upload",
+            "claimed {} at generation {}; the log holds {} bytes to upload ({} records read \
+             while warming up, {read_now} now)",
             self.vol.store.url(),
             manifest.generation,
-            replay.records,
-            replay.bytes
+            wal.bytes(),
+            read_warm,
         ));
         let active = Arc::new(Active {
             vol: self.vol.clone(),

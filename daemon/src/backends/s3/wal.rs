@@ -14,10 +14,15 @@
 //! Replay stops at the first record that does not check out in the last
 //! segment (a write torn by a power loss; it was never flushed) and cuts it
 //! off; anywhere else that is corruption, and the log is refused.
+//!
+//! Replay can be done in two steps ([`Scan`]): a handoff successor reads
+//! the log while warming up, as its predecessor still appends to it, and
+//! at ACTIVATE reads only what was appended since, so that the stall does
+//! not grow with the log.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read};
-use std::os::unix::fs::FileExt;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,6 +51,8 @@ struct Segment {
     number: u64,
     file: Arc<File>,
     len: u64,
+    /// Device and inode, to tell whether the path still names this file.
+    id: (u64, u64),
 }
 
 pub struct Wal {
@@ -57,12 +64,31 @@ pub struct Wal {
 }
 
 /// What replay found.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct Replay {
     pub records: u64,
-    pub bytes: u64,
     /// Bytes of a torn last record cut off the end.
     pub torn: u64,
+}
+
+/// The log as far as it has been read: its segments, how far into each,
+/// and how many records were read.
+#[derive(Default)]
+pub struct Scan {
+    segments: Vec<Segment>,
+    pub records: u64,
+}
+
+/// How a [`Wal::scan`] went on from an earlier one.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// It read on; records of segments before `oldest` are gone (a
+    /// checkpoint put them in S3 and deleted them).
+    Continued { oldest: u64 },
+    /// The log is not the one the earlier scan read (a segment replaced or
+    /// cut shorter): read it again from the start.
+    Stale,
 }
 
 fn header(kind: Kind, offset: u64, len: u64) -> [u8; 32] {
@@ -143,11 +169,35 @@ fn read_record(
 impl Wal {
     /// Opens (or creates) the log in `dir` and replays it, oldest first,
     /// into `apply`.
+    #[cfg(test)]
     pub fn open(
         dir: &Path,
         volume_size: u64,
-        mut apply: impl FnMut(Record),
+        apply: impl FnMut(Record),
     ) -> io::Result<(Self, Replay)> {
+        let mut scan = Scan::default();
+        let torn = match Self::scan(dir, volume_size, &mut scan, false, apply)? {
+            (Fit::Continued { .. }, torn) => torn,
+            (Fit::Stale, _) => return Err(io::Error::other("a new log changed under replay")),
+        };
+        let records = scan.records;
+        Ok((Self::from_scan(dir, scan)?, Replay { records, torn }))
+    }
+
+    /// Reads the log in `dir` on from where `scan` ended, oldest record
+    /// first, into `apply`; returns how that went and the bytes of a torn
+    /// last record cut off. With `live`, another daemon may still be
+    /// appending: the read ends at the first record that does not check
+    /// out (perhaps half written) and changes nothing. Otherwise the log's
+    /// owner is gone: a bad record is cut off the last segment as torn,
+    /// and refused as corruption anywhere else.
+    pub fn scan(
+        dir: &Path,
+        volume_size: u64,
+        scan: &mut Scan,
+        live: bool,
+        mut apply: impl FnMut(Record),
+    ) -> io::Result<(Fit, u64)> {
         std::fs::create_dir_all(dir)?;
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(dir)? {
@@ -161,34 +211,83 @@ impl Wal {
             }
         }
         numbers.sort_unstable();
-        let mut replay = Replay::default();
-        let mut segments = Vec::new();
+        // What was read must still be there as it was, but for the oldest
+        // segments, which a checkpoint deletes.
+        let oldest = numbers.first().copied();
+        let vanished_out_of_order = scan
+            .segments
+            .iter()
+            .any(|s| !numbers.contains(&s.number) && oldest.is_none_or(|o| s.number > o));
+        if vanished_out_of_order {
+            return Ok((Fit::Stale, 0));
+        }
+        scan.segments.retain(|s| numbers.contains(&s.number));
+        let read_up_to = scan.segments.last().map(|s| s.number);
+        for seg in &scan.segments {
+            let now = std::fs::metadata(segment_path(dir, seg.number))?;
+            if (now.dev(), now.ino()) != seg.id || now.len() < seg.len {
+                return Ok((Fit::Stale, 0));
+            }
+        }
+        let unread_gap = numbers.iter().any(|n| {
+            read_up_to.is_some_and(|l| *n < l) && !scan.segments.iter().any(|s| s.number == *n)
+        });
+        if unread_gap {
+            return Ok((Fit::Stale, 0));
+        }
+        let oldest = oldest.unwrap_or(0);
         let last = numbers.last().copied();
         for number in numbers {
+            if read_up_to.is_some_and(|l| number < l) {
+                continue;
+            }
             let path = segment_path(dir, number);
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let size = file.metadata()?.len();
-            let mut r = BufReader::with_capacity(1 << 20, &file);
-            let mut pos = 0u64;
+            if read_up_to != Some(number) {
+                // Writable even in a live scan: the last segment takes
+                // this daemon's appends once it holds the lease.
+                let file = match OpenOptions::new().read(true).write(true).open(&path) {
+                    Ok(f) => f,
+                    // Deleted since it was listed (by a checkpoint).
+                    Err(e) if live && e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                let meta = file.metadata()?;
+                scan.segments.push(Segment {
+                    number,
+                    file: Arc::new(file),
+                    len: 0,
+                    id: (meta.dev(), meta.ino()),
+                });
+            }
+            let Some(seg) = scan.segments.last_mut() else {
+                break;
+            };
+            let mut file = &*seg.file;
+            file.seek(SeekFrom::Start(seg.len))?;
+            let mut r = BufReader::with_capacity(1 << 20, file);
             loop {
+                let pos = seg.len;
                 match read_record(&mut r, pos, number, volume_size) {
                     Ok(None) => break,
                     Ok(Some((rec, n))) => {
                         apply(rec);
-                        replay.records += 1;
-                        pos += n;
+                        scan.records += 1;
+                        seg.len += n;
                     }
+                    // Maybe an append in progress: the next scan reads on
+                    // from here.
+                    Err(_) if live => return Ok((Fit::Continued { oldest }, 0)),
                     Err(e) if Some(number) == last => {
+                        let size = seg.file.metadata()?.len();
                         crate::log(&format!(
                             "log {}: {e} at byte {pos}: cutting off a torn last record \
                              ({} bytes; it was never flushed)",
                             path.display(),
                             size - pos
                         ));
-                        replay.torn = size - pos;
-                        file.set_len(pos)?;
-                        file.sync_all()?;
-                        break;
+                        seg.file.set_len(pos)?;
+                        seg.file.sync_all()?;
+                        return Ok((Fit::Continued { oldest }, size - pos));
                     }
                     Err(e) => {
                         return Err(io::Error::new(
@@ -203,22 +302,22 @@ impl Wal {
                     }
                 }
             }
-            replay.bytes += pos;
-            segments.push(Segment {
-                number,
-                file: Arc::new(file),
-                len: pos,
-            });
         }
+        Ok((Fit::Continued { oldest }, 0))
+    }
+
+    /// The log that `scan` read to its end, to append to (a scan that was
+    /// not `live`).
+    pub fn from_scan(dir: &Path, scan: Scan) -> io::Result<Self> {
         let mut wal = Self {
             dir: dir.to_path_buf(),
-            segments,
-            bytes: replay.bytes,
+            bytes: scan.segments.iter().map(|s| s.len).sum(),
+            segments: scan.segments,
         };
         if wal.segments.is_empty() {
             wal.create_segment(1)?;
         }
-        Ok((wal, replay))
+        Ok(wal)
     }
 
     fn create_segment(&mut self, number: u64) -> io::Result<()> {
@@ -228,10 +327,12 @@ impl Wal {
             .create_new(true)
             .open(segment_path(&self.dir, number))?;
         sync_dir(&self.dir)?;
+        let meta = file.metadata()?;
         self.segments.push(Segment {
             number,
             file: Arc::new(file),
             len: 0,
+            id: (meta.dev(), meta.ino()),
         });
         Ok(())
     }
@@ -343,6 +444,59 @@ mod tests {
             })
             .collect();
         (out, r)
+    }
+
+    /// A successor's two-step replay: a live scan while the owner appends
+    /// (one append half written), rotates and drops a checkpointed
+    /// segment; then a scan that reads on. It finds what a full replay
+    /// finds, and a log replaced meanwhile is read again from the start.
+    #[test]
+    fn scan_in_two_steps() {
+        let d = dir("two-steps");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        wal.append(Kind::Write, 0, 3, b"old").unwrap();
+        let cut = wal.rotate().unwrap();
+        wal.append(Kind::Write, 100, 3, b"abc").unwrap();
+        let half = wal.segments.last().unwrap().len;
+        wal.segments
+            .last()
+            .unwrap()
+            .file
+            .write_all_at(&header(Kind::Write, 200, 3), half)
+            .unwrap();
+
+        let mut scan = Scan::default();
+        let mut seen = Vec::new();
+        let fit = Wal::scan(&d, 1 << 20, &mut scan, true, |r| seen.push(r.offset)).unwrap();
+        assert_eq!(fit, (Fit::Continued { oldest: 1 }, 0));
+        assert_eq!(seen, [0, 100]);
+
+        wal.append(Kind::Write, 200, 3, b"def").unwrap();
+        wal.rotate().unwrap();
+        wal.append(Kind::Zeroes, 300, 10, &[]).unwrap();
+        wal.remove_before(cut).unwrap();
+        drop(wal);
+        let fit = Wal::scan(&d, 1 << 20, &mut scan, false, |r| seen.push(r.offset)).unwrap();
+        assert_eq!(fit, (Fit::Continued { oldest: cut }, 0));
+        assert_eq!(seen, [0, 100, 200, 300]);
+        let mut wal = Wal::from_scan(&d, scan).unwrap();
+        assert_eq!(wal.bytes(), 3 * HEADER + 6);
+        wal.append(Kind::Write, 400, 3, b"ghi").unwrap();
+        drop(wal);
+        let (recs, _) = replay(&d);
+        assert_eq!(
+            recs.iter().map(|r| r.0).collect::<Vec<_>>(),
+            [100, 200, 300, 400]
+        );
+
+        // The log moved aside and a new one started: the scan is stale.
+        let mut scan = Scan::default();
+        Wal::scan(&d, 1 << 20, &mut scan, true, |_| {}).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        wal.append(Kind::Write, 0, 3, b"new").unwrap();
+        let fit = Wal::scan(&d, 1 << 20, &mut scan, false, |_| {}).unwrap();
+        assert_eq!(fit.0, Fit::Stale);
     }
 
     #[test]
