@@ -962,7 +962,7 @@ impl Active {
     fn collect_orphans(&self, claimed: &Manifest) {
         let named: std::collections::HashSet<&str> =
             claimed.chunks.values().map(String::as_str).collect();
-        let patience = Patience::UntilStopped(&self.stop);
+        let patience = Patience::WhileTransient(&self.stop);
         let mut removed = 0u64;
         let listed = self.vol.store.list(CHUNKS, patience, |names| {
             for name in names {

@@ -77,6 +77,19 @@ pub enum Patience<'a> {
     /// Every failure until the flag is set (the log holds the data
     /// meanwhile, so giving up would gain nothing).
     UntilStopped(&'a AtomicBool),
+    /// Transient failures until the flag is set (housekeeping: a store
+    /// that refuses it, say for want of a permission, ends it at once).
+    WhileTransient(&'a AtomicBool),
+}
+
+impl<'a> Patience<'a> {
+    /// The flag that stops the retries and cancels an attempt in flight.
+    fn stop(self) -> Option<&'a AtomicBool> {
+        match self {
+            Self::For(_) => None,
+            Self::UntilStopped(stop) | Self::WhileTransient(stop) => Some(stop),
+        }
+    }
 }
 
 pub struct Store {
@@ -188,6 +201,9 @@ impl Store {
                         matches!(err, Failure::Permanent(_)) || start.elapsed() + backoff > d
                     }
                     Patience::UntilStopped(stop) => stop.load(Ordering::SeqCst),
+                    Patience::WhileTransient(stop) => {
+                        matches!(err, Failure::Permanent(_)) || stop.load(Ordering::SeqCst)
+                    }
                 };
                 if give_up {
                     return Err(err);
@@ -208,7 +224,7 @@ impl Store {
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                if let Patience::UntilStopped(stop) = patience
+                if let Some(stop) = patience.stop()
                     && stop.load(Ordering::SeqCst)
                 {
                     return Err(Failure::Stopped);
@@ -217,15 +233,15 @@ impl Store {
         })
     }
 
-    /// One attempt; with `UntilStopped`, dropped (the request cancelled)
-    /// once the flag is set, so that a handoff or a stop never waits out
+    /// One attempt; with a stop flag, dropped (the request cancelled) once
+    /// the flag is set, so that a handoff or a stop never waits out
     /// an upload or a store that does not answer.
     async fn attempt<T>(
         &self,
         attempt: &impl AsyncFn() -> Result<T, Failure>,
         patience: Patience<'_>,
     ) -> Result<T, Failure> {
-        let Patience::UntilStopped(stop) = patience else {
+        let Some(stop) = patience.stop() else {
             return attempt().await;
         };
         let mut call = std::pin::pin!(attempt());
