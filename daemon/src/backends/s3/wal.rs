@@ -497,6 +497,7 @@ mod tests {
         wal.append(Kind::Write, 0, 3, b"new").unwrap();
         let fit = Wal::scan(&d, 1 << 20, &mut scan, false, |_| {}).unwrap();
         assert_eq!(fit.0, Fit::Stale);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
