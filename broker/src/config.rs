@@ -89,9 +89,6 @@ pub struct Config {
     pub daemon_wait: Option<Duration>,
     /// How long to wait for a killed daemon to be gone before warning.
     pub fence_timeout: Duration,
-    /// Re-attach the ublk devices a previous broker left (it was killed)
-    /// instead of adding new ones.
-    pub recover: bool,
 }
 
 impl Default for Config {
@@ -111,7 +108,6 @@ impl Default for Config {
             request_timeout: Some(Duration::from_secs(30)),
             daemon_wait: None,
             fence_timeout: Duration::from_secs(10),
-            recover: false,
         }
     }
 }

@@ -296,6 +296,11 @@ impl<'a> Connection<'a> {
                     }
                     reply
                 }
+                // On success the new broker answers on this connection.
+                Request::BrokerUpgrade => Reply::error(
+                    ErrorCode::BadState,
+                    self.broker.request_upgrade(&self.sock),
+                ),
                 Request::Restore
                 | Request::Detach
                 | Request::Ready
@@ -397,6 +402,8 @@ impl<'a> Connection<'a> {
             Join::Successor => export.prepare(pidfd.clone()),
         };
         let mut grant = granted.map_err(Reply::Error)?;
+        // The new epoch is on record before the daemon hears of it.
+        self.broker.persist();
         // The daemon's pipe ends are sent, then closed here: the broker
         // never holds them.
         if let Some((submit, complete)) = grant.daemon_kicks.take() {
@@ -570,7 +577,11 @@ impl<'a> Connection<'a> {
                     ))
                 } else {
                     let fd = fds.remove(0);
-                    export.fd_put(epoch, &name, fd).map(|()| Reply::FdStored)
+                    let stored = export.fd_put(epoch, &name, fd, self.broker.next_id());
+                    stored.map(|()| {
+                        self.broker.persist();
+                        Reply::FdStored
+                    })
                 }
             }
             Request::FdGet { name } => match export.fd_get(epoch, &name) {

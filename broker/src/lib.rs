@@ -18,7 +18,9 @@ pub mod shm;
 pub mod supervise;
 pub mod sys;
 
-use std::sync::{Arc, OnceLock};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use holdfast_proto::{
@@ -31,6 +33,8 @@ use crate::export::{Export, ExportConfig, HandoffParams};
 use crate::frontends::cachefiles::{self, Cachefiles};
 use crate::frontends::fuse::FuseFrontend;
 use crate::frontends::ublk::UblkDevice;
+use crate::restart::record::{ExportRecord, FrontendRecord, Record, SupervisedRecord, names};
+use crate::restart::{Custody, Reexec, UpgradeRequest};
 use crate::supervise::Supervisor;
 
 /// Write data held in private memory per export while all slots are taken.
@@ -63,8 +67,18 @@ pub struct Broker {
     pub fence_timeout: Duration,
     /// Pids of the latest daemons that got as far as RESTORE (bounded).
     restored: Mutex<std::collections::VecDeque<u32>>,
-    /// Set once, after the control socket listens.
-    supervisors: OnceLock<Vec<Supervisor>>,
+    /// Set after the control socket listens; suspended for an upgrade.
+    supervisors: Mutex<Vec<Supervisor>>,
+    /// The control socket, kept for the broker's own restart (the control
+    /// thread accepts on a duplicate).
+    listener: OwnedFd,
+    lock: restart::lock::InstanceLock,
+    custody: Custody,
+    /// Numbers the kept descriptors' names (`restart::record::names`).
+    next_id: AtomicU64,
+    /// Operators' BROKER_UPGRADE requests for the main thread.
+    upgrades: Mutex<Vec<UpgradeRequest>>,
+    reexec: Reexec,
 }
 
 /// How many restored pids are remembered for the supervisor.
@@ -166,39 +180,216 @@ impl Broker {
             ));
         }
         let export = self
-            .create(&spec, false)
+            .create(&spec, None)
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
         info!("export {} added ({} bytes)", export.name, export.size);
+        self.persist();
         Ok(self.export_status(&export))
     }
 
-    /// Creates, mounts and lists an export; with `recover`, a ublk export
-    /// takes over the device a killed broker left.
-    fn create(&self, spec: &config::ExportSpec, recover: bool) -> Result<Arc<Export>, String> {
-        let export = Export::new(&ExportConfig {
-            name: spec.name.clone(),
-            size: spec.size,
-            ..self.shape.clone()
-        })
-        .map(Arc::new)
-        .map_err(|e| format!("export {}: {e}", spec.name))?;
+    /// Creates, mounts and lists an export. A ublk export takes over the
+    /// device a previous broker left, if its record names one that still
+    /// exists. With `prior`, what a previous broker kept of it.
+    fn create(&self, spec: &config::ExportSpec, prior: Option<Prior<'_>>) -> Result<Arc<Export>, String> {
+        let export = self.new_export(&spec.name, spec.size, ExportKind::Volume, prior)?;
         if spec.ublk {
             let record = self.state_dir.join(format!("ublk-{}.id", spec.name));
-            let device = if recover {
-                UblkDevice::recover(&export, record)
-            } else {
-                UblkDevice::start(&export, record)
-            }
-            .map_err(|e| format!("export {}: {e}", spec.name))?;
+            let device = UblkDevice::start_or_recover(&export, record)
+                .map_err(|e| format!("export {}: {e}", spec.name))?;
             info!("{}: ublk device {}", spec.name, device.dev_id);
             self.ublk.lock().push((spec.name.clone(), device));
         } else {
             self.frontend
-                .add(&export, spec.block)
+                .add(&export, spec.block, self.next_id())
                 .map_err(|e| format!("export {}: {e}", spec.name))?;
         }
         self.exports.write().push(export.clone());
         Ok(export)
+    }
+
+    /// A new export (not listed yet), with what a previous broker kept of it.
+    fn new_export(
+        &self,
+        name: &str,
+        size: u64,
+        kind: ExportKind,
+        prior: Option<Prior<'_>>,
+    ) -> Result<Arc<Export>, String> {
+        let export = Export::new(&ExportConfig {
+            name: name.to_owned(),
+            kind,
+            size,
+            ..self.shape.clone()
+        })
+        .map(Arc::new)
+        .map_err(|e| format!("export {name}: {e}"))?;
+        if let Some((rec, stored)) = prior {
+            export.adopt(rec.last_epoch, stored);
+        }
+        Ok(export)
+    }
+
+    /// Takes over a FUSE export a previous broker left: its connection's
+    /// descriptors from `inherited`; if they cannot be, mounts it again.
+    fn adopt_fuse(
+        &self,
+        rec: &ExportRecord,
+        fuse: &restart::record::FuseRecord,
+        stored: Vec<(String, u64, OwnedFd)>,
+        inherited: &mut restart::fds::Inherited,
+    ) -> Result<(), String> {
+        let devs: Vec<OwnedFd> = (0..fuse.conns as usize)
+            .filter_map(|i| inherited.take(&names::fuse(&rec.name, fuse.id, i)))
+            .collect();
+        if devs.len() != fuse.conns as usize {
+            warn!(
+                "{}: {} of its {} FUSE descriptors were passed on; requests read on the others \
+                 were failed by the kernel when they closed",
+                rec.name,
+                devs.len(),
+                fuse.conns
+            );
+        }
+        let export = self.new_export(&rec.name, rec.size, ExportKind::Volume, Some((rec, stored)))?;
+        if let Err(e) = self.frontend.adopt(&export, fuse, devs) {
+            // The old connection is gone with its descriptors: what it
+            // held failed; the export itself goes on, mounted again.
+            warn!("{}: cannot take its FUSE connection over: {e}; mounting it again", rec.name);
+            self.frontend
+                .add(&export, fuse.device.is_some(), self.next_id())
+                .map_err(|e| format!("export {}: {e}", rec.name))?;
+        }
+        self.exports.write().push(export);
+        Ok(())
+    }
+
+    /// A number for a kept descriptor's name.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Brings systemd's fd store up to date with this broker's state (when
+    /// it runs under systemd): called whenever something that must outlive
+    /// the broker changes (an export, an epoch, the fd store, a FUSE INIT).
+    pub fn persist(&self) {
+        self.custody.commit(|seq| self.record(seq));
+    }
+
+    /// What the next broker needs: the record and the descriptors it names.
+    fn record(&self, seq: u64) -> (Record, Vec<(String, OwnedFd)>) {
+        let mut fds = Vec::new();
+        if let Ok(l) = self.listener.try_clone() {
+            fds.push((names::LISTEN.to_owned(), l));
+        }
+        let mut exports = Vec::new();
+        for e in self.exports() {
+            let frontend = if let Some(dev_id) = self.ublk_id(&e.name) {
+                FrontendRecord::Ublk { dev_id }
+            } else if e.kind == ExportKind::Blobs {
+                let cache = self.cachefiles.get().map(|(_, c)| c.device_fd().try_clone());
+                if let Some(Ok(fd)) = cache {
+                    fds.push((names::CACHEFILES.to_owned(), fd));
+                }
+                FrontendRecord::Cachefiles
+            } else {
+                // A connection that cannot be kept is left out: after a
+                // crash its mount is made again.
+                let Some((rec, devs)) = self.frontend.custody(&e.name) else {
+                    continue;
+                };
+                for (i, fd) in devs.into_iter().enumerate() {
+                    fds.push((names::fuse(&e.name, rec.id, i), fd));
+                }
+                FrontendRecord::Fuse(rec)
+            };
+            let (last_epoch, stored) = e.custody();
+            let mut kept = Vec::with_capacity(stored.len());
+            for (name, id, fd) in stored {
+                fds.push((names::stored(&e.name, id), fd));
+                kept.push((name, id));
+            }
+            exports.push(ExportRecord {
+                name: e.name.clone(),
+                size: e.size,
+                last_epoch,
+                frontend,
+                stored: kept,
+            });
+        }
+        let supervised = self
+            .supervisors
+            .lock()
+            .iter()
+            .filter_map(|s| {
+                let (pid, start_time) = s.current()?;
+                Some(SupervisedRecord {
+                    cmd: s.cmd().to_owned(),
+                    pid,
+                    start_time,
+                })
+            })
+            .collect();
+        let record = Record {
+            seq,
+            next_id: self.next_id.load(Ordering::Relaxed),
+            exports,
+            supervised,
+            upgrade: None,
+        };
+        (record, fds)
+    }
+
+    fn ublk_id(&self, name: &str) -> Option<u32> {
+        let devices = self.ublk.lock();
+        devices
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.dev_id)
+    }
+
+    /// Takes over the exports of `record` (with descriptors from
+    /// `inherited`), then creates the configured ones it did not have.
+    fn restore_exports(
+        &self,
+        cfg: &Config,
+        record: Option<&Record>,
+        inherited: &mut restart::fds::Inherited,
+    ) -> Result<(), String> {
+        let mut done = std::collections::BTreeSet::new();
+        let mut cache_prior = None;
+        for rec in record.map(|r| r.exports.as_slice()).unwrap_or_default() {
+            let stored = take_stored(rec, inherited);
+            let taken = match &rec.frontend {
+                FrontendRecord::Fuse(f) => self.adopt_fuse(rec, f, stored, inherited),
+                FrontendRecord::Ublk { .. } => {
+                    let spec = config::ExportSpec {
+                        name: rec.name.clone(),
+                        size: rec.size,
+                        block: false,
+                        ublk: true,
+                    };
+                    self.create(&spec, Some((rec, stored))).map(drop)
+                }
+                FrontendRecord::Cachefiles => {
+                    cache_prior = Some((rec, stored));
+                    continue;
+                }
+            };
+            match taken {
+                Ok(()) => {
+                    done.insert(rec.name.clone());
+                }
+                Err(e) => warn!("{e}"),
+            }
+        }
+        for spec in cfg.exports.iter().filter(|s| !done.contains(&s.name)) {
+            self.create(spec, None)?;
+        }
+        if let Some(spec) = &cfg.cachefiles {
+            let prior = cache_prior.filter(|(rec, _)| rec.name == spec.tag);
+            self.start_cachefiles(spec, inherited.take(names::CACHEFILES), prior)?;
+        }
+        Ok(())
     }
 
     /// Binds the cache, or takes over `inherited` (the one a previous
@@ -206,17 +397,10 @@ impl Broker {
     fn start_cachefiles(
         &self,
         spec: &config::CachefilesSpec,
-        inherited: Option<std::os::fd::OwnedFd>,
+        inherited: Option<OwnedFd>,
+        prior: Option<Prior<'_>>,
     ) -> Result<(), String> {
-        let export = Arc::new(
-            Export::new(&ExportConfig {
-                name: spec.tag.clone(),
-                kind: ExportKind::Blobs,
-                size: 0,
-                ..self.shape.clone()
-            })
-            .map_err(|e| format!("export {}: {e}", spec.tag))?,
-        );
+        let export = self.new_export(&spec.tag, 0, ExportKind::Blobs, prior)?;
         let (cache, how) = Cachefiles::start(export.clone(), &spec.dir, &spec.tag, inherited)?;
         match how {
             cachefiles::Device::Bound => info!(
@@ -229,43 +413,9 @@ impl Broker {
                 spec.tag
             ),
         }
-        match restart::store_fd(cache.device_fd(), cachefiles::FD_NAME) {
-            Ok(true) => info!("{}: cache fd handed to systemd's fd store", spec.tag),
-            Ok(false) => {}
-            Err(e) => warn!("{}: {e}", spec.tag),
-        }
         self.exports.write().push(export);
         let _ = self.cachefiles.set((spec.tag.clone(), cache));
         Ok(())
-    }
-
-    /// SIGUSR2: replaces this process with a new broker (same binary path,
-    /// options and `--recover`) that inherits /dev/cachefiles. Refused with
-    /// FUSE or ublk exports, whose devices a re-exec would end.
-    fn reexec(&self, how: &restart::Reexec) {
-        let Some((_, cache)) = self.cachefiles.get() else {
-            return warn!("SIGUSR2: re-exec refused: there is no --cachefiles cache to keep");
-        };
-        let others: Vec<String> = self
-            .exports()
-            .iter()
-            .filter(|e| e.kind != ExportKind::Blobs)
-            .map(|e| e.name.clone())
-            .collect();
-        if !others.is_empty() {
-            return warn!(
-                "SIGUSR2: re-exec refused: exports {} would lose their FUSE mounts or ublk \
-                 devices; remove them first (holdfastctl export rm)",
-                others.join(", ")
-            );
-        }
-        info!("SIGUSR2: re-executing, keeping {}", cachefiles::DEVICE);
-        // Daemons get SIGTERM and detach; the new broker starts its own.
-        for s in self.supervisors.get().into_iter().flatten() {
-            s.shutdown(Duration::from_secs(3));
-        }
-        let err = how.exec(cache.device_fd());
-        warn!("SIGUSR2: re-exec failed: {err}; this broker goes on without its supervised daemons");
     }
 
     /// Removes an export. Refused while its file or block device is open,
@@ -306,6 +456,7 @@ impl Broker {
         if let Some((_, device)) = ublk {
             device.remove();
         }
+        self.persist();
         info!(
             "export {name} removed{}",
             if users.is_empty() {
@@ -336,10 +487,8 @@ impl Broker {
         };
         let (id, pid, epoch) = export.begin_handoff(params)?;
         if req.spawn {
-            let supervisor = self
-                .supervisors
-                .get()
-                .and_then(|all| all.iter().find(|s| s.current_pid() == Some(pid)));
+            let supervisors = self.supervisors.lock();
+            let supervisor = supervisors.iter().find(|s| s.current_pid() == Some(pid));
             let spawned = match supervisor {
                 None => Err(ErrorReply::new(
                     ErrorCode::BadState,
@@ -356,6 +505,7 @@ impl Broker {
                     )
                 }),
             };
+            drop(supervisors);
             if let Err(e) = spawned {
                 export.cancel_handoff(id, &e.text);
                 return Err(e);
@@ -371,19 +521,39 @@ impl Broker {
     }
 }
 
+/// What a previous broker kept of an export: its record and its fd
+/// store's descriptors.
+type Prior<'a> = (&'a ExportRecord, Vec<(String, u64, OwnedFd)>);
+
+/// The descriptors of `rec`'s fd store that were passed on.
+fn take_stored(
+    rec: &ExportRecord,
+    inherited: &mut restart::fds::Inherited,
+) -> Vec<(String, u64, OwnedFd)> {
+    let mut out = Vec::with_capacity(rec.stored.len());
+    for (name, id) in &rec.stored {
+        match inherited.take(&names::stored(&rec.name, *id)) {
+            Some(fd) => out.push((name.clone(), *id, fd)),
+            None => warn!("{}: its fd store's {name:?} was not passed on", rec.name),
+        }
+    }
+    out
+}
+
+/// The signals the main thread takes: SIGTERM and SIGINT stop the broker,
+/// SIGUSR2 upgrades it, and SIGHUP (a closing terminal, a reload meant for
+/// something else) is logged and ignored: it must never end the broker.
+const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR2, libc::SIGHUP];
+
 /// Runs the broker until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), String> {
-    let signals = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR2];
-    let reexec = restart::Reexec::capture()?;
+    let reexec = Reexec::capture()?;
     // Read (and cleared from the environment) before any thread starts.
-    let inherited = if cfg.recover && cfg.cachefiles.is_some() {
-        restart::inherited_cachefiles_fd()?
-    } else {
-        None
-    };
+    let mut inherited = restart::fds::Inherited::from_env()?;
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals are taken only by the main thread below.
-    sys::block_signals(&signals).map_err(|e| format!("cannot block signals: {e}"))?;
+    sys::block_signals(&SIGNALS).map_err(|e| format!("cannot block signals: {e}"))?;
+    let systemd = restart::systemd::Notifier::from_env()?;
 
     let mut allow_uids = cfg.allow_uids.clone();
     allow_uids.push(0);
@@ -397,38 +567,64 @@ pub fn run(cfg: Config) -> Result<(), String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-
-    let listener = sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.socket.display()))?;
-    let broker = Arc::new(Broker {
-        exports: RwLock::default(),
-        frontend: FuseFrontend::new(&cfg.mountpoint, cfg.fuse_workers),
-        ublk: Mutex::default(),
-        cachefiles: OnceLock::new(),
-        shape: ExportConfig {
-            name: String::new(),
-            kind: ExportKind::Volume,
-            size: 0,
-            block_size: cfg.block_size,
-            slot_count: cfg.slot_count,
-            slot_size: cfg.slot_size,
-            heap_limit: HEAP_LIMIT,
-        },
-        admin: Mutex::default(),
-        state_dir: cfg
-            .socket
-            .parent()
-            .map_or_else(|| ".".into(), std::path::Path::to_path_buf),
-        allow_uids,
-        fence_timeout: cfg.fence_timeout,
-        restored: Mutex::default(),
-        supervisors: OnceLock::new(),
+    let lock = restart::lock::InstanceLock::acquire(&cfg.socket, inherited.take(names::LOCK))?;
+    let requesters = inherited.take_prefix(names::REQUESTER_PREFIX);
+    // What systemd's store holds: everything it passed, or everything the
+    // broker before this one passed on (it kept the store in step).
+    let stored = if systemd.is_some() {
+        inherited.names().filter(|n| *n != names::RECORD).map(str::to_owned).collect()
+    } else {
+        std::collections::BTreeSet::new()
+    };
+    let record = restart::take_record(&mut inherited);
+    let listener = match inherited.take(names::LISTEN) {
+        Some(l) => l,
+        None => sys::seqpacket::listen(&cfg.socket, cfg.socket_mode)
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.socket.display()))?,
+    };
+    let seq = record.as_ref().map_or(0, |r| r.seq);
+    let next_id = record.as_ref().map_or(0, |r| r.next_id);
+    let broker = Arc::new_cyclic(|weak: &Weak<Broker>| {
+        let weak = weak.clone();
+        let on_init = Arc::new(move || {
+            if let Some(b) = weak.upgrade() {
+                b.persist();
+            }
+        });
+        Broker {
+            exports: RwLock::default(),
+            frontend: FuseFrontend::new(&cfg.mountpoint, cfg.fuse_workers, on_init),
+            ublk: Mutex::default(),
+            cachefiles: OnceLock::new(),
+            shape: ExportConfig {
+                name: String::new(),
+                kind: ExportKind::Volume,
+                size: 0,
+                block_size: cfg.block_size,
+                slot_count: cfg.slot_count,
+                slot_size: cfg.slot_size,
+                heap_limit: HEAP_LIMIT,
+            },
+            admin: Mutex::default(),
+            state_dir: cfg
+                .socket
+                .parent()
+                .map_or_else(|| ".".into(), std::path::Path::to_path_buf),
+            allow_uids,
+            fence_timeout: cfg.fence_timeout,
+            restored: Mutex::default(),
+            supervisors: Mutex::default(),
+            listener,
+            lock,
+            custody: Custody::new(systemd, stored, seq),
+            next_id: AtomicU64::new(next_id),
+            upgrades: Mutex::default(),
+            reexec,
+        }
     });
-    for spec in &cfg.exports {
-        broker.create(spec, cfg.recover)?;
-    }
-    if let Some(spec) = &cfg.cachefiles {
-        broker.start_cachefiles(spec, inherited)?;
+    broker.restore_exports(&cfg, record.as_ref(), &mut inherited)?;
+    for (name, _) in inherited.into_rest() {
+        warn!("a previous broker passed on {name:?}, which nothing here uses; closed");
     }
 
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -440,6 +636,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     };
     {
         let broker = broker.clone();
+        let listener = broker
+            .listener
+            .try_clone()
+            .map_err(|e| format!("control socket: {e}"))?;
         spawn(
             "holdfast-control",
             Box::new(move || control::serve(broker, listener)),
@@ -461,17 +661,30 @@ pub fn run(cfg: Config) -> Result<(), String> {
             }),
         )?;
     }
-    let mut supervisors = Vec::new();
+    let mut prior: Vec<SupervisedRecord> = record
+        .as_ref()
+        .map(|r| r.supervised.clone())
+        .unwrap_or_default();
     for cmd in &cfg.supervise {
+        let adopt = prior
+            .iter()
+            .position(|s| &s.cmd == cmd)
+            .map(|i| prior.swap_remove(i))
+            .map(|s| (s.pid, s.start_time));
         let b = broker.clone();
         let healthy = Box::new(move |pid| b.restored(pid));
-        supervisors.push(
-            Supervisor::start(cmd.clone(), healthy)
-                .map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?,
-        );
+        let s = Supervisor::start(cmd.clone(), healthy, adopt)
+            .map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?;
+        broker.supervisors.lock().push(s);
     }
-    let _ = broker.supervisors.set(supervisors);
-
+    broker.persist();
+    if let Some(upgrade) = record.and_then(|r| r.upgrade) {
+        broker.finish_upgrade(upgrade, requesters);
+    }
+    broker.custody.notify(&format!(
+        "READY=1\nSTATUS=serving {}\n",
+        broker.export_names()
+    ));
     info!(
         "ready: socket {}, mount {}, exports: {}",
         cfg.socket.display(),
@@ -479,16 +692,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
         broker.export_names()
     );
     let sig = loop {
-        match sys::wait_signal(&signals, Duration::from_secs(1)) {
-            Some(libc::SIGUSR2) => broker.reexec(&reexec),
+        match sys::wait_signal(&SIGNALS, Duration::from_secs(1)) {
+            Some(libc::SIGUSR2) => broker.upgrade(),
+            Some(libc::SIGHUP) => info!(
+                "SIGHUP ignored; to replace the broker, use SIGUSR2 or holdfastctl broker upgrade"
+            ),
             Some(s) => break s,
             None => {}
         }
     };
     info!("signal {sig}: shutting down");
-    for s in broker.supervisors.get().into_iter().flatten() {
+    broker.custody.notify("STOPPING=1\n");
+    for s in broker.supervisors.lock().iter() {
         s.shutdown(Duration::from_secs(3));
     }
+    // A stop is a stop: the next start is a fresh one.
+    broker.custody.clear();
     broker.frontend.unmount();
     for (_, device) in broker.ublk.lock().drain(..) {
         device.remove();

@@ -46,18 +46,20 @@ Options:
                           than --fuse-workers [default: 64]
   --slot-size SIZE        largest I/O per request [default: 1MiB]
   --block-size N          logical block size, 512 or 4096 [default: 512]
-  --recover               take over the ublk devices of a broker that was
-                          killed (same --socket and --export lines): the
-                          kernel re-issues what was in flight to this broker;
-                          with --cachefiles, take over the cache fd a
-                          previous broker passed on (re-exec, systemd's fd
-                          store) and have the kernel re-send its requests
-
-Signals: SIGTERM or SIGINT stop the broker; SIGUSR2 re-executes it (the
-binary it was started from, with the same options and --recover), keeping
-/dev/cachefiles open; refused while it serves FUSE or ublk exports.
+  --recover               accepted for older scripts: a broker always takes
+                          over what a previous one left (its FUSE
+                          connections, ublk devices, the cachefiles cache)
   -h, --help              print this help
   -V, --version           print the version
+
+Signals: SIGTERM or SIGINT stop the broker (its exports end); SIGUSR2
+upgrades it: the binary it was started from is executed again in the same
+process, with the same options, keeping every export (as `holdfastctl
+broker upgrade` does); SIGHUP is ignored.
+
+Under systemd (deploy/systemd/holdfast.service), the broker keeps its
+exports' descriptors in the service's fd store: a broker that crashes is
+started again and takes them over.
 
 Durations: 30, 2.5s, 500ms, 5m, forever.";
 
@@ -125,7 +127,7 @@ fn parse_args() -> Result<Option<Config>, String> {
                 cfg.slot_size =
                     u32::try_from(size).map_err(|_| "--slot-size is too large".to_string())?;
             }
-            Long("recover") => cfg.recover = true,
+            Long("recover") => {}
             Long("cachefiles") => {
                 cfg.cachefiles = Some(config::parse_cachefiles(&string_value(&mut parser)?)?);
             }
@@ -140,7 +142,11 @@ fn parse_args() -> Result<Option<Config>, String> {
                 return Ok(None);
             }
             Short('V') | Long("version") => {
-                println!("holdfast-broker {}", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "holdfast-broker {} (restart record {})",
+                    env!("CARGO_PKG_VERSION"),
+                    holdfast_broker::restart::record::VERSION
+                );
                 return Ok(None);
             }
             other => return Err(other.unexpected().to_string()),

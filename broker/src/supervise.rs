@@ -7,9 +7,14 @@
 //! supervisor starts the same command line as a successor; when the old
 //! daemon exits, the successor becomes the supervised daemon instead of a
 //! restart.
+//!
+//! A supervised daemon outlives its broker: across an upgrade (the same
+//! process, re-executed: the daemon is still its child) and across a crash
+//! (the daemon is re-parented), the next broker supervises it again from
+//! its pid and start time (`adopt`), and the daemon reconnects.
 
 use std::os::fd::AsFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -28,7 +33,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_millis(100);
 
 /// Tells whether a daemon pid got as far as RESTORE.
-pub type Healthy = Box<dyn Fn(u32) -> bool + Send>;
+pub type Healthy = Box<dyn Fn(u32) -> bool + Send + Sync>;
 
 /// A daemon command line run as `/bin/sh -c "exec CMD"` (so the daemon is
 /// the child itself), with stdin closed; as a handoff successor, with
@@ -42,26 +47,44 @@ pub fn shell(cmd: &str, successor: bool) -> Command {
     c
 }
 
+/// A supervised daemon, known by its pidfd: reaped through it, so that a
+/// daemon the broker did not start itself (adopted) is handled alike.
 struct Daemon {
-    child: Child,
-    pidfd: Option<Arc<Pidfd>>,
+    pidfd: Arc<Pidfd>,
     started: Instant,
 }
 
 impl Daemon {
     fn spawn(cmd: &str, successor: bool) -> std::io::Result<Self> {
-        let child = shell(cmd, successor).spawn()?;
+        let mut child = shell(cmd, successor).spawn()?;
         // The child is not reaped until we wait for it, so its pid is ours.
-        let pidfd = Pidfd::open(child.id()).ok().map(Arc::new);
-        Ok(Self {
-            child,
-            pidfd,
+        match Pidfd::open(child.id()) {
+            Ok(p) => Ok(Self {
+                pidfd: Arc::new(p),
+                started: Instant::now(),
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// The daemon `pid` that started at `start_time`, if it still runs.
+    fn adopt(pid: u32, start_time: u64) -> Option<Self> {
+        let pidfd = Pidfd::open(pid).ok()?;
+        // Opened first, checked second: the pidfd pins the process, so a
+        // matching start time and a live pidfd are the same process.
+        let same = crate::sys::pidfd::start_time(pid) == Some(start_time) && !pidfd.is_gone();
+        same.then(|| Self {
+            pidfd: Arc::new(pidfd),
             started: Instant::now(),
         })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.pidfd.pid()
     }
 }
 
@@ -76,31 +99,72 @@ pub struct Supervisor {
     stop: Arc<AtomicBool>,
     children: Arc<Mutex<Children>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    healthy: Arc<Healthy>,
 }
 
 impl Supervisor {
     /// Starts supervising `cmd`, run as `/bin/sh -c "exec CMD"` so that the
-    /// daemon itself is the supervised child.
-    pub fn start(cmd: String, healthy: Healthy) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let children = Arc::new(Mutex::new(Children::default()));
-        let thread = {
-            let (stop, children, cmd) = (stop.clone(), children.clone(), cmd.clone());
-            std::thread::Builder::new()
-                .name("holdfast-supervise".into())
-                .spawn(move || run(&cmd, &stop, &children, &healthy))?
-        };
-        Ok(Self {
+    /// daemon itself is the supervised child. With `adopt` (pid, start
+    /// time), the daemon a previous broker supervised is supervised again
+    /// instead of starting another, if it still runs.
+    pub fn start(cmd: String, healthy: Healthy, adopt: Option<(u32, u64)>) -> std::io::Result<Self> {
+        let current = adopt.and_then(|(pid, t)| {
+            let d = Daemon::adopt(pid, t);
+            match &d {
+                Some(_) => info!("supervise: daemon pid {pid} supervised again: {cmd}"),
+                None => info!("supervise: daemon pid {pid} is gone; starting {cmd}"),
+            }
+            d
+        });
+        let s = Self {
             cmd,
-            stop,
-            children,
-            thread: Mutex::new(Some(thread)),
-        })
+            stop: Arc::new(AtomicBool::new(false)),
+            children: Arc::new(Mutex::new(Children {
+                current,
+                successors: Vec::new(),
+            })),
+            thread: Mutex::new(None),
+            healthy: Arc::new(healthy),
+        };
+        s.resume()?;
+        Ok(s)
+    }
+
+    /// The command line.
+    pub fn cmd(&self) -> &str {
+        &self.cmd
+    }
+
+    /// (Re)starts the thread that restarts the daemon when it exits.
+    pub fn resume(&self) -> std::io::Result<()> {
+        self.stop.store(false, Ordering::SeqCst);
+        let (stop, children, cmd) = (self.stop.clone(), self.children.clone(), self.cmd.clone());
+        let healthy = self.healthy.clone();
+        let t = std::thread::Builder::new()
+            .name("holdfast-supervise".into())
+            .spawn(move || run(&cmd, &stop, &children, &healthy))?;
+        *self.thread.lock() = Some(t);
+        Ok(())
+    }
+
+    /// Stops restarting, leaving the daemons running (for an upgrade: the
+    /// next broker supervises them).
+    pub fn suspend(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
     }
 
     /// The pid of the supervised daemon, if one runs.
     pub fn current_pid(&self) -> Option<u32> {
         self.children.lock().current.as_ref().map(Daemon::pid)
+    }
+
+    /// The supervised daemon's pid and start time, for the next broker.
+    pub fn current(&self) -> Option<(u32, u64)> {
+        let pid = self.current_pid()?;
+        Some((pid, crate::sys::pidfd::start_time(pid)?))
     }
 
     /// Starts the command line as a handoff successor; returns its pid.
@@ -115,10 +179,7 @@ impl Supervisor {
     /// Stops restarting; asks every daemon to detach (SIGTERM), and kills
     /// those that have not exited within `grace`.
     pub fn shutdown(&self, grace: Duration) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
-        }
+        self.suspend();
         let mut c = self.children.lock();
         let all: Vec<Daemon> = c
             .current
@@ -127,17 +188,14 @@ impl Supervisor {
             .chain(c.successors.drain(..))
             .collect();
         for d in &all {
-            if let Some(p) = &d.pidfd {
-                let _ = p.signal(Signal::TERM);
-            }
+            let _ = d.pidfd.signal(Signal::TERM);
         }
-        for mut d in all {
-            if let Some(p) = &d.pidfd
-                && !p.wait_gone(grace)
-            {
-                let _ = p.kill();
+        for d in all {
+            if !d.pidfd.wait_gone(grace) {
+                let _ = d.pidfd.kill();
+                d.pidfd.wait_gone(grace);
             }
-            let _ = d.child.wait();
+            let _ = d.pidfd.reap();
         }
     }
 }
@@ -162,7 +220,7 @@ fn run(cmd: &str, stop: &AtomicBool, children: &Mutex<Children>, healthy: &Healt
                     }
                 }
             }
-            c.current.as_ref().and_then(|d| d.pidfd.clone())
+            c.current.as_ref().map(|d| d.pidfd.clone())
         };
         match &pidfd {
             Some(p) => {
@@ -171,21 +229,18 @@ fn run(cmd: &str, stop: &AtomicBool, children: &Mutex<Children>, healthy: &Healt
             None => std::thread::sleep(TICK),
         }
         let mut c = children.lock();
-        c.successors.retain_mut(|d| match d.child.try_wait() {
-            Ok(None) => true,
-            Ok(Some(s)) => {
+        c.successors.retain(|d| match d.pidfd.reap() {
+            None => true,
+            Some(s) => {
                 info!("supervise: successor pid {} exited ({s})", d.pid());
                 false
             }
-            Err(_) => false,
         });
-        let Some(cur) = c.current.as_mut() else {
+        let Some(cur) = c.current.as_ref() else {
             continue;
         };
-        let status = match cur.child.try_wait() {
-            Ok(None) => continue,
-            Ok(Some(s)) => s.to_string(),
-            Err(e) => format!("wait failed: {e}"),
+        let Some(status) = cur.pidfd.reap() else {
+            continue;
         };
         let Some(old) = c.current.take() else {
             continue;

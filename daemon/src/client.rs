@@ -24,6 +24,9 @@ const MAX_FDS: usize = attach_fds::COUNT;
 pub struct Connection {
     sock: OwnedFd,
     buf: Vec<u8>,
+    /// What this daemon put in the fd store, to put there again for a
+    /// broker that did not keep it (one restarted without its record).
+    deposits: Vec<(String, OwnedFd)>,
 }
 
 impl Connection {
@@ -42,6 +45,7 @@ impl Connection {
         Ok(Self {
             sock,
             buf: vec![0u8; MAX_MESSAGE_LEN],
+            deposits: Vec::new(),
         })
     }
 
@@ -166,9 +170,30 @@ impl Connection {
             name: name.to_owned(),
         };
         match self.call(&req, &[fd])? {
-            (Reply::FdStored, _) => Ok(()),
+            (Reply::FdStored, _) => {
+                let dup = fd
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io("cannot duplicate a deposited descriptor", e))?;
+                self.deposits.retain(|(n, _)| n != name);
+                self.deposits.push((name.to_owned(), dup));
+                Ok(())
+            }
             (other, _) => Err(unexpected("FD_PUT", &other)),
         }
+    }
+
+    /// After attaching to a new broker: puts what `old` deposited into
+    /// this broker's fd store unless it has it already (it keeps the store
+    /// across its own restart when it can).
+    pub fn redeposit(&mut self, old: Connection) -> Result<(), Error> {
+        for (name, fd) in old.deposits {
+            if self.fd_get(&name)?.is_none() {
+                self.fd_put(&name, fd.as_fd())?;
+            } else {
+                self.deposits.push((name, fd));
+            }
+        }
+        Ok(())
     }
 
     /// Fetches a descriptor from the fd store; `None` if nothing is stored.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backends::{Backend, BackendSpec, OpenContext};
+use serve::Served;
 use holdfast_proto::{ErrorReply, Reply, Request};
 
 use crate::fault::Point;
@@ -86,12 +87,21 @@ pub struct Options {
     /// Sleep this long before each read (tests: requests in flight at a
     /// kill). Zero: none.
     pub read_delay: Duration,
+    /// How long to keep trying to attach again when the broker goes away
+    /// (it is being upgraded, or restarted after a crash); zero: exit.
+    pub reconnect: Duration,
 }
+
+/// The first wait between attempts to reach a broker that went away; it
+/// doubles up to [`RECONNECT_MAX_BACKOFF`].
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(5);
+const RECONNECT_MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Attaches (or, as a successor, prepares), opens the backend with `open`,
 /// takes its lease (a successor: once activated), issues RESTORE and serves
-/// until SIGTERM/SIGINT (detaching cleanly), until a handoff releases it, or
-/// until the broker goes away.
+/// until SIGTERM/SIGINT (detaching cleanly) or until a handoff releases it.
+/// When the broker goes away, it attaches again to the broker that follows
+/// (for up to [`Options::reconnect`]), keeping its backend and lease.
 pub fn run_with(
     opts: &Options,
     open: impl FnOnce(OpenContext<'_>) -> Result<Box<dyn Backend>, Error>,
@@ -147,11 +157,84 @@ pub fn run_with(
     }
     let replayed = conn.restore()?;
     log(&format!("restored; {replayed} requests replayed"));
-    let handed_off = serve::serve(conn, att, backend.clone(), opts, signals)?;
-    if !handed_off {
-        backend.detach()?;
+    let mut att = att;
+    loop {
+        match serve::serve(&mut conn, att, backend.clone(), opts, &signals)? {
+            Served::HandedOff => return Ok(()),
+            Served::Detached => return backend.detach(),
+            Served::BrokerGone { lease_released } => {
+                if opts.reconnect.is_zero() {
+                    return Err(Error::BrokerGone);
+                }
+                log("the broker went away; every request it gave is done; attaching again");
+                if lease_released {
+                    backend.acquire_lease(opts.lease_timeout)?;
+                }
+                match reattach(opts, geometry, &signals)? {
+                    Some((mut c, a)) => {
+                        c.redeposit(conn)?;
+                        let replayed = c.restore()?;
+                        log(&format!(
+                            "attached again (epoch {}); restored, {replayed} requests replayed",
+                            a.geometry.epoch
+                        ));
+                        (conn, att) = (c, a);
+                    }
+                    None => return backend.detach(),
+                }
+            }
+        }
     }
-    Ok(())
+}
+
+/// Attaches to the broker that follows one that went away, retrying with
+/// back-off for up to [`Options::reconnect`]. None if a signal asked this
+/// daemon to stop meanwhile.
+fn reattach(
+    opts: &Options,
+    was: holdfast_proto::Attached,
+    signals: &serve::Signals,
+) -> Result<Option<(client::Connection, rings::Attachment)>, Error> {
+    let end = std::time::Instant::now() + opts.reconnect;
+    let mut backoff = RECONNECT_BACKOFF;
+    loop {
+        let tried = client::Connection::connect(&opts.socket).and_then(|mut c| {
+            c.hello()?;
+            let a = c.attach(&opts.export, false)?;
+            Ok((c, a))
+        });
+        match tried {
+            Ok((c, a)) => {
+                let g = a.geometry;
+                if g.kind != was.kind || g.size != was.size {
+                    return Err(Error::Protocol(format!(
+                        "the new broker serves {} as a {} of {} bytes; this daemon served a {} \
+                         of {} bytes",
+                        opts.export,
+                        g.kind.name(),
+                        g.size,
+                        was.kind.name(),
+                        was.size
+                    )));
+                }
+                return Ok(Some((c, a)));
+            }
+            // Another daemon has the export: it is not ours any more.
+            Err(e @ Error::Broker(_)) => return Err(e),
+            Err(e) if std::time::Instant::now() >= end => {
+                return Err(Error::Protocol(format!(
+                    "no broker to attach to within {:?} ({e})",
+                    opts.reconnect
+                )));
+            }
+            Err(_) => {}
+        }
+        if signals.wait_stop(backoff) {
+            log("signal received while the broker was away: exiting");
+            return Ok(None);
+        }
+        backoff = (backoff * 2).min(RECONNECT_MAX_BACKOFF);
+    }
 }
 
 /// A daemon that failed before serving leaves with DETACH and waits for

@@ -16,6 +16,10 @@ Attaches to the broker, takes the backend's lease, issues restore (pending
 requests are replayed first) and serves until SIGTERM or SIGINT, on which it
 detaches cleanly after finishing the requests it holds.
 
+When the broker goes away (it is upgraded, or restarted after a crash), the
+daemon finishes what it holds, attaches to the next broker and carries on;
+the kernel re-sends to the new broker what the old one had not answered.
+
 With --successor it takes over from the export's running daemon in a
 handoff armed by `holdfastctl handoff EXPORT`: it warms up while the old
 daemon serves, takes the lease when the broker activates it, and serves; the
@@ -57,6 +61,11 @@ Options:
                         environment has HOLDFAST_SUCCESSOR=1)
   --workers N           I/O threads [default: 16]
   --lease-timeout SECS  how long to wait for a predecessor's lease [default: 30]
+  --reconnect-timeout SECS
+                        when the broker goes away (an upgrade, a crash and
+                        restart), how long to keep trying to attach to the
+                        next one, keeping the backend and its lease; 0 exits
+                        at once [default: 60]
   --poll-us N           after a request that came alone, poll for the next
                         one for N microseconds before sleeping: lower latency
                         at queue depth 1 for up to a core of CPU while busy
@@ -149,6 +158,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     let mut successor = std::env::var_os(SUCCESSOR_ENV).is_some_and(|v| v == "1");
     let mut workers = 16usize;
     let mut lease_timeout = 30u64;
+    let mut reconnect = 60u64;
     let mut poll_us = 0u64;
     let mut read_delay_ms = 0u64;
     let mut s3 = S3Flags::default();
@@ -222,6 +232,12 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
             Long("lease-timeout") => {
                 lease_timeout = number("--lease-timeout", &string_value(&mut p)?)?;
             }
+            Long("reconnect-timeout") => {
+                reconnect = number("--reconnect-timeout", &string_value(&mut p)?)?;
+                if reconnect > 86_400 {
+                    return Err("--reconnect-timeout must be at most 86400 (a day)".into());
+                }
+            }
             Short('h') | Long("help") => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -251,6 +267,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
             lease_timeout: Duration::from_secs(lease_timeout),
             poll: Duration::from_micros(poll_us),
             read_delay: Duration::from_millis(read_delay_ms),
+            reconnect: Duration::from_secs(reconnect),
         },
         backend,
     )))

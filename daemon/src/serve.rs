@@ -67,6 +67,18 @@ impl Signals {
         }
     }
 
+    /// Whether SIGTERM or SIGINT came since the last look (others are
+    /// dropped): for waits outside the I/O loop.
+    pub fn stop_requested(&self) -> bool {
+        self.take().iter().any(|s| matches!(s, Signal::Stop))
+    }
+
+    /// Waits up to `d` for a signal; true if one asked to stop.
+    pub fn wait_stop(&self, d: Duration) -> bool {
+        let ready = poll(&[self.fd.as_fd()], Some(d));
+        ready.first().copied().unwrap_or(false) && self.stop_requested()
+    }
+
     /// The signals received since the last call.
     fn take(&self) -> Vec<Signal> {
         // One struct signalfd_siginfo (linux/signalfd.h) per signal; the
@@ -108,7 +120,7 @@ fn poll(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Vec<bool> {
 pub fn await_activate(conn: &mut Connection, signals: &Signals) -> Result<bool, Error> {
     loop {
         let ready = poll(&[conn.socket(), signals.fd.as_fd()], None);
-        if ready[1] && signals.take().iter().any(|s| matches!(s, Signal::Stop)) {
+        if ready[1] && signals.stop_requested() {
             log("signal received before activation: leaving (the handoff is aborted)");
             return Ok(false);
         }
@@ -211,16 +223,34 @@ fn poll_ring(att: &Attachment, head: u32, bound: Duration) -> bool {
     true
 }
 
-/// Serves requests until the broker confirms a DETACH (after SIGTERM or
-/// SIGINT: returns `Ok(false)`) or releases this daemon after a handoff
-/// (`Ok(true)`), or goes away (`Err(BrokerGone)`).
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The broker confirmed a DETACH (after SIGTERM or SIGINT), or removed
+    /// the export.
+    Detached,
+    /// Released after a handoff to a successor.
+    HandedOff,
+    /// The broker went away (crashed, or is being upgraded). Every request
+    /// this daemon was given has completed; the kernel re-sends to the next
+    /// broker what the old one did not answer.
+    BrokerGone {
+        /// The lease was given up for a handoff that did not finish.
+        lease_released: bool,
+    },
+}
+
+/// Serves requests until the broker confirms a DETACH, releases this
+/// daemon after a handoff, or goes away. Returns once every request taken
+/// from the ring has completed (the workers are joined), so that nothing
+/// of this attachment runs when the daemon attaches again.
 pub fn serve(
-    mut conn: Connection,
+    conn: &mut Connection,
     att: Attachment,
     backend: Arc<dyn Backend>,
     opts: &Options,
-    signals: Signals,
-) -> Result<bool, Error> {
+    signals: &Signals,
+) -> Result<Served, Error> {
     let att = Arc::new(att);
     let entries = att.geometry.slot_count;
     let (tx, rx) = crossbeam_channel::bounded::<Submission>(entries as usize);
@@ -280,14 +310,14 @@ pub fn serve(
         if phase == Phase::Quiescing && exec.outstanding.load(Ordering::SeqCst) == 0 {
             // Everything the broker gave this daemon has completed: give
             // the backend up.
-            if let Err(e) = backend
-                .release_lease()
-                .and_then(|()| conn.send(&Request::Quiesced))
-            {
+            if let Err(e) = backend.release_lease() {
                 break Err(e);
             }
-            log("quiesced: every request completed, lease released");
             phase = Phase::Quiesced;
+            if conn.send(&Request::Quiesced).is_err() {
+                break Ok(gone(phase, detaching));
+            }
+            log("quiesced: every request completed, lease released");
         }
         // At low queue depth, poll for the next request before sleeping:
         // a sleeping thread's wake-up costs more than most local requests.
@@ -345,14 +375,16 @@ pub fn serve(
                     break;
                 }
             }
-            if let Some(e) = failed {
-                break Err(e);
+            if failed.is_some() {
+                break Ok(gone(phase, detaching));
             }
         }
         if ready[1] {
             let msg = match conn.recv() {
                 Ok((msg, _)) => msg,
-                Err(e) => break Err(e),
+                Err(Error::Protocol(e)) => break Err(Error::Protocol(e)),
+                // Closed or reset: the broker is gone.
+                Err(_) => break Ok(gone(phase, detaching)),
             };
             match msg {
                 Reply::Detached => {
@@ -361,7 +393,11 @@ pub fn serve(
                     } else if !detaching {
                         log("detached by the broker (the export was removed)");
                     }
-                    break Ok(phase == Phase::Quiesced);
+                    break Ok(if phase == Phase::Quiesced {
+                        Served::HandedOff
+                    } else {
+                        Served::Detached
+                    });
                 }
                 Reply::Quiesce => {
                     fault::inject(Point::PredecessorDuringQuiesce);
@@ -378,8 +414,8 @@ pub fn serve(
                     }
                     phase = Phase::Serving;
                     log("REVIVE: the successor failed; serving again");
-                    if let Err(e) = conn.send(&Request::Restore) {
-                        break Err(e);
+                    if conn.send(&Request::Restore).is_err() {
+                        break Ok(gone(phase, detaching));
                     }
                 }
                 Reply::Restored { replayed } => {
@@ -398,4 +434,15 @@ pub fn serve(
         let _ = t.join();
     }
     outcome
+}
+
+/// The broker went away: a daemon that was detaching is done; any other
+/// attaches again.
+fn gone(phase: Phase, detaching: bool) -> Served {
+    if detaching {
+        return Served::Detached;
+    }
+    Served::BrokerGone {
+        lease_released: phase == Phase::Quiesced,
+    }
 }

@@ -14,6 +14,7 @@
 
 use crate::error::{ErrorCode, ErrorReply};
 use crate::handoff::{HandoffProgress, HandoffReport, HandoffRequest};
+use crate::upgrade::UpgradeReport;
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::{MAX_DEVICE_LEN, MAX_EXPORTS, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
 
@@ -52,6 +53,7 @@ mod kind {
     pub const HANDOFF: u16 = 0x000c;
     pub const EXPORT_ADD: u16 = 0x000d;
     pub const EXPORT_REMOVE: u16 = 0x000e;
+    pub const BROKER_UPGRADE: u16 = 0x000f;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const ATTACHED: u16 = 0x8002;
@@ -68,6 +70,7 @@ mod kind {
     pub const REVIVE: u16 = 0x800d;
     pub const EXPORT_ADDED: u16 = 0x800e;
     pub const EXPORT_REMOVED: u16 = 0x800f;
+    pub const BROKER_UPGRADED: u16 = 0x8010;
     pub const ERROR: u16 = 0x80ff;
 }
 
@@ -150,6 +153,10 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    /// Replace the broker with the binary now on disk, keeping every
+    /// export; answered BROKER_UPGRADED by the new broker (or ERROR by the
+    /// old one, which then keeps serving).
+    BrokerUpgrade,
 }
 
 /// What an export holds, and so which ops its daemon gets.
@@ -327,6 +334,7 @@ pub enum Reply {
     HandoffDone(HandoffReport),
     ExportAdded(Box<ExportStatus>),
     ExportRemoved,
+    BrokerUpgraded(UpgradeReport),
     /// Notice to the current daemon in a handoff: finish what you have,
     /// release the lease, answer QUIESCED.
     Quiesce,
@@ -420,6 +428,7 @@ impl Request {
                 w.str(name, MAX_NAME_LEN).bool(*force);
                 w
             }
+            Self::BrokerUpgrade => header(kind::BROKER_UPGRADE),
         };
         w.finish()
     }
@@ -465,6 +474,7 @@ impl Request {
                 name: r.str("export_remove.name", MAX_NAME_LEN)?,
                 force: r.bool("export_remove.force")?,
             },
+            kind::BROKER_UPGRADE => Self::BrokerUpgrade,
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -488,6 +498,7 @@ impl Request {
             Self::Handoff(_) => "HANDOFF",
             Self::ExportAdd(_) => "EXPORT_ADD",
             Self::ExportRemove { .. } => "EXPORT_REMOVE",
+            Self::BrokerUpgrade => "BROKER_UPGRADE",
         }
     }
 }
@@ -655,6 +666,11 @@ impl Reply {
                 w
             }
             Self::ExportRemoved => header(kind::EXPORT_REMOVED),
+            Self::BrokerUpgraded(report) => {
+                let mut w = header(kind::BROKER_UPGRADED);
+                report.put(&mut w);
+                w
+            }
             Self::Quiesce => header(kind::QUIESCE),
             Self::Activate => header(kind::ACTIVATE),
             Self::Revive => header(kind::REVIVE),
@@ -715,6 +731,7 @@ impl Reply {
             kind::HANDOFF_DONE => Self::HandoffDone(HandoffReport::get(&mut r)?),
             kind::EXPORT_ADDED => Self::ExportAdded(Box::new(get_export(&mut r)?)),
             kind::EXPORT_REMOVED => Self::ExportRemoved,
+            kind::BROKER_UPGRADED => Self::BrokerUpgraded(UpgradeReport::get(&mut r)?),
             kind::QUIESCE => Self::Quiesce,
             kind::ACTIVATE => Self::Activate,
             kind::REVIVE => Self::Revive,
@@ -831,6 +848,7 @@ mod tests {
                 name: "vol2".into(),
                 force: true,
             },
+            Request::BrokerUpgrade,
         ]
     }
 
@@ -869,6 +887,16 @@ mod tests {
             Reply::Revive,
             Reply::ExportAdded(Box::new(sample_export(1))),
             Reply::ExportRemoved,
+            Reply::BrokerUpgraded(UpgradeReport {
+                old_pid: 1,
+                new_pid: 1,
+                old_version: "0.1.0".into(),
+                new_version: "0.2.0".into(),
+                stall_us: 420,
+                resent: 3,
+                reattached: 2,
+                missing: vec!["vol1".into(), "vol9".into()],
+            }),
             Reply::error(ErrorCode::Busy, "export vol0 is busy"),
         ]
     }

@@ -13,7 +13,8 @@ pub mod control;
 pub mod error;
 pub mod handoff;
 pub mod shm;
-mod wire;
+pub mod upgrade;
+pub mod wire;
 
 pub use control::{
     Attach, Attached, DaemonState, DaemonStatus, ExportAdd, ExportKind, ExportStatus, Hello, Reply,
@@ -21,6 +22,7 @@ pub use control::{
 };
 pub use error::{ErrorCode, ErrorReply};
 pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};
+pub use upgrade::UpgradeReport;
 pub use wire::DecodeError;
 
 /// The control protocol version this crate speaks. A broker answers a HELLO

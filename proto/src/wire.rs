@@ -1,5 +1,6 @@
-//! Little-endian field codec for control messages. The reader checks every
-//! length against what is left and every string against its bound.
+//! Little-endian field codec for control messages (and the broker's own
+//! restart record). The reader checks every length against what is left and
+//! every string against its bound.
 
 use std::fmt;
 
@@ -68,37 +69,37 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 #[derive(Default)]
-pub(crate) struct Writer {
+pub struct Writer {
     buf: Vec<u8>,
 }
 
 impl Writer {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self::default()
     }
-    pub(crate) fn u8(&mut self, v: u8) -> &mut Self {
+    pub fn u8(&mut self, v: u8) -> &mut Self {
         self.buf.push(v);
         self
     }
-    pub(crate) fn u16(&mut self, v: u16) -> &mut Self {
+    pub fn u16(&mut self, v: u16) -> &mut Self {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
-    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
+    pub fn u32(&mut self, v: u32) -> &mut Self {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
-    pub(crate) fn u64(&mut self, v: u64) -> &mut Self {
+    pub fn u64(&mut self, v: u64) -> &mut Self {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
-    pub(crate) fn bool(&mut self, v: bool) -> &mut Self {
+    pub fn bool(&mut self, v: bool) -> &mut Self {
         self.u8(u8::from(v))
     }
     /// A string with a u16 length prefix. Callers keep strings within their
     /// bounds; an over-long one is cut at a character boundary rather than
     /// producing a message the peer must reject.
-    pub(crate) fn str(&mut self, s: &str, max: usize) -> &mut Self {
+    pub fn str(&mut self, s: &str, max: usize) -> &mut Self {
         let mut end = s.len().min(max).min(usize::from(u16::MAX));
         while !s.is_char_boundary(end) {
             end = end.saturating_sub(1);
@@ -108,17 +109,17 @@ impl Writer {
         self.buf.extend_from_slice(bytes);
         self
     }
-    pub(crate) fn finish(self) -> Vec<u8> {
+    pub fn finish(self) -> Vec<u8> {
         self.buf
     }
 }
 
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
+    pub fn new(buf: &'a [u8]) -> Self {
         Self { buf }
     }
 
@@ -142,19 +143,19 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         Ok(self.array::<1>(field)?[0])
     }
-    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.array(field)?))
     }
-    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
-    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
-    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+    pub fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
         match self.u8(field)? {
             0 => Ok(false),
             1 => Ok(true),
@@ -164,7 +165,7 @@ impl<'a> Reader<'a> {
             }),
         }
     }
-    pub(crate) fn str(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
+    pub fn str(&mut self, field: &'static str, max: usize) -> Result<String, DecodeError> {
         let len = usize::from(self.u16(field)?);
         if len > max {
             return Err(DecodeError::TooLong { field, len, max });
@@ -175,7 +176,7 @@ impl<'a> Reader<'a> {
             .map_err(|_| DecodeError::BadUtf8(field))
     }
     /// A u32 element count, checked against `max`.
-    pub(crate) fn count(&mut self, field: &'static str, max: usize) -> Result<usize, DecodeError> {
+    pub fn count(&mut self, field: &'static str, max: usize) -> Result<usize, DecodeError> {
         let n = self.u32(field)?;
         let len = usize::try_from(n).unwrap_or(usize::MAX);
         if len > max {
@@ -183,7 +184,7 @@ impl<'a> Reader<'a> {
         }
         Ok(len)
     }
-    pub(crate) fn finish(self) -> Result<(), DecodeError> {
+    pub fn finish(self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
             Ok(())
         } else {

@@ -10,7 +10,7 @@ use holdfast_broker::supervise;
 use holdfast_broker::sys::{self, pidfd::Pidfd, seqpacket};
 use holdfast_proto::{
     DaemonStatus, ExportAdd, ExportStatus, HandoffOutcome, HandoffReport, HandoffRequest, Hello,
-    MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV,
+    MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV, UpgradeReport,
 };
 
 const USAGE: &str = "\
@@ -42,6 +42,12 @@ Commands:
   export rm NAME [--force]      remove an export; refused while its file or
                                 block device is open, unless --force (its users
                                 then get I/O errors)
+  broker upgrade [--json]       replace the broker with the binary now on disk,
+                                in the same process, keeping every export, its
+                                mount, block device and daemon; what the old
+                                broker held is re-sent by the kernel. Waits
+                                and prints the old and new broker, the time
+                                without dispatch and the requests re-sent
 
 Handoff options:
   --dry-run             warm a successor up, then release it; the current
@@ -76,6 +82,9 @@ enum Command {
     ExportRemove {
         name: String,
         force: bool,
+    },
+    BrokerUpgrade {
+        json: bool,
     },
 }
 
@@ -176,6 +185,10 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
             );
         }
         ["status"] if !fail_pending && !handoff_flags => Command::Status { json },
+        ["broker", "upgrade"] if !fail_pending && !handoff_flags => {
+            Command::BrokerUpgrade { json }
+        }
+        ["broker", ..] => return Err("usage: broker upgrade [--json]".into()),
         ["restore", export] if !json && !handoff_flags => Command::Restore {
             export: (*export).to_owned(),
             fail_pending,
@@ -348,6 +361,40 @@ fn report_line(r: &HandoffReport) -> String {
         let _ = write!(l, "; {}", r.reason);
     }
     l
+}
+
+fn upgrade_line(r: &UpgradeReport) -> String {
+    format!(
+        "broker upgraded: pid {} ({}) -> pid {} ({}); {} without dispatch, {} requests re-sent, \
+         {} daemons attached again{}",
+        r.old_pid,
+        r.old_version,
+        r.new_pid,
+        r.new_version,
+        ms(r.stall_us),
+        r.resent,
+        r.reattached,
+        if r.missing.is_empty() {
+            String::new()
+        } else {
+            format!("; no daemon yet: {}", r.missing.join(", "))
+        }
+    )
+}
+
+fn upgrade_json(r: &UpgradeReport) -> String {
+    let missing: Vec<String> = r.missing.iter().map(|m| json_str(m)).collect();
+    format!(
+        "{{\"old_pid\":{},\"new_pid\":{},\"old_version\":{},\"new_version\":{},\"stall_us\":{},\"resent\":{},\"reattached\":{},\"missing\":[{}]}}",
+        r.old_pid,
+        r.new_pid,
+        json_str(&r.old_version),
+        json_str(&r.new_version),
+        r.stall_us,
+        r.resent,
+        r.reattached,
+        missing.join(",")
+    )
 }
 
 fn daemon_json(d: Option<&DaemonStatus>) -> String {
@@ -578,6 +625,21 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
                 },
             )? {
                 Reply::ExportRemoved => println!("{name}: removed"),
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        Command::BrokerUpgrade { json: as_json } => {
+            match call(&sock, &Request::BrokerUpgrade)? {
+                Reply::BrokerUpgraded(r) if as_json => println!("{}", upgrade_json(&r)),
+                Reply::BrokerUpgraded(r) => {
+                    println!("{}", upgrade_line(&r));
+                    if !r.missing.is_empty() {
+                        return Err(format!(
+                            "no daemon came back for {} (holdfastctl status)",
+                            r.missing.join(", ")
+                        ));
+                    }
+                }
                 other => return Err(format!("unexpected reply {other:?}")),
             }
         }

@@ -136,7 +136,9 @@ struct State {
     next_handoff: u64,
     last_epoch: u64,
     stats: Stats,
-    fdstore: BTreeMap<String, OwnedFd>,
+    /// Descriptors daemons deposited, by name, each with the number it is
+    /// kept under for the broker's own restart.
+    fdstore: BTreeMap<String, (u64, OwnedFd)>,
     /// Since when requests have been queued with no active daemon.
     waiting_since: Option<Instant>,
     /// Removed by the operator: nothing attaches, every request fails.
@@ -925,10 +927,11 @@ impl Export {
         fail_all(failed);
     }
 
-    /// Stores a descriptor for the daemon of `epoch`. Only regular files
-    /// (memfds are) are kept: closing one never blocks, and a socket or a
-    /// file on a FUSE mount could block the broker when it is replaced.
-    pub fn fd_put(&self, epoch: u64, name: &str, fd: OwnedFd) -> Result<(), ErrorReply> {
+    /// Stores a descriptor for the daemon of `epoch`, kept as number `id`.
+    /// Only regular files (memfds are) are kept: closing one never blocks,
+    /// and a socket or a file on a FUSE mount could block the broker when
+    /// it is replaced.
+    pub fn fd_put(&self, epoch: u64, name: &str, fd: OwnedFd, id: u64) -> Result<(), ErrorReply> {
         check_fd_name(name)?;
         let is_file = rustix::fs::fstat(&fd)
             .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file());
@@ -948,7 +951,7 @@ impl Export {
                     ),
                 ));
             }
-            Ok(st.fdstore.insert(name.to_owned(), fd))
+            Ok(st.fdstore.insert(name.to_owned(), (id, fd)))
         })?;
         // Closed here, outside the lock.
         drop(replaced);
@@ -963,7 +966,7 @@ impl Export {
         if st.daemon(epoch).is_none() {
             return Err(self.no_longer(epoch));
         }
-        let fd = st.fdstore.get(name).ok_or_else(|| {
+        let (_, fd) = st.fdstore.get(name).ok_or_else(|| {
             ErrorReply::new(
                 ErrorCode::NotFound,
                 format!("export {}: no descriptor stored as {name:?}", self.name),
@@ -971,6 +974,51 @@ impl Export {
         })?;
         fd.try_clone()
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot duplicate: {e}")))
+    }
+
+    /// What outlives the broker: the last epoch granted, and duplicates
+    /// of the fd store's descriptors (name, kept number, descriptor).
+    pub fn custody(&self) -> (u64, Vec<(String, u64, OwnedFd)>) {
+        let st = self.state.lock();
+        let stored = st
+            .fdstore
+            .iter()
+            .filter_map(|(name, (id, fd))| Some((name.clone(), *id, fd.try_clone().ok()?)))
+            .collect();
+        (st.last_epoch, stored)
+    }
+
+    /// Takes over what a previous broker left for this export: epochs go
+    /// on above `last_epoch`, and the fd store holds `stored` again. Its
+    /// data may have been written, so a flush is never answered here.
+    pub fn adopt(&self, last_epoch: u64, stored: Vec<(String, u64, OwnedFd)>) {
+        let mut st = self.state.lock();
+        st.last_epoch = st.last_epoch.max(last_epoch);
+        st.modified = true;
+        for (name, id, fd) in stored.into_iter().take(MAX_STORED_FDS) {
+            st.fdstore.insert(name, (id, fd));
+        }
+    }
+
+    /// Whether a daemon is active (restored and receiving requests).
+    pub fn serving(&self) -> bool {
+        self.state
+            .lock()
+            .session
+            .as_ref()
+            .is_some_and(|s| s.state == DaemonState::Active)
+    }
+
+    /// Why the broker cannot be replaced now, if a handoff runs here.
+    pub fn handoff_running(&self) -> Option<String> {
+        let st = self.state.lock();
+        st.handoff.as_ref().map(|h| {
+            format!(
+                "export {}: a handoff is running ({}); wait for it to end",
+                self.name,
+                h.phase.name()
+            )
+        })
     }
 
     pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 
@@ -87,21 +87,40 @@ impl LoopDevice {
                 result = configure(&dev, backing, block_size, name, 0);
             }
             match result {
-                Ok(()) => {
-                    let mut d = Self {
-                        number,
-                        direct_io: false,
-                    };
-                    d.direct_io = std::fs::read_to_string(d.sysfs().join("loop/dio"))
-                        .is_ok_and(|s| s.trim() == "1");
-                    return Ok(d);
-                }
+                Ok(()) => return Ok(Self::numbered(number)),
                 // Taken by someone else between GET_FREE and CONFIGURE.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = e,
                 Err(e) => return Err(e),
             }
         }
         Err(last)
+    }
+
+    fn numbered(number: u32) -> Self {
+        let mut d = Self {
+            number,
+            direct_io: false,
+        };
+        d.direct_io =
+            std::fs::read_to_string(d.sysfs().join("loop/dio")).is_ok_and(|s| s.trim() == "1");
+        d
+    }
+
+    /// The device `number` that a previous broker attached to `backing`
+    /// (checked in sysfs: a device detached since, or given to another
+    /// file, is not taken).
+    pub fn existing(number: u32, backing: &Path) -> io::Result<Self> {
+        let d = Self::numbered(number);
+        let file = std::fs::read_to_string(d.sysfs().join("loop/backing_file"))?;
+        if Path::new(file.trim()) != backing {
+            return Err(io::Error::other(format!(
+                "{} is attached to {:?}, not to {}",
+                d.path().display(),
+                file.trim(),
+                backing.display()
+            )));
+        }
+        Ok(d)
     }
 
     /// Detaches the backing file. On a device still open, the kernel

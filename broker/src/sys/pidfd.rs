@@ -102,6 +102,28 @@ impl Pidfd {
         }
     }
 
+    /// Reaps an exited child (waitid(P_PIDFD), Linux 5.4) and says how it
+    /// ended; None while it runs. A process that is not this broker's
+    /// child (one a crashed broker started) is reaped by someone else.
+    pub fn reap(&self) -> Option<String> {
+        use rustix::process::{WaitId, WaitIdOptions, waitid};
+        match waitid(
+            WaitId::PidFd(self.fd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(st)) => Some(match (st.exit_status(), st.terminating_signal()) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(sig)) => format!("signal {sig}"),
+                _ => "exited".into(),
+            }),
+            Ok(None) => None,
+            Err(rustix::io::Errno::CHILD) => {
+                self.is_gone().then(|| "exited (not this broker's child)".into())
+            }
+            Err(e) => Some(format!("wait failed: {e}")),
+        }
+    }
+
     /// Fence: kill the process and wait until it is gone, so that it can no
     /// longer act on any request it held.
     pub fn fence(&self, timeout: Duration) -> io::Result<()> {
@@ -118,6 +140,15 @@ impl Pidfd {
             ))
         }
     }
+}
+
+/// When process `pid` started, in clock ticks since boot (/proc/PID/stat,
+/// field 22): with the pid, it names one process for good.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything.
+    let rest = stat.get(stat.rfind(')')?.checked_add(2)?..)?;
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 impl AsFd for Pidfd {

@@ -149,9 +149,9 @@ fn run() -> Result<(), String> {
     let signals = [libc::SIGTERM, libc::SIGINT];
     holdfast_broker::sys::block_signals(&signals).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let frontend = FuseFrontend::new(dir.as_ref(), workers);
+    let frontend = FuseFrontend::new(dir.as_ref(), workers, std::sync::Arc::new(|| {}));
     frontend
-        .add(&target, spec.block)
+        .add(&target, spec.block, 0)
         .map_err(|e| format!("cannot mount: {e}"))?;
     let ready = frontend
         .device(&spec.name)

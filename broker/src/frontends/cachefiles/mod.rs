@@ -44,13 +44,6 @@ use holdfast_proto::shm::Ask;
 /// The device (Documentation/filesystems/caching/cachefiles.rst).
 pub const DEVICE: &str = "/dev/cachefiles";
 
-/// Environment variable naming the inherited /dev/cachefiles fd of a
-/// re-executed broker.
-pub const FD_ENV: &str = "HOLDFAST_CACHEFILES_FD";
-
-/// The name of the fd in systemd's fd store (`FDNAME=`).
-pub const FD_NAME: &str = "cachefiles";
-
 /// Longest blob name sent to a daemon. Cookie keys are short (erofs: the
 /// fsid or device id); the kernel caps a whole message at 1 KiB.
 const MAX_BLOB_NAME: usize = sys::MSG_MAX_SIZE;

@@ -13,6 +13,11 @@
 //! (header plus WRITE arguments) and a slot buffer it reserved beforehand,
 //! so a WRITE's data lands in shared memory with no copy. With no slot free,
 //! it reads into private memory and the data is copied once.
+//!
+//! The connection outlives the broker process when its descriptors do
+//! (`restart`): a broker that follows adopts them ([`FuseFrontend::adopt`])
+//! without a second INIT (the kernel sends it once per connection) and has
+//! the kernel re-send what the old broker read and did not answer.
 
 mod block;
 mod request;
@@ -22,13 +27,15 @@ use std::borrow::Cow;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuse_abi::linux::{
     FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_DIRECT_IO, FOPEN_NOFLUSH,
     FOPEN_PARALLEL_DIRECT_WRITES, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES,
-    FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_INIT_EXT, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES, FUSE_ROOT_ID,
+    FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_HAS_RESEND, FUSE_INIT_EXT, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES,
+    FUSE_ROOT_ID, FUSE_UNIQUE_RESEND,
     fuse_attr, fuse_attr_out, fuse_init_out, fuse_kstatfs, fuse_open_out, fuse_out_header,
     fuse_statfs_out, fuse_write_out,
 };
@@ -39,6 +46,7 @@ use zerocopy::{Immutable, IntoBytes};
 use self::request::{FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
 use super::{Origin, Outcome, ReplySink, Target};
 use crate::inflight::Data;
+use crate::restart::record::FuseRecord;
 use crate::sys::loopdev::LoopDevice;
 use crate::{info, warn};
 
@@ -52,44 +60,85 @@ const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
 
+/// Called once a connection's INIT is answered (the broker then keeps its
+/// descriptors for its own restart).
+pub type InitHook = Arc<dyn Fn() + Send + Sync>;
+
 /// The mounted exports.
 pub struct FuseFrontend {
     dir: PathBuf,
     workers: usize,
     mounts: Mutex<Vec<Mount>>,
+    on_init: InitHook,
 }
 
-/// One export's mount and its block device.
+/// One export's mount, its connection and its block device.
 struct Mount {
     name: String,
     path: PathBuf,
     device: Option<LoopDevice>,
+    /// Names the mount's kept descriptors (`restart::record::names::fuse`).
+    id: u64,
+    /// The mounted /dev/fuse descriptor first, then its clones.
+    channels: Vec<Arc<Channel>>,
+    conn: Arc<ConnInfo>,
+}
+
+/// What INIT told about the kernel: its protocol minor and the flags it
+/// offered (flags2 in the high half).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Init {
+    pub minor: u32,
+    pub flags: u64,
+}
+
+impl Init {
+    /// The kernel re-sends read, unanswered requests on FUSE_NOTIFY_RESEND.
+    pub fn can_resend(&self) -> bool {
+        self.flags & FUSE_HAS_RESEND != 0
+    }
+}
+
+/// A connection's INIT, and how many re-sent requests it has delivered.
+#[derive(Default)]
+struct ConnInfo {
+    init: OnceLock<Init>,
+    resent: AtomicU64,
 }
 
 impl FuseFrontend {
     /// A frontend that mounts exports on `dir/NAME` (creating the directory
     /// and the files to mount on) with `workers` threads each.
-    pub fn new(dir: &Path, workers: usize) -> Self {
+    pub fn new(dir: &Path, workers: usize, on_init: InitHook) -> Self {
         Self {
             dir: dir.to_path_buf(),
             workers,
             mounts: Mutex::new(Vec::new()),
+            on_init,
         }
     }
 
-    /// Mounts `export` and, for `block`, attaches a loop device over it.
-    /// On failure nothing is left mounted.
-    pub fn add<T: Target>(&self, export: &Arc<T>, block: bool) -> io::Result<()> {
+    /// Mounts `export` and, for `block`, attaches a loop device over it;
+    /// `id` names the mount's kept descriptors. On failure nothing is left
+    /// mounted.
+    pub fn add<T: Target>(&self, export: &Arc<T>, block: bool, id: u64) -> io::Result<()> {
         let path = self.dir.join(export.name());
         let dev = mount_export(&path, export.slot_size()).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot mount {}: {e}", path.display()))
         })?;
+        let devs = clone_devs(dev, self.workers);
+        let conn = Arc::new(ConnInfo::default());
         let mut mount = Mount {
             name: export.name().to_owned(),
             path,
             device: None,
+            id,
+            channels: Vec::new(),
+            conn: conn.clone(),
         };
-        let attached = start_workers(dev, export.clone(), self.workers).and_then(|()| {
+        let started = start_workers(devs, export.clone(), conn, self.on_init.clone());
+        let attached = started.and_then(|channels| {
+            mount.channels = channels;
             if block {
                 let d = block::attach(&mount.path, export.block_size())?;
                 info!(
@@ -109,6 +158,110 @@ impl FuseFrontend {
         }
         self.mounts.lock().push(mount);
         Ok(())
+    }
+
+    /// Takes over the connection a previous broker left for `export`: its
+    /// descriptors `devs` (the mounted one first), its mount and block
+    /// device as `rec` says. The kernel is asked to re-send what the old
+    /// broker read and did not answer before any worker reads, so that no
+    /// request of this broker's own is re-sent under it.
+    pub fn adopt<T: Target>(
+        &self,
+        export: &Arc<T>,
+        rec: &FuseRecord,
+        devs: Vec<OwnedFd>,
+    ) -> io::Result<()> {
+        let first = devs
+            .first()
+            .ok_or_else(|| io::Error::other("no FUSE descriptor was passed on"))?;
+        sys::notify_resend(first.as_fd()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("FUSE_NOTIFY_RESEND: {e} (needs Linux 6.9 or later)"),
+            )
+        })?;
+        let conn = Arc::new(ConnInfo::default());
+        let _ = conn.init.set(Init {
+            minor: rec.minor,
+            flags: rec.flags,
+        });
+        let device = rec
+            .device
+            .map(|n| LoopDevice::existing(n, &rec.mount))
+            .transpose()?;
+        let n = devs.len();
+        let channels = start_workers(devs, export.clone(), conn.clone(), self.on_init.clone())?;
+        info!(
+            "{}: took over its FUSE connection ({n} descriptors{}); the kernel re-sends what was in flight",
+            export.name(),
+            device
+                .as_ref()
+                .map(|d| format!(", block device {}", d.path().display()))
+                .unwrap_or_default()
+        );
+        self.mounts.lock().push(Mount {
+            name: export.name().to_owned(),
+            path: rec.mount.clone(),
+            device,
+            id: rec.id,
+            channels,
+            conn,
+        });
+        Ok(())
+    }
+
+    /// What the next broker needs to take export `name`'s connection over:
+    /// its record and duplicates of its descriptors. None until INIT is
+    /// answered, and on a kernel that cannot re-send requests (there, a
+    /// kept connection would leave what the broker held unanswered for
+    /// ever; letting it end fails that I/O instead).
+    pub fn custody(&self, name: &str) -> Option<(FuseRecord, Vec<OwnedFd>)> {
+        let mounts = self.mounts.lock();
+        let m = mounts.iter().find(|m| m.name == name)?;
+        let init = m.conn.init.get().filter(|i| i.can_resend())?;
+        let fds: Vec<OwnedFd> = m
+            .channels
+            .iter()
+            .filter_map(|c| c.dev.try_clone().ok())
+            .collect();
+        let rec = FuseRecord {
+            id: m.id,
+            mount: m.path.clone(),
+            conns: u32::try_from(fds.len()).ok()?,
+            device: m.device.as_ref().map(|d| d.number),
+            minor: init.minor,
+            flags: init.flags,
+        };
+        (fds.len() == m.channels.len()).then_some((rec, fds))
+    }
+
+    /// Why export `name`'s connection cannot outlive this broker, if it
+    /// cannot.
+    pub fn cannot_keep(&self, name: &str) -> Option<String> {
+        let mounts = self.mounts.lock();
+        let m = mounts.iter().find(|m| m.name == name)?;
+        match m.conn.init.get() {
+            None => Some(format!(
+                "export {name}: the kernel has not initialised its FUSE connection yet; try again"
+            )),
+            Some(i) if !i.can_resend() => Some(format!(
+                "export {name}: this kernel's FUSE (protocol 7.{}) cannot re-send requests \
+                 (FUSE_NOTIFY_RESEND, Linux 6.9 and later), so the requests this broker holds \
+                 would never be answered; upgrade the kernel first",
+                i.minor
+            )),
+            Some(_) => None,
+        }
+    }
+
+    /// Re-sent requests delivered since this broker took the connections
+    /// over.
+    pub fn resent(&self) -> u64 {
+        self.mounts
+            .lock()
+            .iter()
+            .map(|m| m.conn.resent.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The block device of export `name`, if it has one.
@@ -185,9 +338,8 @@ fn mount_export(path: &Path, max_read: u32) -> io::Result<OwnedFd> {
     Ok(dev)
 }
 
-/// Starts `workers` threads on clones of the connection `dev`.
-fn start_workers<T: Target>(dev: OwnedFd, export: Arc<T>, workers: usize) -> io::Result<()> {
-    let slot_size = export.slot_size();
+/// `dev` and `workers - 1` clones of it.
+fn clone_devs(dev: OwnedFd, workers: usize) -> Vec<OwnedFd> {
     let mut devs = vec![dev];
     for _ in 1..workers.max(1) {
         let cloned = devs.first().map(|d| sys::clone_dev(d.as_fd()));
@@ -200,6 +352,17 @@ fn start_workers<T: Target>(dev: OwnedFd, export: Arc<T>, workers: usize) -> io:
             None => break,
         }
     }
+    devs
+}
+
+/// Starts a worker thread on each of the connection's descriptors.
+fn start_workers<T: Target>(
+    devs: Vec<OwnedFd>,
+    export: Arc<T>,
+    conn: Arc<ConnInfo>,
+    on_init: InitHook,
+) -> io::Result<Vec<Arc<Channel>>> {
+    let slot_size = export.slot_size();
     let fs = Arc::new(Fs {
         max_background: u16::try_from(export.slot_count()).unwrap_or(u16::MAX),
         export,
@@ -207,17 +370,24 @@ fn start_workers<T: Target>(dev: OwnedFd, export: Arc<T>, workers: usize) -> io:
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        conn,
+        on_init,
     });
-    let n = devs.len();
+    let mut channels = Vec::with_capacity(devs.len());
     for (i, dev) in devs.into_iter().enumerate() {
         let fs = fs.clone();
         let chan = Arc::new(Channel { dev });
+        channels.push(chan.clone());
         std::thread::Builder::new()
             .name(format!("fuse-{}-{i}", fs.export.name()))
             .spawn(move || fs.worker(&chan))?;
     }
-    info!("{}: FUSE mounted with {n} workers", fs.export.name());
-    Ok(())
+    info!(
+        "{}: FUSE serving with {} workers",
+        fs.export.name(),
+        channels.len()
+    );
+    Ok(channels)
 }
 
 /// One /dev/fuse clone; replies go to the clone the request came from.
@@ -321,6 +491,8 @@ struct Fs<T> {
     slot_size: u32,
     max_background: u16,
     started: u64,
+    conn: Arc<ConnInfo>,
+    on_init: InitHook,
 }
 
 impl<T: Target> Fs<T> {
@@ -402,6 +574,9 @@ impl<T: Target> Fs<T> {
             );
             chan.error(h.unique, libc::EIO);
             return;
+        }
+        if h.unique & FUSE_UNIQUE_RESEND as u64 != 0 {
+            self.conn.resent.fetch_add(1, Ordering::Relaxed);
         }
         let body_len = n.saturating_sub(HEAD_LEN);
         if h.opcode == fuse_abi::linux::fuse_opcode::FUSE_WRITE as u32 {
@@ -608,10 +783,19 @@ impl<T: Target> Fs<T> {
             ..Default::default()
         };
         chan.ok(unique, &out);
+        let init = Init { minor, flags };
         info!(
-            "{}: FUSE connection initialised (kernel protocol {major}.{minor})",
-            self.export.name()
+            "{}: FUSE connection initialised (kernel protocol {major}.{minor}{})",
+            self.export.name(),
+            if init.can_resend() {
+                ", can re-send requests"
+            } else {
+                ""
+            }
         );
+        if self.conn.init.set(init).is_ok() {
+            (self.on_init)();
+        }
     }
 
     fn reply_attr(&self, chan: &Channel, unique: u64) {

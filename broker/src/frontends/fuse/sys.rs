@@ -16,6 +16,13 @@ use rustix::mount::{MountFlags, UnmountFlags};
 /// that several threads read requests, each with its own processing queue.
 const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
 
+/// `FUSE_NOTIFY_RESEND` (include/uapi/linux/fuse.h, protocol 7.40, Linux
+/// 6.9): the kernel moves every request read and not answered on any of
+/// the connection's descriptors back to its pending queue, each with
+/// `FUSE_UNIQUE_RESEND` (bit 63) set in its unique, so that a reply to the
+/// old unique no longer matches. A kernel without it answers EINVAL.
+const FUSE_NOTIFY_RESEND: i32 = fuse_abi::linux::fuse_notify_code::FUSE_NOTIFY_RESEND as i32;
+
 /// Opens /dev/fuse.
 pub fn open_dev() -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(
@@ -101,6 +108,20 @@ pub unsafe fn read_request(
     // SAFETY: both iovecs are valid for writes (caller's contract for body).
     let n = unsafe { libc::readv(dev.as_raw_fd(), iov.as_ptr(), 2) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Asks the kernel to re-send what the connection's readers took and did
+/// not answer (see [`FUSE_NOTIFY_RESEND`]). A notification is a reply
+/// header with unique 0 and the code in `error`, here without a body.
+pub fn notify_resend(dev: BorrowedFd<'_>) -> io::Result<()> {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    let n = rustix::io::write(dev, &header)?;
+    if n != header.len() {
+        return Err(io::Error::other("short write of FUSE_NOTIFY_RESEND"));
+    }
+    Ok(())
 }
 
 /// Writes one reply made of the given pieces.

@@ -12,8 +12,9 @@
 //! Devices are created with USER_RECOVERY | USER_RECOVERY_REISSUE: if the
 //! broker process dies, the kernel keeps the device (QUIESCED) and re-issues
 //! what was in flight to the next server. The device's id is recorded in a
-//! file next to the control socket, so that `holdfast-broker --recover`
-//! finds the device again and becomes its server (`UblkDevice::recover`).
+//! file next to the control socket, so that the next broker (restarted
+//! after a crash, or an upgrade) finds the device again and becomes its
+//! server (`UblkDevice::start_or_recover`).
 
 pub mod sys;
 
@@ -41,7 +42,7 @@ const WAKE: u64 = u64::MAX;
 const MAX_DEPTH: u32 = 128;
 /// How long to wait for /dev/ublkcN to appear after ADD_DEV.
 const CDEV_WAIT: Duration = Duration::from_secs(5);
-/// How long `--recover` waits for a device to be QUIESCED (the kernel
+/// How long a recovery waits for a device to be QUIESCED (the kernel
 /// notices its dead server) and for START_USER_RECOVERY to stop failing
 /// with EBUSY (the dead server's /dev/ublkcN is still being closed).
 const RECOVER_WAIT: Duration = Duration::from_secs(10);
@@ -49,7 +50,7 @@ const RECOVER_WAIT: Duration = Duration::from_secs(10);
 /// A ublk device serving one export.
 pub struct UblkDevice {
     pub dev_id: u32,
-    /// The file holding `dev_id` for `--recover`.
+    /// The file holding `dev_id` for the next broker.
     record: PathBuf,
 }
 
@@ -104,26 +105,48 @@ impl UblkDevice {
         Ok(Self { dev_id, record })
     }
 
-    /// Becomes the server of the device a killed broker left for `export`
-    /// (its id in `record`): waits for the kernel to quiesce it, starts
-    /// user recovery, fetches every tag, ends recovery. The kernel then
-    /// re-issues the requests the dead broker held.
-    pub fn recover(export: &Arc<Export>, record: PathBuf) -> io::Result<Self> {
-        let text = std::fs::read_to_string(&record).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "--recover: no ublk device recorded in {}: {e}",
+    /// Takes over the device a previous broker left for `export`, if
+    /// `record` names one that still exists, else adds a new one. A record
+    /// of a device that is gone (deleted, or the machine rebooted) is
+    /// removed, with a line in the log.
+    pub fn start_or_recover(export: &Arc<Export>, record: PathBuf) -> io::Result<Self> {
+        let Ok(text) = std::fs::read_to_string(&record) else {
+            return Self::start(export, record);
+        };
+        let recorded: Option<u32> = text.trim().parse().ok();
+        let exists = recorded.map(|id| {
+            Control::open().and_then(|mut c| c.info(id)).map(drop)
+        });
+        match (recorded, exists) {
+            (Some(id), Some(Ok(()))) => Self::recover(export, id, record),
+            (Some(id), Some(Err(e))) if e.raw_os_error() == Some(libc::ENODEV) => {
+                info!(
+                    "{}: ublk device {id} of {} is gone; removed the stale record",
+                    export.name(),
                     record.display()
-                ),
-            )
-        })?;
-        let dev_id: u32 = text.trim().parse().map_err(|_| {
-            io::Error::other(format!(
-                "--recover: {} does not hold a device id",
-                record.display()
-            ))
-        })?;
+                );
+                let _ = std::fs::remove_file(&record);
+                Self::start(export, record)
+            }
+            (Some(_), Some(Err(e))) => Err(e),
+            _ => {
+                info!(
+                    "{}: {} does not hold a device id; removed it",
+                    export.name(),
+                    record.display()
+                );
+                let _ = std::fs::remove_file(&record);
+                Self::start(export, record)
+            }
+        }
+    }
+
+    /// Becomes the server of the device `dev_id` a previous broker left
+    /// for `export`: waits for the kernel to quiesce it (it does once the
+    /// old server's /dev/ublkcN is closed), starts user recovery, fetches
+    /// every tag, ends recovery. The kernel then re-issues the requests
+    /// the old broker held.
+    fn recover(export: &Arc<Export>, dev_id: u32, record: PathBuf) -> io::Result<Self> {
         let mut ctl = Control::open()?;
         let end = Instant::now() + RECOVER_WAIT;
         let info = loop {
@@ -133,7 +156,7 @@ impl UblkDevice {
             }
             if Instant::now() >= end {
                 return Err(io::Error::other(format!(
-                    "--recover: ublk device {dev_id} is in state {} (not QUIESCED: is its broker still running?)",
+                    "ublk device {dev_id} is in state {} (not QUIESCED: is its broker still running?)",
                     info.state
                 )));
             }
@@ -145,7 +168,7 @@ impl UblkDevice {
             || !export.pin_slots(depth)
         {
             return Err(io::Error::other(format!(
-                "--recover: ublk device {dev_id} ({} queues, {depth} tags of {} bytes) does not fit this export's slots; \
+                "ublk device {dev_id} ({} queues, {depth} tags of {} bytes) does not fit this export's slots; \
                  start the broker with the --slots and --slot-size it was started with",
                 info.nr_hw_queues, info.max_io_buf_bytes
             )));
@@ -206,7 +229,7 @@ impl UblkDevice {
 
     /// Stops and deletes the device. Requests still waiting for a daemon
     /// keep the stop waiting, so this runs in the background, bounded; a
-    /// device left behind keeps its record, so `--recover` can find it.
+    /// device left behind keeps its record, so the next broker finds it.
     pub fn remove(&self) {
         let id = self.dev_id;
         let done = std::thread::spawn(move || {
