@@ -297,10 +297,9 @@ impl<'a> Connection<'a> {
                     reply
                 }
                 // On success the new broker answers on this connection.
-                Request::BrokerUpgrade => Reply::error(
-                    ErrorCode::BadState,
-                    self.broker.request_upgrade(&self.sock),
-                ),
+                Request::BrokerUpgrade => {
+                    Reply::error(ErrorCode::BadState, self.broker.request_upgrade(&self.sock))
+                }
                 Request::Restore
                 | Request::Detach
                 | Request::Ready

@@ -190,7 +190,11 @@ impl Broker {
     /// Creates, mounts and lists an export. A ublk export takes over the
     /// device a previous broker left, if its record names one that still
     /// exists. With `prior`, what a previous broker kept of it.
-    fn create(&self, spec: &config::ExportSpec, prior: Option<Prior<'_>>) -> Result<Arc<Export>, String> {
+    fn create(
+        &self,
+        spec: &config::ExportSpec,
+        prior: Option<Prior<'_>>,
+    ) -> Result<Arc<Export>, String> {
         let export = self.new_export(&spec.name, spec.size, ExportKind::Volume, prior)?;
         if spec.ublk {
             let record = self.state_dir.join(format!("ublk-{}.id", spec.name));
@@ -250,11 +254,15 @@ impl Broker {
                 fuse.conns
             );
         }
-        let export = self.new_export(&rec.name, rec.size, ExportKind::Volume, Some((rec, stored)))?;
+        let export =
+            self.new_export(&rec.name, rec.size, ExportKind::Volume, Some((rec, stored)))?;
         if let Err(e) = self.frontend.adopt(&export, fuse, devs) {
             // The old connection is gone with its descriptors: what it
             // held failed; the export itself goes on, mounted again.
-            warn!("{}: cannot take its FUSE connection over: {e}; mounting it again", rec.name);
+            warn!(
+                "{}: cannot take its FUSE connection over: {e}; mounting it again",
+                rec.name
+            );
             self.frontend
                 .add(&export, fuse.device.is_some(), self.next_id())
                 .map_err(|e| format!("export {}: {e}", rec.name))?;
@@ -286,7 +294,10 @@ impl Broker {
             let frontend = if let Some(dev_id) = self.ublk_id(&e.name) {
                 FrontendRecord::Ublk { dev_id }
             } else if e.kind == ExportKind::Blobs {
-                let cache = self.cachefiles.get().map(|(_, c)| c.device_fd().try_clone());
+                let cache = self
+                    .cachefiles
+                    .get()
+                    .map(|(_, c)| c.device_fd().try_clone());
                 if let Some(Ok(fd)) = cache {
                     fds.push((names::CACHEFILES.to_owned(), fd));
                 }
@@ -572,7 +583,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // What systemd's store holds: everything it passed, or everything the
     // broker before this one passed on (it kept the store in step).
     let stored = if systemd.is_some() {
-        inherited.names().filter(|n| *n != names::RECORD).map(str::to_owned).collect()
+        inherited
+            .names()
+            .filter(|n| *n != names::RECORD)
+            .map(str::to_owned)
+            .collect()
     } else {
         std::collections::BTreeSet::new()
     };

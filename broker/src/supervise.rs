@@ -107,7 +107,11 @@ impl Supervisor {
     /// daemon itself is the supervised child. With `adopt` (pid, start
     /// time), the daemon a previous broker supervised is supervised again
     /// instead of starting another, if it still runs.
-    pub fn start(cmd: String, healthy: Healthy, adopt: Option<(u32, u64)>) -> std::io::Result<Self> {
+    pub fn start(
+        cmd: String,
+        healthy: Healthy,
+        adopt: Option<(u32, u64)>,
+    ) -> std::io::Result<Self> {
         let current = adopt.and_then(|(pid, t)| {
             let d = Daemon::adopt(pid, t);
             match &d {

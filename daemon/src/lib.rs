@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backends::{Backend, BackendSpec, OpenContext};
-use serve::Served;
 use holdfast_proto::{ErrorReply, Reply, Request};
+use serve::Served;
 
 use crate::fault::Point;
 

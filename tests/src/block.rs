@@ -56,6 +56,27 @@ pub fn fio(scratch: &Scratch, name: &str, args: &[String], timeout: Duration) ->
     report
 }
 
+/// fio job options: random 4 KiB writes over `size` bytes of `dev` at queue
+/// depth 16, then every block read back and verified.
+pub fn fio_verify_args(dev: &Path, size: u64, seed: u64) -> Vec<String> {
+    [
+        format!("--filename={}", dev.display()),
+        "--direct=1".into(),
+        "--ioengine=io_uring".into(),
+        "--iodepth=16".into(),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        format!("--size={size}"),
+        format!("--randseed={seed}"),
+        "--verify=crc32c".into(),
+        "--do_verify=1".into(),
+        "--verify_fatal=1".into(),
+        // fio otherwise leaves local-*-verify.state files in the cwd.
+        "--verify_state_save=0".into(),
+    ]
+    .into()
+}
+
 /// A mounted file system, lazily unmounted when dropped (also when the test
 /// fails), so that a failed test leaves no mount behind.
 pub struct Mounted {
@@ -156,15 +177,24 @@ pub fn check_fio_block(b: &[u8], offset: u64) -> Result<(), String> {
 /// daemon's backing file `img` in `block`-byte blocks, both with O_DIRECT;
 /// every block must be the same in both and be a block fio wrote, intact.
 pub fn check_fio_device(device: &Path, img: &Path, len: u64, block: usize) {
+    check_fio_blocks(device, Some(img), len, block);
+}
+
+/// [`check_fio_device`], with the backing file compared only if there is
+/// one (a `mem` backend has none).
+pub fn check_fio_blocks(device: &Path, img: Option<&Path>, len: u64, block: usize) {
     use std::os::unix::fs::FileExt;
-    let (dev, file) = (open_direct(device), open_direct(img));
+    let (dev, file) = (open_direct(device), img.map(open_direct));
     let chunk = 1 << 20;
     let (mut a, mut b) = (AlignedBuf::new(chunk), AlignedBuf::new(chunk));
     let mut bad = Vec::new();
     let mut at = 0u64;
     while at < len {
         dev.read_exact_at(&mut a, at).unwrap();
-        file.read_exact_at(&mut b, at).unwrap();
+        match &file {
+            Some(f) => f.read_exact_at(&mut b, at).unwrap(),
+            None => b.copy_from_slice(&a),
+        }
         for (i, (x, y)) in a.chunks(block).zip(b.chunks(block)).enumerate() {
             let off = at + (i * block) as u64;
             if x != y {

@@ -13,6 +13,7 @@
 pub mod block;
 pub mod pattern;
 pub mod s3;
+pub mod service;
 
 use std::fs::File;
 use std::io::Read;
@@ -107,12 +108,21 @@ impl Scratch {
     /// Its stderr and stdout go to `log` in the scratch directory.
     pub fn spawn(&self, cmd: &mut Command, log: &str) -> Proc {
         let out = File::create(self.path(log)).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+            .stderr(out);
+        // A binary a test just wrote is busy while another test thread's
+        // fork still holds the writer's descriptor (until its exec).
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+            }
+        };
         self.registry.lock().unwrap().push(child.id());
         Proc {
             child: Some(child),
@@ -247,18 +257,32 @@ pub struct Broker {
 impl Broker {
     /// Starts `holdfast-broker` and waits until its mount and socket are up.
     pub fn start(scratch: &Scratch, opts: BrokerOpts) -> Self {
+        let mut cmd = Command::new(bin("holdfast-broker"));
+        cmd.args(Self::args(scratch, &opts));
+        let proc = scratch.spawn(&mut cmd, "broker.log");
+        Self::started(scratch, &opts, proc)
+    }
+
+    /// The broker's command line for `opts` (without the program).
+    pub fn args(scratch: &Scratch, opts: &BrokerOpts) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--socket".into(),
+            scratch.path("broker.sock").into(),
+            "--mountpoint".into(),
+            scratch.path("mnt").into(),
+        ];
+        for (name, size) in &opts.exports {
+            args.push("--export".into());
+            args.push(format!("{name}={size}").into());
+        }
+        args.extend(opts.extra.iter().map(Into::into));
+        args
+    }
+
+    /// Waits until the broker started as `proc` with `opts` is up.
+    pub fn started(scratch: &Scratch, opts: &BrokerOpts, mut proc: Proc) -> Self {
         let socket = scratch.path("broker.sock");
         let mountpoint = scratch.path("mnt");
-        let mut cmd = Command::new(bin("holdfast-broker"));
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--mountpoint")
-            .arg(&mountpoint);
-        for (name, size) in &opts.exports {
-            cmd.arg("--export").arg(format!("{name}={size}"));
-        }
-        cmd.args(&opts.extra);
-        let mut proc = scratch.spawn(&mut cmd, "broker.log");
         let first = opts.exports.first().map(|(n, _)| n.clone());
         let end = Instant::now() + Duration::from_secs(15);
         loop {

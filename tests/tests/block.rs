@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use holdfast_proto::HandoffOutcome;
-use holdfast_tests::block::{Mounted, check_fio_device, fio, fio_crc32c, require_tool};
+use holdfast_tests::block::{
+    Mounted, check_fio_device, fio, fio_crc32c, fio_verify_args, require_tool,
+};
 use holdfast_tests::{
     AlignedBuf, Broker, BrokerOpts, Proc, Rng, Scratch, handoff_report, open_direct, read_text,
     seed,
@@ -188,27 +190,6 @@ fn block_device_round_trip_discard_and_export_add_rm() {
 /// Starts a daemon for vol0 on the file `img`.
 fn daemon(broker: &Broker, scratch: &Scratch, img: &Path) -> Proc {
     broker.daemon(scratch, "vol0", &format!("file:{}", img.display()), &[])
-}
-
-/// fio job options: random 4 KiB writes over `size` bytes of `dev` at queue
-/// depth 16, then every block read back and verified.
-fn fio_verify_args(dev: &Path, size: u64, seed: u64) -> Vec<String> {
-    [
-        format!("--filename={}", dev.display()),
-        "--direct=1".into(),
-        "--ioengine=io_uring".into(),
-        "--iodepth=16".into(),
-        "--rw=randwrite".into(),
-        "--bs=4k".into(),
-        format!("--size={size}"),
-        format!("--randseed={seed}"),
-        "--verify=crc32c".into(),
-        "--do_verify=1".into(),
-        "--verify_fatal=1".into(),
-        // fio otherwise leaves local-*-verify.state files in the cwd.
-        "--verify_state_save=0".into(),
-    ]
-    .into()
 }
 
 /// Runs fio write+verify passes over vol0's block device until `replace`

@@ -185,9 +185,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
             );
         }
         ["status"] if !fail_pending && !handoff_flags => Command::Status { json },
-        ["broker", "upgrade"] if !fail_pending && !handoff_flags => {
-            Command::BrokerUpgrade { json }
-        }
+        ["broker", "upgrade"] if !fail_pending && !handoff_flags => Command::BrokerUpgrade { json },
         ["broker", ..] => return Err("usage: broker upgrade [--json]".into()),
         ["restore", export] if !json && !handoff_flags => Command::Restore {
             export: (*export).to_owned(),
@@ -628,21 +626,19 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
                 other => return Err(format!("unexpected reply {other:?}")),
             }
         }
-        Command::BrokerUpgrade { json: as_json } => {
-            match call(&sock, &Request::BrokerUpgrade)? {
-                Reply::BrokerUpgraded(r) if as_json => println!("{}", upgrade_json(&r)),
-                Reply::BrokerUpgraded(r) => {
-                    println!("{}", upgrade_line(&r));
-                    if !r.missing.is_empty() {
-                        return Err(format!(
-                            "no daemon came back for {} (holdfastctl status)",
-                            r.missing.join(", ")
-                        ));
-                    }
+        Command::BrokerUpgrade { json: as_json } => match call(&sock, &Request::BrokerUpgrade)? {
+            Reply::BrokerUpgraded(r) if as_json => println!("{}", upgrade_json(&r)),
+            Reply::BrokerUpgraded(r) => {
+                println!("{}", upgrade_line(&r));
+                if !r.missing.is_empty() {
+                    return Err(format!(
+                        "no daemon came back for {} (holdfastctl status)",
+                        r.missing.join(", ")
+                    ));
                 }
-                other => return Err(format!("unexpected reply {other:?}")),
             }
-        }
+            other => return Err(format!("unexpected reply {other:?}")),
+        },
         Command::Handoff { req, exec, json } => {
             if !handoff(&sock, socket, req, exec.as_deref(), json)? {
                 return Err("the handoff was aborted; the current daemon keeps serving".into());

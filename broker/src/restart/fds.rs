@@ -32,7 +32,13 @@ impl Inherited {
         let (pid, count, names) = (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"));
         // SAFETY: called at start-up, before the broker starts any thread.
         unsafe {
-            for v in [FDS_ENV, "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID"] {
+            for v in [
+                FDS_ENV,
+                "LISTEN_FDS",
+                "LISTEN_PID",
+                "LISTEN_FDNAMES",
+                "LISTEN_PIDFDID",
+            ] {
                 std::env::remove_var(v);
             }
         }
@@ -104,7 +110,9 @@ fn parse_exec_list(v: &str) -> Result<Vec<(String, RawFd)>, String> {
     let bad = |what: &str| format!("{FDS_ENV}={v:?}: {what}");
     let mut out: Vec<(String, RawFd)> = Vec::new();
     for item in v.split(',').filter(|s| !s.is_empty()) {
-        let (name, fd) = item.split_once('=').ok_or_else(|| bad("expected NAME=FD"))?;
+        let (name, fd) = item
+            .split_once('=')
+            .ok_or_else(|| bad("expected NAME=FD"))?;
         let fd: RawFd = fd
             .parse()
             .ok()
@@ -175,11 +183,7 @@ mod tests {
         let p = |pid, count, names| parse_listen(7, Some(pid), Some(count), names);
         assert_eq!(
             p("7", "3", Some("a:b:cachefiles")).unwrap(),
-            vec![
-                ("a".into(), 3),
-                ("b".into(), 4),
-                ("cachefiles".into(), 5)
-            ]
+            vec![("a".into(), 3), ("b".into(), 4), ("cachefiles".into(), 5)]
         );
         assert_eq!(p("8", "1", Some("a")).unwrap(), vec![], "another pid's");
         assert_eq!(

@@ -107,7 +107,10 @@ impl Custody {
         if let Some(n) = &self.systemd
             && let Err(e) = n.send(msg, None)
         {
-            warn!("sd_notify {:?}: {e}", msg.lines().next().unwrap_or_default());
+            warn!(
+                "sd_notify {:?}: {e}",
+                msg.lines().next().unwrap_or_default()
+            );
         }
     }
 

@@ -119,7 +119,8 @@ impl Broker {
                 warn!("supervise {:?}: cannot restart its thread: {e}", s.cmd());
             }
         }
-        self.custody.notify("READY=1\nSTATUS=upgrade failed; serving on\n");
+        self.custody
+            .notify("READY=1\nSTATUS=upgrade failed; serving on\n");
         why
     }
 
@@ -127,8 +128,8 @@ impl Broker {
     fn cannot_upgrade(&self) -> Option<String> {
         self.exports().iter().find_map(|e| {
             e.handoff_running().or_else(|| {
-                let fuse = self.ublk_id(&e.name).is_none()
-                    && e.kind == holdfast_proto::ExportKind::Volume;
+                let fuse =
+                    self.ublk_id(&e.name).is_none() && e.kind == holdfast_proto::ExportKind::Volume;
                 fuse.then(|| self.frontend.cannot_keep(&e.name)).flatten()
             })
         })

@@ -117,9 +117,9 @@ impl Pidfd {
                 _ => "exited".into(),
             }),
             Ok(None) => None,
-            Err(rustix::io::Errno::CHILD) => {
-                self.is_gone().then(|| "exited (not this broker's child)".into())
-            }
+            Err(rustix::io::Errno::CHILD) => self
+                .is_gone()
+                .then(|| "exited (not this broker's child)".into()),
             Err(e) => Some(format!("wait failed: {e}")),
         }
     }

@@ -35,9 +35,8 @@ use fuse_abi::linux::{
     FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_DIRECT_IO, FOPEN_NOFLUSH,
     FOPEN_PARALLEL_DIRECT_WRITES, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES,
     FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_HAS_RESEND, FUSE_INIT_EXT, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES,
-    FUSE_ROOT_ID, FUSE_UNIQUE_RESEND,
-    fuse_attr, fuse_attr_out, fuse_init_out, fuse_kstatfs, fuse_open_out, fuse_out_header,
-    fuse_statfs_out, fuse_write_out,
+    FUSE_ROOT_ID, FUSE_UNIQUE_RESEND, fuse_attr, fuse_attr_out, fuse_init_out, fuse_kstatfs,
+    fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
 };
 use holdfast_proto::shm::Op;
 use parking_lot::Mutex;
@@ -575,8 +574,13 @@ impl<T: Target> Fs<T> {
             chan.error(h.unique, libc::EIO);
             return;
         }
-        if h.unique & FUSE_UNIQUE_RESEND as u64 != 0 {
-            self.conn.resent.fetch_add(1, Ordering::Relaxed);
+        if h.unique & FUSE_UNIQUE_RESEND as u64 != 0
+            && self.conn.resent.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            info!(
+                "{}: the kernel re-sends the requests the previous broker held",
+                self.export.name()
+            );
         }
         let body_len = n.saturating_sub(HEAD_LEN);
         if h.opcode == fuse_abi::linux::fuse_opcode::FUSE_WRITE as u32 {

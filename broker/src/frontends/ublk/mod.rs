@@ -114,9 +114,7 @@ impl UblkDevice {
             return Self::start(export, record);
         };
         let recorded: Option<u32> = text.trim().parse().ok();
-        let exists = recorded.map(|id| {
-            Control::open().and_then(|mut c| c.info(id)).map(drop)
-        });
+        let exists = recorded.map(|id| Control::open().and_then(|mut c| c.info(id)).map(drop));
         match (recorded, exists) {
             (Some(id), Some(Ok(()))) => Self::recover(export, id, record),
             (Some(id), Some(Err(e))) if e.raw_os_error() == Some(libc::ENODEV) => {
