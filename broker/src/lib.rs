@@ -393,8 +393,18 @@ impl Broker {
                 Err(e) => warn!("{e}"),
             }
         }
-        for spec in cfg.exports.iter().filter(|s| !done.contains(&s.name)) {
-            self.create(spec, None)?;
+        for spec in &cfg.exports {
+            if !done.contains(&spec.name) {
+                self.create(spec, None)?;
+            } else if self.find(&spec.name).is_ok_and(|e| e.size != spec.size) {
+                warn!(
+                    "export {}: kept at the size it had ({} bytes); --export asks for {} \
+                     (an export's size never changes under its users)",
+                    spec.name,
+                    self.find(&spec.name).map_or(0, |e| e.size),
+                    spec.size
+                );
+            }
         }
         if let Some(spec) = &cfg.cachefiles {
             let prior = cache_prior.filter(|(rec, _)| rec.name == spec.tag);

@@ -6,8 +6,9 @@
 #  2. The same from a cold cache while the daemon (delaying each READ) is
 #     SIGKILLed 50 times, each kill with reads in flight; no read fails.
 #     Then a cold pass across 5 planned handoffs.
-#  3. The broker's own restart: SIGUSR2 re-executes it with /dev/cachefiles
-#     inherited while a read waits in it; `restore` makes the kernel re-send.
+#  3. The broker's own upgrade: `holdfastctl broker upgrade` re-executes it
+#     with /dev/cachefiles inherited while a read waits in it; `restore`
+#     makes the kernel re-send, and the same daemon attaches again.
 # Each pass uses a new blob name (a hard link): a new cache cookie, so the
 # reads reach the daemon instead of the cache file.
 set -eu
@@ -143,8 +144,9 @@ reader=
 daemon=$($B/holdfastctl status | awk '$1 == "images" { print $5 }')
 echo "erofs reads across 5 handoffs: every file correct"
 
-# 3. The broker's re-exec with /dev/cachefiles inherited. The daemon is
-# stopped so that a read waits in the broker across the exec.
+# 3. The broker's upgrade with /dev/cachefiles inherited. The daemon is
+# stopped so that a read waits in the broker across the exec; it goes on
+# once the upgrade runs, and attaches to the new broker by itself.
 ln -f $W/blobs/img $W/blobs/reexec
 mkdir -p $W/m-reexec
 mount -t erofs none -o fsid=reexec $W/m-reexec
@@ -152,18 +154,21 @@ kill -STOP $daemon
 (cd $W/m-reexec && md5sum -c --quiet $W/sums) > $W/check-reexec.log 2>&1 &
 reader=$!
 wait_for 30 sh -c "[ \"\$($B/holdfastctl status --json | grep -o '\"inflight\":[0-9]*' | head -1 | cut -d: -f2)\" -gt 0 ]"
-kill -USR2 $broker
+$B/holdfastctl broker upgrade > $W/upgrade.log 2>&1 &
+upgrade=$!
 wait_for 30 grep -q "took over the cache" $W/broker.log || { echo "the broker did not re-execute"; exit 1; }
-kill -9 $daemon; kill -CONT $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true
+kill -CONT $daemon
+if ! wait $upgrade; then cat $W/upgrade.log; echo "holdfastctl broker upgrade: FAILED"; exit 1; fi
+cat $W/upgrade.log
 kill -0 $broker || { echo "the broker's pid is gone after the re-exec"; exit 1; }
-wait_for 30 test -S $W/s.sock
-start_daemon
-if ! wait $reader; then cat $W/check-reexec.log; echo "reads across the broker's re-exec: FAILED"; exit 1; fi
+if ! wait $reader; then cat $W/check-reexec.log; echo "reads across the broker's upgrade: FAILED"; exit 1; fi
 reader=
 umount $W/m-reexec
-grep -E "SIGUSR2|took over" $W/broker.log
+[ "$($B/holdfastctl status | awk '$1 == "images" { print $5 }')" = "$daemon" ] ||
+    { $B/holdfastctl status; echo "the daemon was restarted"; exit 1; }
+grep -E "upgrading|took over" $W/broker.log
 $B/holdfastctl status
-echo "erofs reads across the broker's re-exec: every file correct"
+echo "erofs reads across the broker's upgrade: every file correct, the same daemon"
 
 kill $daemon; wait $daemon 2>/dev/null || true
 daemon=

@@ -3,8 +3,10 @@
 # served through a ublk device: a data round trip with O_DIRECT (requests
 # larger than a tag's buffer are split by the kernel), fio's verify across
 # 20 daemon kills and across 10 handoffs, the device compared with the
-# daemon's backing file, and a blocked reader across the broker's own
-# SIGKILL and `holdfast-broker --recover`.
+# daemon's backing file, a blocked reader across the broker's own SIGKILL
+# and restart (no flag: the next broker finds the device's record), fio's
+# verify across 5 broker upgrades (`holdfastctl broker upgrade`, the daemon
+# never restarted), and a stale device record removed.
 set -eu
 cd "$HOLDFAST_REPO"
 B=$HOLDFAST_REPO/target/debug
@@ -100,9 +102,10 @@ cmp $dev $W/vol0.img
 echo "device and backing file: identical"
 
 # The broker's own restart. Stop the daemon so that a reader's requests
-# wait in the broker, SIGKILL the broker (and the daemon), start
-# `holdfast-broker --recover` and a new daemon: the kernel re-issues the
-# reader's requests to the new broker and the reader finishes.
+# wait in the broker, SIGKILL the broker (and the daemon), start a broker
+# with the same options (it takes the device over from its record) and a
+# new daemon: the kernel re-issues the reader's requests to the new broker
+# and the reader finishes.
 daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')
 kill -STOP "$daemon"
 dd if=$dev of=$W/rb bs=1M count=8 iflag=direct status=none &
@@ -113,8 +116,7 @@ kill -9 $broker
 kill -9 "$daemon"
 kill -CONT "$daemon" 2>/dev/null || true
 wait $broker 2>/dev/null || true
-rm -f $W/s.sock
-$B/holdfast-broker --recover --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk > $W/broker2.log 2>&1 &
+$B/holdfast-broker --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk > $W/broker2.log 2>&1 &
 broker=$!
 wait_for 30 test -S $W/s.sock
 start_daemon
@@ -124,7 +126,33 @@ fi
 head -c 8M $W/vol0.img | cmp - $W/rb
 $B/holdfastctl status
 grep -E "recovered" $W/broker2.log
-echo "reader across the broker's restart (--recover): ok"
+echo "reader across the broker's SIGKILL and restart: ok"
+
+# Upgrades in place under fio: the device is recovered by the new broker
+# in the same process, and the daemon attaches to it again by itself.
+daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')
+fio_verify upgrades &
+fio=$!
+i=0
+while [ $i -lt 5 ]; do
+    sleep 1
+    $B/holdfastctl broker upgrade > $W/upgrade.log 2>&1 || { cat $W/upgrade.log; echo "upgrade $i: FAILED"; exit 1; }
+    cat $W/upgrade.log
+    i=$((i + 1))
+done
+if ! wait $fio; then cat $W/fio-upgrades.log; echo "fio across broker upgrades: FAILED"; exit 1; fi
+[ "$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')" = "$daemon" ] ||
+    { $B/holdfastctl status; echo "the daemon was restarted"; exit 1; }
+kill -0 $broker
+cmp $dev $W/vol0.img
+echo "fio across 5 broker upgrades, the same daemon: ok"
+
+# A record of a device that is gone is removed, with a line in the log.
+echo 57 > $W/ublk-vol9.id
+$B/holdfastctl export add vol9 16MiB --frontend ublk
+grep "ublk device 57 of .* is gone; removed the stale record" $W/broker2.log
+$B/holdfastctl export rm vol9
+echo "stale ublk record: removed"
 
 # An export added and removed at run time.
 $B/holdfastctl export add vol1 16MiB --frontend ublk

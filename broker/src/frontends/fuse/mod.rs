@@ -239,18 +239,7 @@ impl FuseFrontend {
     pub fn cannot_keep(&self, name: &str) -> Option<String> {
         let mounts = self.mounts.lock();
         let m = mounts.iter().find(|m| m.name == name)?;
-        match m.conn.init.get() {
-            None => Some(format!(
-                "export {name}: the kernel has not initialised its FUSE connection yet; try again"
-            )),
-            Some(i) if !i.can_resend() => Some(format!(
-                "export {name}: this kernel's FUSE (protocol 7.{}) cannot re-send requests \
-                 (FUSE_NOTIFY_RESEND, Linux 6.9 and later), so the requests this broker holds \
-                 would never be answered; upgrade the kernel first",
-                i.minor
-            )),
-            Some(_) => None,
-        }
+        cannot_keep(name, m.conn.init.get())
     }
 
     /// Re-sent requests delivered since this broker took the connections
@@ -845,6 +834,22 @@ impl<T: Target> Fs<T> {
     }
 }
 
+/// Why a connection whose INIT said `init` cannot outlive the broker.
+fn cannot_keep(name: &str, init: Option<&Init>) -> Option<String> {
+    match init {
+        None => Some(format!(
+            "export {name}: the kernel has not initialised its FUSE connection yet; try again"
+        )),
+        Some(i) if !i.can_resend() => Some(format!(
+            "export {name}: this kernel's FUSE (protocol 7.{}) cannot re-send requests \
+             (FUSE_NOTIFY_RESEND, Linux 6.9 and later), so the requests this broker holds \
+             would never be answered; upgrade the kernel first",
+            i.minor
+        )),
+        Some(_) => None,
+    }
+}
+
 /// Maps a FALLOCATE to an op and a length within the export. Ranges past the
 /// end are clipped when the size is kept, refused when it would grow.
 fn fallocate_op(mode: u32, offset: u64, length: u64, size: u64) -> Result<(Op, u64), i32> {
@@ -864,6 +869,26 @@ fn fallocate_op(mode: u32, offset: u64, length: u64, size: u64) -> Result<(Op, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_kept_only_where_the_kernel_re_sends() {
+        // Linux 6.9+ (7.40+) offers FUSE_HAS_RESEND in INIT's flags2.
+        let new = Init {
+            minor: 45,
+            flags: FUSE_HAS_RESEND | u64::from(FUSE_ASYNC_READ),
+        };
+        assert!(new.can_resend());
+        assert_eq!(cannot_keep("vol0", Some(&new)), None);
+        // Linux 6.8 (7.39) has no FUSE_NOTIFY_RESEND: refused, saying why.
+        let old = Init {
+            minor: 39,
+            flags: u64::from(FUSE_ASYNC_READ),
+        };
+        let why = cannot_keep("vol0", Some(&old)).unwrap();
+        assert!(why.contains("7.39") && why.contains("Linux 6.9"), "{why}");
+        let why = cannot_keep("vol0", None).unwrap();
+        assert!(why.contains("not initialised"), "{why}");
+    }
 
     #[test]
     fn fallocate_modes() {
