@@ -62,10 +62,10 @@ ctl status
 dev=$(ctl status | awk '$1 == "vol1" { print $4 }')
 d0=$(daemon_pid vol0); d1=$(daemon_pid vol1)
 
-$B/hf-verify --file /run/holdfast/mnt/vol0 --seconds 900 --threads 2 --seed 7 \
+$B/hf-verify --file /run/holdfast/mnt/vol0 --seconds 900 --threads 1 --seed 7 \
     --state $W/gens > $W/verify.log 2>&1 &
 writer=$!
-fio --name=kills --filename=$dev --direct=1 --ioengine=io_uring --iodepth=8 \
+fio --name=kills --filename=$dev --direct=1 --ioengine=io_uring --iodepth=4 \
     --rw=randwrite --bs=4k --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
     --verify_state_save=0 --output=$W/fio.log > /dev/null 2>&1 &
 fio=$!

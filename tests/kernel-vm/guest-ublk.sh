@@ -57,7 +57,7 @@ echo "round trip: ok"
 fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
     fio --name=$1 --filename=$dev --direct=1 --ioengine=io_uring --iodepth=8 \
         --rw=randwrite --bs=4k --size=32M --verify=crc32c --do_verify=1 \
-        --verify_fatal=1 --output=$W/fio-$1.log > /dev/null 2>&1
+        --verify_fatal=1 --verify_state_save=0 --output=$W/fio-$1.log > /dev/null 2>&1
 }
 
 # Daemon kills under fio. Each kill waits until the daemon has attached:
@@ -147,10 +147,13 @@ kill -0 $broker
 cmp $dev $W/vol0.img
 echo "fio across 5 broker upgrades, the same daemon: ok"
 
-# A record of a device that is gone is removed, with a line in the log.
+# A record of a device that is gone is removed, with a line in the log,
+# and a new device is made.
 echo 57 > $W/ublk-vol9.id
 $B/holdfastctl export add vol9 16MiB --frontend ublk
 grep "ublk device 57 of .* is gone; removed the stale record" $W/broker2.log
+$B/holdfast-daemon --export vol9 --backend file:$W/vol9.img >> $W/daemon.log 2>&1 &
+wait_for 60 sh -c "$B/holdfastctl status | grep -q '^vol9 .* active'"
 $B/holdfastctl export rm vol9
 echo "stale ublk record: removed"
 

@@ -59,7 +59,7 @@ fn cachefiles_usage_errors_and_a_kernel_without_it() {
 }
 
 #[test]
-fn wrong_backend_kind_and_refused_reexec() {
+fn wrong_backend_kind_and_sigusr2_upgrade() {
     let scratch = Scratch::new("cf-kind", Duration::from_secs(30));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
 
@@ -80,10 +80,11 @@ fn wrong_backend_kind_and_refused_reexec() {
     let out = broker.daemon_cmd("vol0", "dir:", &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 
-    // SIGUSR2 re-executes only a broker whose devices survive it.
+    // SIGUSR2 upgrades the broker in place: the same process serves on,
+    // with its FUSE export kept.
     broker.proc.signal(libc::SIGUSR2);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !broker.proc.log_text().contains("re-exec refused") {
+    while broker.proc.log_text().matches("ready: socket").count() < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
@@ -91,6 +92,12 @@ fn wrong_backend_kind_and_refused_reexec() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(
+        broker
+            .proc
+            .log_text()
+            .contains("took over its FUSE connection")
+    );
     let out = broker.ctl(&["status"]);
     assert!(out.status.success(), "the broker stopped serving: {out:?}");
 }

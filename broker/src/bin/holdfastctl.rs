@@ -47,7 +47,7 @@ Commands:
                                 mount, block device and daemon; what the old
                                 broker held is re-sent by the kernel. Waits
                                 and prints the old and new broker, the time
-                                without dispatch and the requests re-sent
+                                without dispatch and the FUSE requests re-sent
 
 Handoff options:
   --dry-run             warm a successor up, then release it; the current
@@ -363,7 +363,7 @@ fn report_line(r: &HandoffReport) -> String {
 
 fn upgrade_line(r: &UpgradeReport) -> String {
     format!(
-        "broker upgraded: pid {} ({}) -> pid {} ({}); {} without dispatch, {} requests re-sent, \
+        "broker upgraded: pid {} ({}) -> pid {} ({}); {} without dispatch, {} FUSE requests re-sent, \
          {} daemons attached again{}",
         r.old_pid,
         r.old_version,

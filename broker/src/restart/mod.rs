@@ -17,12 +17,14 @@
 //! Daemons reconnect by themselves. kmod-notes/broker-restart.md has the
 //! whole story.
 
+mod adopt;
 pub mod fds;
 pub mod lock;
 pub mod record;
 pub mod systemd;
 mod upgrade;
 
+pub(crate) use adopt::Prior;
 pub use upgrade::UpgradeRequest;
 
 /// The record a previous broker left: the one a re-executing broker passed

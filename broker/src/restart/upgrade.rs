@@ -84,11 +84,9 @@ impl Broker {
             monotonic_ns() / 1000
         ));
         // The supervised daemons stay: the new broker supervises them.
-        let supervisors = std::mem::take(&mut *self.supervisors.lock());
-        for s in &supervisors {
+        for s in self.supervisors.lock().iter() {
             s.suspend();
         }
-        *self.supervisors.lock() = supervisors;
         let (mut record, mut fds) = self.record(self.custody.seq().saturating_add(1));
         record.upgrade = Some(UpgradeRecord {
             old_pid: std::process::id(),
@@ -148,7 +146,7 @@ impl Broker {
             .spawn(move || {
                 let report = broker.upgrade_report(&upgrade);
                 info!(
-                    "upgraded from pid {} ({}): {:.3} ms without dispatch, {} requests re-sent, \
+                    "upgraded from pid {} ({}): {:.3} ms without dispatch, {} FUSE requests re-sent, \
                      {} daemons back{}",
                     report.old_pid,
                     report.old_version,

@@ -11,6 +11,10 @@
 //! * crash restore: the time from SIGKILL until the last write that was
 //!   in flight at the kill has completed (replayed by the next daemon),
 //!   with the new daemon's start-up (spawn to restored) shown apart;
+//! * broker upgrade (`holdfastctl broker upgrade`): the largest write
+//!   latency of any write that overlapped the command, and the broker's
+//!   own figure for the time without dispatch (exec to every daemon
+//!   attached again);
 //! * steady state: write latency outside those windows, for scale.
 //!
 //! Run as root from a release build:
@@ -32,11 +36,12 @@ use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Rng, Scratch, bin, open_dir
 use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions};
 
 const USAGE: &str = "\
-hf-bench-failover: the cost of a planned handoff and of a crash restore.
+hf-bench-failover: the cost of a planned handoff, a crash restore and a
+broker upgrade.
 
 Usage: hf-bench-failover [--rounds N] [--threads N] [--out PATH]
 
-  --rounds N    handoffs and crashes per backend [default: 20]
+  --rounds N    handoffs, crashes and broker upgrades per backend [default: 20]
   --threads N   writer threads [default: 4]
   --out PATH    JSON results [default: bench-failover.json]
 
@@ -126,6 +131,8 @@ struct Figures {
     crash_to_io_us: Vec<u64>,
     crash_windows: Vec<(u64, u64)>,
     startup_us: Vec<u64>,
+    upgrade_windows: Vec<(u64, u64)>,
+    upgrade_stall_us: Vec<u64>,
 }
 
 fn percentile(v: &mut [u64], p: f64) -> u64 {
@@ -253,6 +260,23 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
             .push((ns(base, t0), ns(base, active) + 1_000_000_000));
         std::thread::sleep(Duration::from_millis(300));
     }
+    // Broker upgrades in place: the same daemon attaches again.
+    drop(ctl);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        let out = Command::new(bin("holdfastctl"))
+            .args(["--socket", broker.socket.to_str().unwrap()])
+            .args(["broker", "upgrade", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "upgrade failed: {out:?}");
+        fig.upgrade_windows
+            .push((ns(base, t0), ns(base, Instant::now())));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        fig.upgrade_stall_us
+            .push(report["stall_us"].as_u64().unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let ops = load.finish();
     // The writes a crash caught (in flight at the SIGKILL) complete once
     // the next daemon has replayed them: the last of them says how long
@@ -274,6 +298,7 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
         .iter()
         .chain(&fig.dry_windows)
         .chain(&fig.crash_windows)
+        .chain(&fig.upgrade_windows)
         .copied()
         .collect();
     let mut steady: Vec<u64> = ops
@@ -289,6 +314,7 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
     };
     let mut worst = worst_in(&fig.windows);
     let mut worst_dry = worst_in(&fig.dry_windows);
+    let mut worst_upgrade = worst_in(&fig.upgrade_windows);
     let p = |v: &mut Vec<u64>| {
         serde_json::json!({
             "p50": percentile(v, 0.5),
@@ -311,6 +337,8 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
         "handoff_broker_stall_us": p(&mut fig.stall_us),
         "crash_kill_to_caught_writes_done_us": p(&mut fig.crash_to_io_us),
         "crash_daemon_startup_us": p(&mut fig.startup_us),
+        "upgrade_worst_write_us": p(&mut worst_upgrade),
+        "upgrade_broker_stall_us": p(&mut fig.upgrade_stall_us),
     })
 }
 
@@ -347,13 +375,13 @@ fn main() {
         .map(|b| run_backend(b, rounds, threads))
         .collect();
     let mut md = String::from(
-        "| backend | steady write p50 / p99 | handoff: worst write | dry run: worst write | handoff: command to old daemon's exit | handoff: broker stall | crash: SIGKILL to caught writes done | crash: daemon start-up |\n|---|---|---|---|---|---|---|---|\n",
+        "| backend | steady write p50 / p99 | handoff: worst write | dry run: worst write | handoff: command to old daemon's exit | handoff: broker stall | crash: SIGKILL to caught writes done | crash: daemon start-up | broker upgrade: worst write | broker upgrade: without dispatch |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &results {
         let s = &r["steady_write_us"];
         let _ = writeln!(
             md,
-            "| {} | {:.2} / {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.2} / {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["backend"].as_str().unwrap(),
             s["p50"].as_u64().unwrap() as f64 / 1000.0,
             s["p99"].as_u64().unwrap() as f64 / 1000.0,
@@ -363,6 +391,8 @@ fn main() {
             ms(&r["handoff_broker_stall_us"]),
             ms(&r["crash_kill_to_caught_writes_done_us"]),
             ms(&r["crash_daemon_startup_us"]),
+            ms(&r["upgrade_worst_write_us"]),
+            ms(&r["upgrade_broker_stall_us"]),
         );
     }
     md.push_str("\nAll figures in ms; pairs are median / max over the rounds.\n");
