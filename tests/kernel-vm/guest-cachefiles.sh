@@ -11,10 +11,7 @@
 #     makes the kernel re-send, and the same daemon attaches again.
 # Each pass uses a new blob name (a hard link): a new cache cookie, so the
 # reads reach the daemon instead of the cache file.
-set -eu
-cd "$HOLDFAST_REPO"
-B=$HOLDFAST_REPO/target/debug
-W=/tmp/hf
+. "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 mkdir -p $W/cache $W/blobs $W/tree
 echo "kernel $(uname -r)"
 
@@ -43,7 +40,9 @@ broker=$!
 daemon=
 reader=
 cleanup() {
-    set +e
+    rc=$?
+    set +ex
+    guest_failed $rc
     [ -n "$reader" ] && kill "$reader" 2>/dev/null
     [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
     for m in $W/m*; do umount -l "$m" 2>/dev/null; done
@@ -58,13 +57,6 @@ trap cleanup EXIT
 start_daemon() { # start_daemon [DAEMON OPTIONS]
     RUST_BACKTRACE=1 $B/holdfast-daemon --export images --backend dir:$W/blobs "$@" >> $W/daemon.log 2>&1 &
     daemon=$!
-}
-wait_for() { # wait_for SECONDS TEST...
-    n=$(($1 * 10)); shift
-    while ! "$@"; do
-        n=$((n - 1)); [ $n -gt 0 ] || { echo "timed out waiting for: $*"; return 1; }
-        sleep 0.1
-    done
 }
 field() { # field NAME: a number from the status of export images
     $B/holdfastctl status --json | grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2

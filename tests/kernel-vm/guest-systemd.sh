@@ -7,11 +7,7 @@
 # pid 20 times (systemd starts the broker again from its fd store) and
 # `systemctl reload` 3 times (an upgrade in place): no writer sees an error,
 # no block loses its last acknowledged write, and journalctl shows it all.
-set -eu
-cd "$HOLDFAST_REPO"
-B=$HOLDFAST_REPO/target/debug
-W=/tmp/hf
-mkdir -p $W
+. "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 echo "kernel $(uname -r), $(systemctl --version | head -1)"
 
 cp deploy/systemd/holdfast.service /run/systemd/system/
@@ -28,7 +24,9 @@ EOF
 systemctl daemon-reload
 ctl() { $B/holdfastctl "$@"; }
 cleanup() {
-    set +e
+    rc=$?
+    set +ex
+    guest_failed $rc
     [ -n "${writer:-}" ] && kill "$writer" 2>/dev/null
     systemctl stop holdfast
     echo "--- systemctl status"; systemctl status holdfast --no-pager -n 0
@@ -36,13 +34,7 @@ cleanup() {
     true
 }
 trap cleanup EXIT
-wait_for() { # wait_for SECONDS TEST...
-    n=$(($1 * 10)); shift
-    while ! "$@"; do
-        n=$((n - 1)); [ $n -gt 0 ] || { echo "timed out waiting for: $*"; ctl status; return 1; }
-        sleep 0.1
-    done
-}
+diagnose() { ctl status; }
 main_pid() { systemctl show -p MainPID --value holdfast; }
 # Both exports served by an active daemon, with epochs above $1 and $2.
 served() {

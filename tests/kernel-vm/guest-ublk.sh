@@ -7,11 +7,7 @@
 # and restart (no flag: the next broker finds the device's record), fio's
 # verify across 5 broker upgrades (`holdfastctl broker upgrade`, the daemon
 # never restarted), and a stale device record removed.
-set -eu
-cd "$HOLDFAST_REPO"
-B=$HOLDFAST_REPO/target/debug
-W=/tmp/hf
-mkdir -p $W
+. "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 echo "kernel $(uname -r)"
 $B/hf-ublk-probe features
 $B/hf-ublk-probe add-del
@@ -21,6 +17,9 @@ $B/holdfast-broker --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ub
 broker=$!
 daemon=
 cleanup() {
+    rc=$?
+    set +x
+    guest_failed $rc
     [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
     kill "$broker" 2>/dev/null
     sleep 1
@@ -33,13 +32,7 @@ start_daemon() {
     $B/holdfast-daemon --export vol0 --backend file:$W/vol0.img >> $W/daemon.log 2>&1 &
     daemon=$!
 }
-wait_for() { # wait_for SECONDS TEST...
-    n=$(($1 * 10)); shift
-    while ! "$@"; do
-        n=$((n - 1)); [ $n -gt 0 ] || { echo "timed out waiting for: $*"; cat $W/broker.log; return 1; }
-        sleep 0.1
-    done
-}
+diagnose() { cat $W/broker.log; }
 wait_for 30 test -S $W/s.sock
 start_daemon
 wait_for 60 test -b /dev/ublkb0
