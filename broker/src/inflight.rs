@@ -315,6 +315,33 @@ impl Inflight {
         Some(())
     }
 
+    /// Removes the queued [`Priority::First`] requests: OPENs sent again to
+    /// a daemon that was lost before it answered them. The next daemon is
+    /// sent the current set afresh; kept, a stale copy would pile up with
+    /// every loss (and go out before the reads that wait). They answer
+    /// nothing in the kernel, so they are dropped unanswered.
+    pub fn drop_queued_first(&mut self) -> usize {
+        let stale: Vec<u64> = self
+            .queued
+            .iter()
+            .take_while(|(p, _)| *p == Priority::First)
+            .map(|(_, seq)| *seq)
+            .collect();
+        for seq in &stale {
+            self.queued.remove(&(Priority::First, *seq));
+            let Some(req) = self.requests.remove(seq) else {
+                continue;
+            };
+            if let Some(h) = &req.heap {
+                self.heap_bytes = self.heap_bytes.saturating_sub(h.len());
+            }
+            if let Some(slot) = req.slot {
+                self.release(slot);
+            }
+        }
+        stale.len()
+    }
+
     /// Validates a completion from the daemon of `epoch` and removes its
     /// request. A rejected completion changes nothing.
     pub fn complete(&mut self, epoch: u64, c: &Completion) -> Result<Done, Rejected> {
@@ -668,8 +695,9 @@ mod tests {
     }
 
     /// A blob export's OPENs sent again to a new daemon go before the
-    /// replays (and stay first if that daemon is lost too); an OPEN's
-    /// completion reports 0, and its name survives a stolen slot.
+    /// replays (a lost daemon's are dropped, for the next daemon's fresh
+    /// set); an OPEN's completion reports 0, and its name survives a stolen
+    /// slot.
     #[test]
     fn first_priority_opens_go_before_replays() {
         let mut t = Inflight::new(2);
@@ -703,8 +731,18 @@ mod tests {
             t.complete(2, &done(&o, 3)).is_err(),
             "an OPEN moves no bytes"
         );
-        // Lost again: the OPEN is still first.
+        // Lost again: the stale OPEN is dropped (with its slot) and the
+        // fresh one sent to the next daemon goes first; only one of each.
         assert_eq!(t.reclaim(2), 1);
+        assert_eq!(t.drop_queued_first(), 1);
+        assert_eq!(t.queued(), 1, "the read waits");
+        assert_eq!(t.take_slot().map(|s| t.release(s)), Some(()));
+        t.submit_ask(
+            open,
+            Priority::First,
+            origin(6),
+            Data::Heap(b"img".to_vec().into()),
+        );
         let o = t.next_dispatch(3, now, no_heap).unwrap();
         assert_eq!(o.entry.op, Op::Open as u8);
         let r = t.next_dispatch(3, now, no_heap).unwrap();

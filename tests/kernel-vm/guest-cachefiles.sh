@@ -42,7 +42,7 @@ reader=
 cleanup() {
     rc=$?
     set +ex
-    guest_failed $rc
+    guest_end $rc
     [ -n "$reader" ] && kill "$reader" 2>/dev/null
     [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
     for m in $W/m*; do umount -l "$m" 2>/dev/null; done

@@ -26,7 +26,7 @@ ctl() { $B/holdfastctl "$@"; }
 cleanup() {
     rc=$?
     set +ex
-    guest_failed $rc
+    guest_end $rc
     [ -n "${writer:-}" ] && kill "$writer" 2>/dev/null
     systemctl stop holdfast
     echo "--- systemctl status"; systemctl status holdfast --no-pager -n 0

@@ -19,7 +19,7 @@ daemon=
 cleanup() {
     rc=$?
     set +x
-    guest_failed $rc
+    guest_end $rc
     [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
     kill "$broker" 2>/dev/null
     sleep 1

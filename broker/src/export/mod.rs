@@ -257,8 +257,10 @@ impl Export {
     }
 
     /// Queues the frontend's OPENs again, before every other request: the
-    /// daemon that is about to get requests has not seen them.
+    /// daemon that is about to get requests has not seen them. Those a lost
+    /// daemon did not answer are dropped first: this set replaces them.
     fn resend_opens(&self, st: &mut State) {
+        st.inflight.drop_queued_first();
         let frontend = self
             .reopen
             .lock()
@@ -1107,5 +1109,79 @@ fn fail_all(failed: Vec<Failed>) {
         f.origin
             .sink
             .complete(f.origin.tag, f.op, Outcome::Failed(libc::EIO));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontends::ReplySink;
+
+    /// Answers nothing: these tests count requests, not replies.
+    struct Ignore;
+    impl ReplySink for Ignore {
+        fn complete(&self, _tag: u64, _op: Op, _outcome: Outcome<'_>) {}
+    }
+    fn origin() -> Origin {
+        Origin {
+            sink: Arc::new(Ignore),
+            tag: 0,
+        }
+    }
+
+    /// A blob frontend with one open blob.
+    struct OneBlob;
+    impl Reopen for OneBlob {
+        fn reopens(&self) -> Vec<(Ask, Origin, Data)> {
+            let name = b"img".to_vec().into_boxed_slice();
+            let ask = Ask {
+                op: Op::Open,
+                object: 7,
+                offset: 0,
+                len: 3,
+            };
+            vec![(ask, origin(), Data::Heap(name))]
+        }
+    }
+
+    /// Daemons lost one after another before they answer anything (a crash
+    /// loop, or kills faster than a daemon starts) leave one re-sent OPEN
+    /// and the kernel's read, not one more OPEN per loss: that backlog went
+    /// out before the read and, once a daemon could no longer get through
+    /// it before the next kill, the read never reached one.
+    #[test]
+    fn lost_daemons_leave_one_reopen_each_time() {
+        let export = Export::new(&ExportConfig {
+            name: "images".into(),
+            kind: holdfast_proto::ExportKind::Blobs,
+            size: 0,
+            block_size: 512,
+            slot_count: 8,
+            slot_size: 4096,
+            heap_limit: 1 << 20,
+        })
+        .unwrap();
+        let frontend: Arc<dyn Reopen> = Arc::new(OneBlob);
+        export.set_reopen(Arc::downgrade(&frontend));
+        let read = Ask {
+            op: Op::Read,
+            object: 7,
+            offset: 0,
+            len: 4096,
+        };
+        export.submit_blob(read, origin(), Data::None);
+        // Every "daemon" here is this test process.
+        let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
+        for _ in 0..5 {
+            let grant = export.attach(me(), false, Duration::from_secs(1)).unwrap();
+            export.restore(grant.epoch).unwrap();
+            let st = export.status("cachefiles", None);
+            assert_eq!((st.inflight, st.pending), (2, 0), "{st:?}");
+            export.end_session(grant.epoch, true);
+            // The lost OPEN waits with the read until the next daemon's
+            // fresh set replaces it.
+            let st = export.status("cachefiles", None);
+            assert_eq!((st.inflight, st.pending), (0, 2), "{st:?}");
+        }
     }
 }
