@@ -108,6 +108,7 @@ pub fn run_with(
 ) -> Result<(), Error> {
     // Before any thread starts, so that every thread blocks them.
     let signals = serve::Signals::new()?;
+    set_io_flusher();
     let mut conn = client::Connection::connect(&opts.socket)?;
     conn.hello()?;
     let att = if opts.successor {
@@ -250,6 +251,21 @@ fn leave(conn: &mut client::Connection, opts: &Options, err: Error) -> Error {
         }
     }
     err
+}
+
+/// Marks this thread, and the threads it starts from now on, as serving
+/// the kernel's writeback (prctl(2), PR_SET_IO_FLUSHER, Linux 5.6): the
+/// requests a daemon serves may be a file system's dirty pages, and a
+/// backend that writes to the page cache (`file`, `dir`, the s3 log) would
+/// otherwise wait in reclaim for writeback that waits for it (the deadlock
+/// of loop and NBD servers). [`run_with`] calls it before any thread starts.
+pub fn set_io_flusher() {
+    if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
+        log(&format!(
+            "PR_SET_IO_FLUSHER: {e} (it needs CAP_SYS_RESOURCE): under memory pressure, \
+             serving writeback can deadlock"
+        ));
+    }
 }
 
 /// [`run_with`] for a backend named on the command line.

@@ -46,6 +46,9 @@ dd if=$dev of=$W/back bs=3M count=3 iflag=direct status=none
 head -c 8M $W/back | cmp - $W/pattern
 cmp -n 8388608 $W/vol0.img $W/pattern
 echo "round trip: ok"
+io_flushers $broker
+io_flushers $daemon
+echo "broker and daemon threads are IO flushers: ok"
 
 fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
     fio --name=$1 --filename=$dev --direct=1 --ioengine=io_uring --iodepth=8 \

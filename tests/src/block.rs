@@ -125,7 +125,7 @@ impl Drop for Mounted {
 /// CRC-32C (Castagnoli) as fio's `--verify=crc32c` computes it: seeded
 /// with all ones but, unlike the standard one, not inverted at the end.
 pub fn fio_crc32c(data: &[u8]) -> u32 {
-    holdfast_daemon::crc32c::update(!0, data)
+    holdfast_daemon::crc32c::fio(data)
 }
 
 /// fio's `struct verify_header` (fio 3.x, verify.h): magic 0xacca, verify

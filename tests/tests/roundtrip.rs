@@ -230,3 +230,61 @@ fn edges_of_an_export() {
     );
     assert_eq!(broker.status("vol0")["failed"], 0);
 }
+
+/// PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE (include/linux/sched.h): what
+/// PR_SET_IO_FLUSHER sets on a task.
+const IO_FLUSHER_FLAGS: u64 = 0x0008_0000 | 0x0010_0000;
+
+/// The flags (field 9 of /proc/PID/task/TID/stat) of each thread of `pid`.
+fn thread_flags(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // The name (field 2) may hold spaces; fields after it are plain.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let flags = after.split(' ').nth(6).unwrap().parse().unwrap();
+        out.push((task.display().to_string(), flags));
+    }
+    out
+}
+
+/// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff), which
+/// PR_SET_IO_FLUSHER needs.
+fn can_be_io_flusher() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|c| u64::from_str_radix(c.trim(), 16).ok())
+        .unwrap();
+    caps & (1 << 24) != 0
+}
+
+/// The broker and the daemon serve the kernel's writeback, so every
+/// thread of both is an IO flusher (prctl(2)): reclaim in them does not
+/// wait for the writeback they serve. Without CAP_SYS_RESOURCE (this CI's
+/// container) each says so in its log; the kernel-vm tests check the flags
+/// as root.
+#[test]
+fn broker_and_daemon_threads_are_io_flushers() {
+    let scratch = Scratch::new("io-flusher", Duration::from_secs(60));
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "16MiB")]));
+    let backend = format!("file:{}/vol0.img", scratch.dir.display());
+    let daemon = broker.daemon(&scratch, "vol0", &backend, &["--workers", "2"]);
+    broker.wait_active("vol0", 0, Duration::from_secs(10));
+    let capable = can_be_io_flusher();
+    for (pid, log) in [
+        (broker.proc.pid(), broker.proc.log_text()),
+        (daemon.pid(), daemon.log_text()),
+    ] {
+        let threads = thread_flags(pid);
+        assert!(threads.len() > 1, "{threads:?}");
+        for (task, flags) in threads {
+            let want = if capable { IO_FLUSHER_FLAGS } else { 0 };
+            assert_eq!(flags & IO_FLUSHER_FLAGS, want, "{task}");
+        }
+        let warned = log.contains("PR_SET_IO_FLUSHER: Operation not permitted");
+        assert_eq!(warned, !capable, "{log}");
+    }
+}

@@ -380,10 +380,19 @@ impl Target for Export {
                 Data::Slot(slot)
             }
             None => {
-                while st.inflight.heap_bytes() > 0
+                while !st.removed
+                    && st.inflight.heap_bytes() > 0
                     && st.inflight.heap_bytes().saturating_add(bytes.len()) > self.heap_limit
                 {
                     self.changed.wait(&mut st);
+                }
+                if st.removed {
+                    // Removed (`export rm --force`) while this writer
+                    // waited: nothing would ever answer it.
+                    drop(st);
+                    return origin
+                        .sink
+                        .complete(origin.tag, Op::Write, Outcome::Failed(libc::EIO));
                 }
                 Data::Heap(bytes.into())
             }
@@ -994,12 +1003,19 @@ impl Export {
     /// on above `last_epoch`, and the fd store holds `stored` again. Its
     /// data may have been written, so a flush is never answered here.
     pub fn adopt(&self, last_epoch: u64, stored: Vec<(String, u64, OwnedFd)>) {
+        self.assume_dirty();
         let mut st = self.state.lock();
         st.last_epoch = st.last_epoch.max(last_epoch);
-        st.modified = true;
         for (name, id, fd) in stored.into_iter().take(MAX_STORED_FDS) {
             st.fdstore.insert(name, (id, fd));
         }
+    }
+
+    /// The export's device was served by another broker before (taken
+    /// over by a restart or a ublk recovery): anything may have been
+    /// written, so every flush goes to a daemon.
+    pub fn assume_dirty(&self) {
+        self.state.lock().modified = true;
     }
 
     /// Whether a daemon is active (restored and receiving requests).
@@ -1183,5 +1199,90 @@ mod tests {
             let st = export.status("cachefiles", None);
             assert_eq!((st.inflight, st.pending), (0, 2), "{st:?}");
         }
+    }
+
+    /// Keeps each reply's tag and errno (0 for success).
+    #[derive(Default)]
+    struct Replies(Mutex<Vec<(u64, i32)>>);
+    impl ReplySink for Replies {
+        fn complete(&self, tag: u64, _op: Op, outcome: Outcome<'_>) {
+            let errno = match outcome {
+                Outcome::Failed(e) => e,
+                _ => 0,
+            };
+            self.0.lock().push((tag, errno));
+        }
+    }
+
+    fn volume(slot_count: u32, heap_limit: usize) -> Export {
+        Export::new(&ExportConfig {
+            name: "vol".into(),
+            kind: holdfast_proto::ExportKind::Volume,
+            size: 1 << 20,
+            block_size: 512,
+            slot_count,
+            slot_size: 4096,
+            heap_limit,
+        })
+        .unwrap()
+    }
+
+    /// `export rm --force` while a writer waits for heap room (no daemon,
+    /// every slot and the heap full): that writer gets EIO, like the
+    /// queued ones, instead of a request nothing will ever answer.
+    #[test]
+    fn removal_fails_writers_waiting_for_heap_room() {
+        let export = Arc::new(volume(1, 4096));
+        let replies = Arc::new(Replies::default());
+        let write = |export: &Export, tag: u64| {
+            let sink: Arc<dyn ReplySink> = replies.clone();
+            export.submit_write(tag * 4096, Origin { sink, tag }, &[1; 4096]);
+        };
+        write(&export, 1); // a slot
+        write(&export, 2); // the heap
+        let waiter = {
+            let (export, replies) = (export.clone(), replies.clone());
+            std::thread::spawn(move || {
+                let sink: Arc<dyn ReplySink> = replies;
+                export.submit_write(3 * 4096, Origin { sink, tag: 3 }, &[1; 4096]);
+            })
+        };
+        let end = Instant::now() + Duration::from_secs(5);
+        while export.state.lock().inflight.heap_bytes() != 4096 || !waiter_blocked(&waiter) {
+            assert!(Instant::now() < end, "the third write did not wait");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        export.remove().unwrap();
+        waiter.join().unwrap();
+        let mut got = replies.0.lock().clone();
+        got.sort_unstable();
+        assert_eq!(got, [(1, libc::EIO), (2, libc::EIO), (3, libc::EIO)]);
+    }
+
+    /// Whether a thread is still running (blocked, here), after a moment.
+    fn waiter_blocked(t: &std::thread::JoinHandle<()>) -> bool {
+        std::thread::sleep(Duration::from_millis(50));
+        !t.is_finished()
+    }
+
+    /// A flush on an export nothing was written through is answered at
+    /// once, but not once the export is taken over from another broker
+    /// (its kernel device may hold writes a daemon has not made durable):
+    /// then it waits for a daemon.
+    #[test]
+    fn flushes_of_a_taken_over_export_reach_a_daemon() {
+        let replies = Arc::new(Replies::default());
+        let flush = |export: &Export, tag: u64| {
+            let sink: Arc<dyn ReplySink> = replies.clone();
+            export.submit(Op::Flush, 0, 0, Origin { sink, tag }, Data::None);
+        };
+        let fresh = volume(4, 1 << 20);
+        flush(&fresh, 1);
+        assert_eq!(*replies.0.lock(), [(1, 0)]);
+        let taken_over = volume(4, 1 << 20);
+        taken_over.assume_dirty();
+        flush(&taken_over, 2);
+        assert_eq!(replies.0.lock().len(), 1);
+        assert_eq!(taken_over.status("ublk", None).pending, 1);
     }
 }

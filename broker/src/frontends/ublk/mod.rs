@@ -145,6 +145,9 @@ impl UblkDevice {
     /// every tag, ends recovery. The kernel then re-issues the requests
     /// the old broker held.
     fn recover(export: &Arc<Export>, dev_id: u32, record: PathBuf) -> io::Result<Self> {
+        // The kernel re-issues the old broker's flushes, and a write it
+        // acknowledged may still be only in a daemon's page cache.
+        export.assume_dirty();
         let mut ctl = Control::open()?;
         let end = Instant::now() + RECOVER_WAIT;
         let info = loop {

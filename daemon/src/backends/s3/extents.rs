@@ -9,6 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct Source {
     /// The log segment holding the record.
     pub segment: u64,
+    /// The position in that segment of the record's header (whose
+    /// checksum covers the extent's bytes).
+    pub record: u64,
     /// The position in that segment of the extent's first byte; `None`
     /// for zeroes (a discard or write-zeroes record carries no data).
     pub data: Option<u64>,
@@ -19,6 +22,7 @@ impl Source {
     fn advance(self, by: u64) -> Self {
         Self {
             segment: self.segment,
+            record: self.record,
             data: self.data.map(|d| d + by),
         }
     }
@@ -151,6 +155,7 @@ mod tests {
     fn src(segment: u64, data: u64) -> Source {
         Source {
             segment,
+            record: 0,
             data: Some(data),
         }
     }

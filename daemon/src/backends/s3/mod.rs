@@ -23,7 +23,6 @@ mod store;
 mod wal;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -35,7 +34,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use self::cache::Cache;
-use self::extents::Extents;
+use self::extents::{Extents, Source};
 use self::manifest::{CHUNKS, Manifest, Owner, chunk_generation, chunk_key};
 use self::store::{Condition, Failure, Patience, Store};
 use self::wal::{Fit, Kind, Scan, Wal};
@@ -576,13 +575,20 @@ impl Active {
         }
     }
 
+    /// Makes every append so far durable. Older segments were made
+    /// durable when they were rotated out; the fsync of the current one
+    /// runs outside the lock, so that writes go on meanwhile.
     fn sync(&self) -> io::Result<()> {
-        // Older segments were made durable when they were rotated out.
-        let file = self.log.lock().wal.current_file();
-        match file {
-            Some(f) => f.sync_data(),
-            None => Ok(()),
+        let Some((file, number, len)) = self.log.lock().wal.to_sync()? else {
+            return Ok(());
+        };
+        let synced = Wal::sync(&file);
+        let result = self.log.lock().wal.synced(number, len, synced);
+        if result.is_err() {
+            // Writers waiting for room find the log failed.
+            self.room.notify_all();
         }
+        result
     }
 
     /// Appends a record and indexes it. The append (a page-cache write)
@@ -599,6 +605,7 @@ impl Active {
         let mut log = self.log.lock();
         let mut told = false;
         while log.wal.bytes() > 0 && log.wal.bytes() + need > self.vol.cfg.log_size {
+            log.wal.healthy()?;
             if !told {
                 crate::log(&format!(
                     "the log is full ({} bytes): writes wait for uploads to S3",
@@ -680,14 +687,22 @@ impl Active {
         };
         for p in pieces {
             let dst = &mut buf[(p.start - offset) as usize..(p.end - offset) as usize];
-            match p.src.map(|src| (src.segment, src.data)) {
-                Some((_, None)) => dst.fill(0),
-                Some((segment, Some(at))) => {
+            match p.src.map(|src| (src.segment, src.record, src.data)) {
+                Some((_, _, None)) => dst.fill(0),
+                Some((segment, record, Some(at))) => {
                     let file = files.get(&segment).ok_or_else(|| {
                         Failure::Permanent(format!("log segment {segment} is gone"))
                     })?;
-                    file.read_exact_at(dst, at)
-                        .map_err(|e| Failure::Permanent(format!("reading the log: {e}")))?;
+                    let src = Source {
+                        segment,
+                        record,
+                        data: Some(at),
+                    };
+                    wal::read_checked(file, src, dst).map_err(|e| {
+                        Failure::Permanent(format!(
+                            "reading the log (segment {segment}, byte {at}): {e}"
+                        ))
+                    })?;
                 }
                 None if base_filled => {}
                 None => {
@@ -718,6 +733,13 @@ impl Active {
                 loop {
                     if self.stop.load(Ordering::SeqCst) {
                         return;
+                    }
+                    if log.wal.healthy().is_err() {
+                        // Its pages may be gone: what a restarted daemon
+                        // replays from the disk is what goes to S3.
+                        self.room.notify_all();
+                        self.wake.wait(&mut log);
+                        continue;
                     }
                     let due = log.last_checkpoint + self.vol.cfg.checkpoint_interval;
                     if !log.extents.is_empty()

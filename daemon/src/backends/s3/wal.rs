@@ -4,16 +4,33 @@
 //! segment, uploads the chunks the older ones touched, and deletes them once
 //! a manifest naming those chunks is in S3.
 //!
-//! A record is a 32-byte header (little endian) and, for a write, its data:
+//! A record is a 48-byte header (little endian) and, for a write, its data:
 //!
 //! ```text
-//! magic u32 "HFWL" | kind u8 (1 write, 2 zeroes) | 3 zero bytes
-//! offset u64 | len u64 | crc32c u32 (header before it, then data) | u32 zero
+//! magic u32 "HFW2" | kind u8 (1 write, 2 zeroes) | 3 zero bytes
+//! offset u64 | len u64 | segment u64 | flushed u64
+//! crc32c u32 (header before it, the record's position u64, then data) | u32 zero
 //! ```
 //!
+//! `flushed` is how many bytes of the segment an fsync had made durable
+//! when the record was appended, so replay can tell a torn tail (never
+//! flushed; a power loss may keep later pages and lose earlier ones) from
+//! damage to what a flush promised. The segment number and the position in
+//! the checksum tie a record to its place. Records of the older format
+//! ("HFWL": a 32-byte header without segment and flushed, the checksum over
+//! the header's first 24 bytes and the data) are still read, for a handoff
+//! from a daemon that wrote them.
+//!
 //! Replay stops at the first record that does not check out in the last
-//! segment (a write torn by a power loss; it was never flushed) and cuts it
-//! off; anywhere else that is corruption, and the log is refused.
+//! segment. If a valid record after it says the bad one had been flushed,
+//! that is damage and the log is refused; otherwise it is a torn tail,
+//! moved aside to `NUMBER.torn-POS` and cut off. A bad record anywhere else
+//! is corruption, and the log is refused.
+//!
+//! Once an fsync of the log fails, the log is failed: appends and flushes
+//! return EIO until a daemon replays it again, since the kernel may have
+//! dropped the pages it could not write. Data read back from the log is
+//! checked against its record's checksum.
 //!
 //! Replay can be done in two steps ([`Scan`]): a handoff successor reads
 //! the log while warming up, as its predecessor still appends to it, and
@@ -28,10 +45,16 @@ use std::sync::Arc;
 
 use super::extents::Source;
 
-const MAGIC: u32 = u32::from_le_bytes(*b"HFWL");
-const HEADER: u64 = 32;
+const MAGIC: u32 = u32::from_le_bytes(*b"HFW2");
+const HEADER: u64 = 48;
+/// The older format, read but no longer written.
+const MAGIC_V1: u32 = u32::from_le_bytes(*b"HFWL");
+const HEADER_V1: u64 = 32;
 /// The longest write record replay accepts (writes come from one slot).
 const MAX_DATA: u64 = 64 << 20;
+/// How much of a damaged segment's tail is searched at a time for valid
+/// records after the damage.
+const SEARCH_WINDOW: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -47,10 +70,34 @@ pub struct Record {
     pub src: Source,
 }
 
+/// A record's header, checked but for the checksum.
+struct Header {
+    kind: Kind,
+    offset: u64,
+    len: u64,
+    /// Bytes of the segment durable when it was appended (0 for "HFWL").
+    flushed: u64,
+    /// The header's own length.
+    size: u64,
+    crc: u32,
+}
+
+impl Header {
+    /// Bytes of data after the header.
+    fn data_len(&self) -> u64 {
+        match self.kind {
+            Kind::Write => self.len,
+            Kind::Zeroes => 0,
+        }
+    }
+}
+
 struct Segment {
     number: u64,
     file: Arc<File>,
     len: u64,
+    /// Bytes an fsync has made durable.
+    flushed: u64,
     /// Device and inode, to tell whether the path still names this file.
     id: (u64, u64),
 }
@@ -61,6 +108,8 @@ pub struct Wal {
     segments: Vec<Segment>,
     /// Bytes in all segments.
     bytes: u64,
+    /// Why the log failed (an fsync error), if it did.
+    failed: Option<String>,
 }
 
 /// What replay found.
@@ -91,13 +140,25 @@ pub enum Fit {
     Stale,
 }
 
-fn header(kind: Kind, offset: u64, len: u64) -> [u8; 32] {
-    let mut h = [0u8; 32];
+fn header(kind: Kind, offset: u64, len: u64, segment: u64, flushed: u64) -> [u8; 48] {
+    let mut h = [0u8; 48];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4] = kind as u8;
     h[8..16].copy_from_slice(&offset.to_le_bytes());
     h[16..24].copy_from_slice(&len.to_le_bytes());
+    h[24..32].copy_from_slice(&segment.to_le_bytes());
+    h[32..40].copy_from_slice(&flushed.to_le_bytes());
     h
+}
+
+/// The checksum of a record whose header `h` (as long as its format's)
+/// sits at `pos`.
+fn checksum(h: &[u8], pos: u64, data: &[u8]) -> u32 {
+    if h.len() as u64 == HEADER_V1 {
+        crate::crc32c::checksum(&[&h[..24], data])
+    } else {
+        crate::crc32c::checksum(&[&h[..40], &pos.to_le_bytes(), data])
+    }
 }
 
 fn le64(b: &[u8], at: usize) -> u64 {
@@ -106,12 +167,27 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(v)
+}
+
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:016x}.wal"))
 }
 
+/// fsync(2), or in tests an error when one is asked for.
+fn sync_data(file: &File) -> io::Result<()> {
+    #[cfg(test)]
+    if tests::FAIL_SYNC.with(|f| f.replace(false)) {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    file.sync_data()
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    sync_data(&File::open(dir)?)
 }
 
 /// Why a record does not check out.
@@ -119,25 +195,49 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// Reads one record at `pos` of a segment; `Ok(None)` at its clean end.
-fn read_record(
-    r: &mut impl Read,
+/// Reads a file from a position, for [`Read`] users that must not move a
+/// shared file offset.
+struct At<'a> {
+    file: &'a File,
     pos: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads a record header of segment `segment`, with its raw bytes (as
+/// long as its format's header); `Ok(None)` at a clean end.
+fn read_header(
+    r: &mut impl Read,
     segment: u64,
     volume_size: u64,
-) -> io::Result<Option<(Record, u64)>> {
-    let mut h = [0u8; 32];
+) -> io::Result<Option<(Header, [u8; 48])>> {
+    let mut h = [0u8; 48];
     let mut got = 0;
-    while got < h.len() {
-        match r.read(&mut h[got..])? {
+    while got < HEADER_V1 as usize {
+        match r.read(&mut h[got..HEADER_V1 as usize])? {
             0 if got == 0 => return Ok(None),
             0 => return Err(bad("a record header is cut short")),
             n => got += n,
         }
     }
-    if h[0..4] != MAGIC.to_le_bytes() {
-        return Err(bad("bad record magic"));
-    }
+    let (size, flushed, crc) = match le32(&h, 0) {
+        MAGIC_V1 => (HEADER_V1, 0, le32(&h, 24)),
+        MAGIC => {
+            r.read_exact(&mut h[HEADER_V1 as usize..])
+                .map_err(|_| bad("a record header is cut short"))?;
+            if le64(&h, 24) != segment {
+                return Err(bad("a record of another segment"));
+            }
+            (HEADER, le64(&h, 32), le32(&h, 40))
+        }
+        _ => return Err(bad("bad record magic")),
+    };
     let kind = match h[4] {
         1 => Kind::Write,
         2 => Kind::Zeroes,
@@ -147,23 +247,130 @@ fn read_record(
     if offset.checked_add(len).is_none_or(|end| end > volume_size) || len == 0 {
         return Err(bad("record outside the volume"));
     }
-    let data_len = match kind {
-        Kind::Write if len > MAX_DATA => return Err(bad("record longer than any write")),
-        Kind::Write => len,
-        Kind::Zeroes => 0,
+    if kind == Kind::Write && len > MAX_DATA {
+        return Err(bad("record longer than any write"));
+    }
+    let header = Header {
+        kind,
+        offset,
+        len,
+        flushed,
+        size,
+        crc,
     };
-    let mut data = vec![0u8; data_len as usize];
+    Ok(Some((header, h)))
+}
+
+/// Reads one record at `pos` of a segment: the record, its length and the
+/// bytes it says were flushed; `Ok(None)` at the segment's clean end.
+fn read_record(
+    r: &mut impl Read,
+    pos: u64,
+    segment: u64,
+    volume_size: u64,
+) -> io::Result<Option<(Record, u64, u64)>> {
+    let Some((h, raw)) = read_header(r, segment, volume_size)? else {
+        return Ok(None);
+    };
+    let mut data = vec![0u8; h.data_len() as usize];
     r.read_exact(&mut data)
         .map_err(|_| bad("a record's data is cut short"))?;
-    let crc = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
-    if crate::crc32c::checksum(&[&h[..24], &data]) != crc {
+    if checksum(&raw[..h.size as usize], pos, &data) != h.crc {
         return Err(bad("record checksum mismatch"));
     }
     let src = Source {
         segment,
-        data: (kind == Kind::Write).then_some(pos + HEADER),
+        record: pos,
+        data: (h.kind == Kind::Write).then_some(pos + h.size),
     };
-    Ok(Some((Record { offset, len, src }, HEADER + data_len)))
+    let rec = Record {
+        offset: h.offset,
+        len: h.len,
+        src,
+    };
+    Ok(Some((rec, h.size + h.data_len(), h.flushed)))
+}
+
+/// Reads `dst.len()` bytes of the write record at `src` (its data from
+/// `src.data` on) from `file`, after checking the whole record's checksum:
+/// the page cache may have dropped pages the disk never took.
+pub fn read_checked(file: &File, src: Source, dst: &mut [u8]) -> io::Result<()> {
+    let mut r = At {
+        file,
+        pos: src.record,
+    };
+    let (h, raw) = read_header(&mut r, src.segment, u64::MAX)?
+        .ok_or_else(|| bad("a logged record is past the segment's end"))?;
+    let start = src.record + h.size;
+    let within = src.data.and_then(|d| d.checked_sub(start));
+    let within = within
+        .filter(|w| w + dst.len() as u64 <= h.data_len())
+        .ok_or_else(|| bad("a logged extent is outside its record"))?;
+    let mut data = vec![0u8; h.data_len() as usize];
+    file.read_exact_at(&mut data, start)?;
+    if checksum(&raw[..h.size as usize], src.record, &data) != h.crc {
+        return Err(bad("record checksum mismatch"));
+    }
+    dst.copy_from_slice(&data[within as usize..within as usize + dst.len()]);
+    Ok(())
+}
+
+/// The highest `flushed` that a valid record in `[from, end)` of a segment
+/// claims, with that record's position: a bad record before it that the
+/// claim covers was flushed, so it is damage, not a torn tail.
+fn flushed_claim_after(
+    file: &File,
+    segment: u64,
+    from: u64,
+    end: u64,
+    volume_size: u64,
+) -> io::Result<Option<(u64, u64)>> {
+    let magic = MAGIC.to_le_bytes();
+    let mut best: Option<(u64, u64)> = None;
+    let mut window = vec![0u8; SEARCH_WINDOW];
+    let mut at = from;
+    while at < end {
+        let n = (end - at).min(SEARCH_WINDOW as u64) as usize;
+        file.read_exact_at(&mut window[..n], at)?;
+        for i in (0..n).filter(|&i| window[i..n].starts_with(&magic)) {
+            let pos = at + i as u64;
+            let mut r = At { file, pos };
+            if let Ok(Some((_, _, flushed))) = read_record(&mut r, pos, segment, volume_size)
+                && best.is_none_or(|(f, _)| flushed > f)
+            {
+                best = Some((flushed, pos));
+            }
+        }
+        if at + n as u64 == end {
+            break;
+        }
+        // A magic cut by the window's end is found by the next window.
+        at += (n - (magic.len() - 1)) as u64;
+    }
+    Ok(best)
+}
+
+/// Copies `[from, end)` of a segment to `NUMBER.torn-FROM` beside it,
+/// durably, before it is cut off: what replay takes for a torn tail may be
+/// an operator's to judge.
+fn move_aside(dir: &Path, number: u64, file: &File, from: u64, end: u64) -> io::Result<PathBuf> {
+    let path = dir.join(format!("{number:016x}.torn-{from}"));
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let mut buf = vec![0u8; SEARCH_WINDOW];
+    let mut at = from;
+    while at < end {
+        let n = (end - at).min(SEARCH_WINDOW as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        out.write_all_at(&buf[..n], at - from)?;
+        at += n as u64;
+    }
+    sync_data(&out)?;
+    sync_dir(dir)?;
+    Ok(path)
 }
 
 impl Wal {
@@ -189,8 +396,9 @@ impl Wal {
     /// last record cut off. With `live`, another daemon may still be
     /// appending: the read ends at the first record that does not check
     /// out (perhaps half written) and changes nothing. Otherwise the log's
-    /// owner is gone: a bad record is cut off the last segment as torn,
-    /// and refused as corruption anywhere else.
+    /// owner is gone: a bad record is cut off the last segment as torn
+    /// (unless a later record says it was flushed), and refused as
+    /// corruption anywhere else.
     pub fn scan(
         dir: &Path,
         volume_size: u64,
@@ -256,6 +464,8 @@ impl Wal {
                     number,
                     file: Arc::new(file),
                     len: 0,
+                    // Known durable only once this daemon flushes.
+                    flushed: 0,
                     id: (meta.dev(), meta.ino()),
                 });
             }
@@ -269,7 +479,7 @@ impl Wal {
                 let pos = seg.len;
                 match read_record(&mut r, pos, number, volume_size) {
                     Ok(None) => break,
-                    Ok(Some((rec, n))) => {
+                    Ok(Some((rec, n, _))) => {
                         apply(rec);
                         scan.records += 1;
                         seg.len += n;
@@ -278,16 +488,8 @@ impl Wal {
                     // from here.
                     Err(_) if live => return Ok((Fit::Continued { oldest }, 0)),
                     Err(e) if Some(number) == last => {
-                        let size = seg.file.metadata()?.len();
-                        crate::log(&format!(
-                            "log {}: {e} at byte {pos}: cutting off a torn last record \
-                             ({} bytes; it was never flushed)",
-                            path.display(),
-                            size - pos
-                        ));
-                        seg.file.set_len(pos)?;
-                        seg.file.sync_all()?;
-                        return Ok((Fit::Continued { oldest }, size - pos));
+                        let torn = cut_torn_tail(dir, seg, volume_size, &e)?;
+                        return Ok((Fit::Continued { oldest }, torn));
                     }
                     Err(e) => {
                         return Err(io::Error::new(
@@ -313,11 +515,34 @@ impl Wal {
             dir: dir.to_path_buf(),
             bytes: scan.segments.iter().map(|s| s.len).sum(),
             segments: scan.segments,
+            failed: None,
         };
         if wal.segments.is_empty() {
             wal.create_segment(1)?;
         }
         Ok(wal)
+    }
+
+    /// Marks the log failed: nothing more is appended or promised durable.
+    fn fail(&mut self, what: &str, e: &io::Error) -> io::Error {
+        if self.failed.is_none() {
+            let why = format!("{what} failed ({e})");
+            crate::log(&format!(
+                "log {}: {why}: writes and flushes fail with EIO from now on; restart the \
+                 daemon to replay the log from the disk",
+                self.dir.display()
+            ));
+            self.failed = Some(why);
+        }
+        io::Error::from_raw_os_error(libc::EIO)
+    }
+
+    /// `Ok` unless the log has failed.
+    pub fn healthy(&self) -> io::Result<()> {
+        match self.failed {
+            None => Ok(()),
+            Some(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
     }
 
     fn create_segment(&mut self, number: u64) -> io::Result<()> {
@@ -326,15 +551,17 @@ impl Wal {
             .write(true)
             .create_new(true)
             .open(segment_path(&self.dir, number))?;
-        sync_dir(&self.dir)?;
         let meta = file.metadata()?;
         self.segments.push(Segment {
             number,
             file: Arc::new(file),
             len: 0,
+            flushed: 0,
             id: (meta.dev(), meta.ino()),
         });
-        Ok(())
+        // Taken even if the directory's sync fails, so that nothing tries
+        // to create it again.
+        sync_dir(&self.dir).map_err(|e| self.fail("syncing the log's directory", &e))
     }
 
     fn current(&mut self) -> io::Result<&mut Segment> {
@@ -350,11 +577,12 @@ impl Wal {
 
     /// Appends a record; returns where its data is.
     pub fn append(&mut self, kind: Kind, offset: u64, len: u64, data: &[u8]) -> io::Result<Source> {
-        let mut h = header(kind, offset, len);
-        let crc = crate::crc32c::checksum(&[&h[..24], data]);
-        h[24..28].copy_from_slice(&crc.to_le_bytes());
+        self.healthy()?;
         let seg = self.current()?;
         let at = seg.len;
+        let mut h = header(kind, offset, len, seg.number, seg.flushed);
+        let crc = checksum(&h, at, data);
+        h[40..44].copy_from_slice(&crc.to_le_bytes());
         let written = seg
             .file
             .write_all_at(&h, at)
@@ -368,15 +596,40 @@ impl Wal {
         seg.len += n;
         let src = Source {
             segment: seg.number,
+            record: at,
             data: (kind == Kind::Write).then_some(at + HEADER),
         };
         self.bytes += n;
         Ok(src)
     }
 
-    /// The current segment's file, to fsync without holding the log.
-    pub fn current_file(&self) -> Option<Arc<File>> {
-        self.segments.last().map(|s| s.file.clone())
+    /// What a flush syncs: the current segment's file, its number and
+    /// length (to fsync without holding the log, then [`Wal::synced`]).
+    pub fn to_sync(&self) -> io::Result<Option<(Arc<File>, u64, u64)>> {
+        self.healthy()?;
+        Ok(self
+            .segments
+            .last()
+            .map(|s| (s.file.clone(), s.number, s.len)))
+    }
+
+    /// Records how the fsync of [`Wal::to_sync`] went: what it covered is
+    /// durable, or the log has failed.
+    pub fn synced(&mut self, number: u64, len: u64, result: io::Result<()>) -> io::Result<()> {
+        if let Err(e) = result {
+            return Err(self.fail("fsync", &e));
+        }
+        self.healthy()?;
+        if let Some(seg) = self.segments.iter_mut().find(|s| s.number == number) {
+            seg.flushed = seg.flushed.max(len);
+        }
+        Ok(())
+    }
+
+    /// Makes the current segment durable (the caller's, outside the log's
+    /// lock, with [`Wal::to_sync`] and [`Wal::synced`]).
+    pub fn sync(file: &File) -> io::Result<()> {
+        sync_data(file)
     }
 
     /// A segment's file, for reading a record's data.
@@ -390,32 +643,92 @@ impl Wal {
     /// Makes the current segment durable and starts a new one; returns its
     /// number (every record before it is in an older segment).
     pub fn rotate(&mut self) -> io::Result<u64> {
+        self.healthy()?;
         let seg = self.current()?;
-        seg.file.sync_data()?;
-        let next = seg.number + 1;
-        self.create_segment(next)?;
-        Ok(next)
+        let (number, len) = (seg.number, seg.len);
+        let synced = sync_data(&seg.file);
+        self.synced(number, len, synced)?;
+        self.create_segment(number + 1)?;
+        Ok(number + 1)
     }
 
-    /// Deletes the segments before `number` (a checkpoint put them in S3).
+    /// Deletes the segments before `number` (a checkpoint put them in S3),
+    /// oldest first: if an unlink fails, every segment after it is still
+    /// there, so a replay applies them in order and ends where the log
+    /// does.
     pub fn remove_before(&mut self, number: u64) -> io::Result<()> {
-        let mut keep = Vec::new();
-        for seg in std::mem::take(&mut self.segments) {
-            if seg.number < number {
-                std::fs::remove_file(segment_path(&self.dir, seg.number))?;
-                self.bytes -= seg.len;
-            } else {
-                keep.push(seg);
+        while let Some(seg) = self.segments.first().filter(|s| s.number < number) {
+            match std::fs::remove_file(segment_path(&self.dir, seg.number)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
+            self.bytes -= seg.len;
+            self.segments.remove(0);
         }
-        self.segments = keep;
-        sync_dir(&self.dir)
+        sync_dir(&self.dir).map_err(|e| self.fail("syncing the log's directory", &e))
     }
+}
+
+/// Cuts a bad last record, and all after it, off the last segment as a
+/// torn tail (moved aside first); refuses if a valid record after it says
+/// it was flushed. Returns the bytes cut.
+fn cut_torn_tail(dir: &Path, seg: &Segment, volume_size: u64, e: &io::Error) -> io::Result<u64> {
+    let pos = seg.len;
+    let path = segment_path(dir, seg.number);
+    let size = seg.file.metadata()?.len();
+    let claim = flushed_claim_after(&seg.file, seg.number, pos + 1, size, volume_size)?;
+    if let Some((flushed, at)) = claim.filter(|(f, _)| *f > pos) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "log {} is damaged ({e} at byte {pos}) in what a flush made durable: the \
+                 record at byte {at} says the first {flushed} bytes were flushed. Refusing to \
+                 serve, since acknowledged writes would be lost; restore the log from a copy, \
+                 or move it aside to serve what S3 holds (losing the writes only it has)",
+                path.display()
+            ),
+        ));
+    }
+    let aside = move_aside(dir, seg.number, &seg.file, pos, size)?;
+    crate::log(&format!(
+        "log {}: {e} at byte {pos}: cutting off a torn tail ({} bytes, never flushed; kept \
+         in {})",
+        path.display(),
+        size - pos,
+        aside.display()
+    ));
+    seg.file.set_len(pos)?;
+    sync_data(&seg.file)?;
+    Ok(size - pos)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes this thread's next fsync of the log fail with EIO.
+        pub static FAIL_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A flush as the backend does it.
+    fn flush(wal: &mut Wal) -> io::Result<()> {
+        let (file, number, len) = wal.to_sync()?.unwrap();
+        let synced = Wal::sync(&file);
+        wal.synced(number, len, synced)
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 1], at).unwrap();
+    }
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("holdfast-wal-{name}-{}", std::process::id()));
@@ -462,7 +775,7 @@ mod tests {
             .last()
             .unwrap()
             .file
-            .write_all_at(&header(Kind::Write, 200, 3), half)
+            .write_all_at(&header(Kind::Write, 200, 3, 2, 0), half)
             .unwrap();
 
         let mut scan = Scan::default();
@@ -519,10 +832,13 @@ mod tests {
         // A torn append at the end of the last segment is cut off.
         let last = segment_path(&d, cut);
         let f = OpenOptions::new().append(true).open(&last).unwrap();
-        f.write_all_at(&header(Kind::Write, 0, 100), f.metadata().unwrap().len())
-            .unwrap();
+        f.write_all_at(
+            &header(Kind::Write, 0, 100, cut, 0),
+            f.metadata().unwrap().len(),
+        )
+        .unwrap();
         let (recs, r) = replay(&d);
-        assert_eq!((recs.len(), r.torn), (3, 32));
+        assert_eq!((recs.len(), r.torn), (3, HEADER));
 
         // The same damage in an older segment is refused.
         let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
@@ -557,6 +873,150 @@ mod tests {
         let (recs, r) = replay(&d);
         assert!(recs.is_empty());
         assert_eq!(r.torn, HEADER + 2);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The issue's reproduction: three writes, each flushed; one byte of
+    /// the first flipped. The later records say it was flushed, so the log
+    /// is refused and left as it is, not cut to nothing.
+    #[test]
+    fn damage_to_flushed_records_is_refused() {
+        let d = dir("flushed-damage");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        for i in 0..3u64 {
+            wal.append(Kind::Write, i << 16, 1 << 16, &[i as u8 + 1; 1 << 16])
+                .unwrap();
+            flush(&mut wal).unwrap();
+        }
+        drop(wal);
+        let seg = segment_path(&d, 1);
+        let size = std::fs::metadata(&seg).unwrap().len();
+        flip(&seg, 40);
+        let err = Wal::open(&d, 1 << 20, |_| {}).err().unwrap();
+        assert!(err.to_string().contains("a flush made durable"), "{err}");
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), size);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A damaged record that no later record says was flushed is a torn
+    /// tail, even with a valid record after it (a power loss keeps pages
+    /// in any order): cut off, and kept beside the log.
+    #[test]
+    fn torn_tail_is_moved_aside() {
+        let d = dir("torn-aside");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        wal.append(Kind::Write, 0, 4, b"kept").unwrap();
+        flush(&mut wal).unwrap();
+        let torn_at = wal.segments[0].len;
+        wal.append(Kind::Write, 4, 4, b"torn").unwrap();
+        wal.append(Kind::Write, 8, 4, b"late").unwrap();
+        drop(wal);
+        let seg = segment_path(&d, 1);
+        let tail = std::fs::read(&seg).unwrap()[torn_at as usize..].to_vec();
+        flip(&seg, torn_at + HEADER);
+        let (recs, r) = replay(&d);
+        assert_eq!(recs, [(0, 4, Some(b"kept".to_vec()))]);
+        assert_eq!(r.torn, tail.len() as u64);
+        let aside = std::fs::read(d.join(format!("{:016x}.torn-{torn_at}", 1))).unwrap();
+        assert_eq!(aside.len(), tail.len());
+        assert_eq!(aside[HEADER as usize + 1..], tail[HEADER as usize + 1..]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A failed unlink of a covered segment leaves it, and every segment
+    /// after it, in the log: reads and flushes go on, and a later remove
+    /// finishes the job.
+    #[test]
+    fn failed_unlink_keeps_every_segment() {
+        let d = dir("unlink");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        let src = wal.append(Kind::Write, 0, 3, b"one").unwrap();
+        wal.rotate().unwrap();
+        wal.append(Kind::Write, 3, 3, b"two").unwrap();
+        let cut = wal.rotate().unwrap();
+        // unlink(2) of a directory fails (EISDIR).
+        let first = segment_path(&d, 1);
+        let moved = d.join("moved");
+        std::fs::rename(&first, &moved).unwrap();
+        std::fs::create_dir(&first).unwrap();
+        let bytes = wal.bytes();
+        assert!(wal.remove_before(cut).is_err());
+        assert_eq!((wal.segments.len(), wal.bytes()), (3, bytes));
+        let mut b = [0u8; 3];
+        read_checked(&wal.file(1).unwrap(), src, &mut b).unwrap();
+        assert_eq!(&b, b"one");
+        flush(&mut wal).unwrap();
+        std::fs::remove_dir(&first).unwrap();
+        std::fs::rename(&moved, &first).unwrap();
+        wal.remove_before(cut).unwrap();
+        assert_eq!((wal.segments.len(), wal.bytes()), (1, 0));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// One failed fsync fails the log for good: the next flush does not
+    /// return 0, and nothing more is appended or rotated.
+    #[test]
+    fn failed_fsync_fails_the_log() {
+        let d = dir("fsync");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        wal.append(Kind::Write, 0, 3, b"one").unwrap();
+        FAIL_SYNC.with(|f| f.set(true));
+        let eio = Some(libc::EIO);
+        assert_eq!(flush(&mut wal).err().unwrap().raw_os_error(), eio);
+        assert_eq!(wal.to_sync().err().unwrap().raw_os_error(), eio);
+        let append = wal.append(Kind::Write, 0, 3, b"two");
+        assert_eq!(append.err().unwrap().raw_os_error(), eio);
+        assert_eq!(wal.rotate().err().unwrap().raw_os_error(), eio);
+        // The checkpointer's fsync (rotate) fails it as well.
+        drop(wal);
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        FAIL_SYNC.with(|f| f.set(true));
+        assert!(wal.rotate().is_err());
+        assert_eq!(flush(&mut wal).err().unwrap().raw_os_error(), eio);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A logged record whose bytes changed on the disk reads as an error,
+    /// not as data.
+    #[test]
+    fn reads_check_the_record() {
+        let d = dir("read-check");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        let src = wal.append(Kind::Write, 0, 8, b"abcdefgh").unwrap();
+        let mut b = [0u8; 4];
+        let part = Source {
+            data: src.data.map(|d| d + 2),
+            ..src
+        };
+        read_checked(&wal.file(1).unwrap(), part, &mut b).unwrap();
+        assert_eq!(&b, b"cdef");
+        flip(&segment_path(&d, 1), HEADER + 7);
+        assert!(read_checked(&wal.file(1).unwrap(), part, &mut b).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Records of the older format (an older daemon's log, in a handoff)
+    /// replay, and this daemon appends after them.
+    #[test]
+    fn older_records_replay() {
+        let d = dir("v1");
+        std::fs::create_dir_all(&d).unwrap();
+        let mut h = [0u8; 32];
+        h[0..4].copy_from_slice(&MAGIC_V1.to_le_bytes());
+        h[4] = Kind::Write as u8;
+        h[8..16].copy_from_slice(&5u64.to_le_bytes());
+        h[16..24].copy_from_slice(&3u64.to_le_bytes());
+        let crc = checksum(&h, 0, b"old");
+        h[24..28].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(segment_path(&d, 1), [&h[..], b"old"].concat()).unwrap();
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        wal.append(Kind::Write, 9, 3, b"new").unwrap();
+        drop(wal);
+        let (recs, _) = replay(&d);
+        assert_eq!(
+            recs,
+            [(5, 3, Some(b"old".to_vec())), (9, 3, Some(b"new".to_vec()))]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
