@@ -72,7 +72,7 @@ impl Cache {
     /// Opens the cache in `dir`, keeping what a previous daemon cached
     /// since the last boot; `limit` is in bytes.
     pub fn open(dir: &Path, chunk_size: u64, limit: u64) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        super::wal::ensure_dir(dir)?;
         let boot = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
         let boot_file = dir.join("boot_id");
         let same_boot = std::fs::read_to_string(&boot_file).is_ok_and(|b| b == boot);

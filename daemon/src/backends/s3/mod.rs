@@ -154,7 +154,7 @@ fn lineage(dir: &std::path::Path) -> Result<String, Error> {
         .and_then(|()| fs::File::open(&tmp)?.sync_all())
         .and_then(|()| fs::hard_link(&tmp, &path));
     let _ = fs::remove_file(&tmp);
-    match linked {
+    match linked.and_then(|()| wal::sync_dir(dir)) {
         Ok(()) => Ok(id),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => lineage(dir),
         Err(e) => Err(Error::io(format!("write {}", path.display()), e)),
@@ -240,7 +240,7 @@ pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error>
     let cache_dir = cfg.cache_dir.clone().ok_or_else(|| {
         Error::Protocol("an s3:// backend needs --cache-dir DIR for its log and read cache".into())
     })?;
-    fs::create_dir_all(&cache_dir)
+    wal::ensure_dir(&cache_dir)
         .map_err(|e| Error::io(format!("cache directory {}", cache_dir.display()), e))?;
     let lease_file = fs::OpenOptions::new()
         .create(true)

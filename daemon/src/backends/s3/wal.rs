@@ -180,14 +180,41 @@ fn segment_path(dir: &Path, number: u64) -> PathBuf {
 /// fsync(2), or in tests an error when one is asked for.
 fn sync_data(file: &File) -> io::Result<()> {
     #[cfg(test)]
-    if tests::FAIL_SYNC.with(|f| f.replace(false)) {
-        return Err(io::Error::from_raw_os_error(libc::EIO));
+    {
+        tests::SYNCS.with(|n| n.set(n.get() + 1));
+        let nth = tests::FAIL_SYNC.with(|f| f.replace(f.get().saturating_sub(1)));
+        if nth == 1 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
     }
     file.sync_data()
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     sync_data(&File::open(dir)?)
+}
+
+/// Creates `dir` and its missing parents durably: each new entry's parent
+/// is synced, so that after a power loss the directory (and the log or
+/// lineage in it) is there, rather than a daemon that refuses to serve.
+pub(super) fn ensure_dir(dir: &Path) -> io::Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => return Ok(()),
+    };
+    let made = match std::fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ensure_dir(parent)?;
+            std::fs::create_dir(dir)
+        }
+        made => made,
+    };
+    match made {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Why a record does not check out.
@@ -406,7 +433,7 @@ impl Wal {
         live: bool,
         mut apply: impl FnMut(Record),
     ) -> io::Result<(Fit, u64)> {
-        std::fs::create_dir_all(dir)?;
+        ensure_dir(dir)?;
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let name = entry?.file_name();
@@ -708,8 +735,11 @@ mod tests {
     use super::*;
 
     thread_local! {
-        /// Makes this thread's next fsync of the log fail with EIO.
-        pub static FAIL_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes this thread's Nth fsync from now (1: the next) fail with
+        /// EIO.
+        pub static FAIL_SYNC: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        /// How many fsyncs this thread made.
+        pub static SYNCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
 
     /// A flush as the backend does it.
@@ -960,7 +990,7 @@ mod tests {
         let d = dir("fsync");
         let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
         wal.append(Kind::Write, 0, 3, b"one").unwrap();
-        FAIL_SYNC.with(|f| f.set(true));
+        FAIL_SYNC.with(|f| f.set(1));
         let eio = Some(libc::EIO);
         assert_eq!(flush(&mut wal).err().unwrap().raw_os_error(), eio);
         assert_eq!(wal.to_sync().err().unwrap().raw_os_error(), eio);
@@ -970,9 +1000,18 @@ mod tests {
         // The checkpointer's fsync (rotate) fails it as well.
         drop(wal);
         let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
-        FAIL_SYNC.with(|f| f.set(true));
+        FAIL_SYNC.with(|f| f.set(1));
         assert!(wal.rotate().is_err());
         assert_eq!(flush(&mut wal).err().unwrap().raw_os_error(), eio);
+        // So does the directory's sync after a new segment; the segment is
+        // kept, so nothing makes it again (EEXIST) either.
+        drop(wal);
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        let before = wal.segments.len();
+        FAIL_SYNC.with(|f| f.set(2));
+        assert_eq!(wal.rotate().err().unwrap().raw_os_error(), eio);
+        assert_eq!(wal.segments.len(), before + 1);
+        assert_eq!(wal.rotate().err().unwrap().raw_os_error(), eio);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -1017,6 +1056,24 @@ mod tests {
             recs,
             [(5, 3, Some(b"old".to_vec())), (9, 3, Some(b"new".to_vec()))]
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Each directory made is synced in its parent (one fsync per level
+    /// made), and one already there costs nothing.
+    #[test]
+    fn directories_are_made_durably() {
+        let d = dir("ensure");
+        let syncs = || SYNCS.with(|n| n.get());
+        let before = syncs();
+        ensure_dir(&d.join("a/b")).unwrap();
+        assert!(d.join("a/b").is_dir());
+        assert_eq!(syncs() - before, 3);
+        let before = syncs();
+        ensure_dir(&d.join("a/b")).unwrap();
+        assert_eq!(syncs(), before);
+        std::fs::write(d.join("file"), b"").unwrap();
+        assert!(ensure_dir(&d.join("file")).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
