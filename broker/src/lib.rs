@@ -228,7 +228,7 @@ impl Broker {
         .map(Arc::new)
         .map_err(|e| format!("export {name}: {e}"))?;
         if let Some((rec, stored)) = prior {
-            export.adopt(rec.last_epoch, stored);
+            export.adopt(rec.last_epoch, &rec.stored, stored);
         }
         Ok(export)
     }

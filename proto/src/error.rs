@@ -33,6 +33,9 @@ pub enum ErrorCode {
     Internal = 12,
     /// Something with that name already exists.
     Exists = 13,
+    /// An fd-store entry was lost with a previous broker: what it held is
+    /// gone, and a daemon must not start afresh in its place.
+    Lost = 14,
 }
 
 impl ErrorCode {
@@ -51,6 +54,7 @@ impl ErrorCode {
             11 => Self::LimitReached,
             12 => Self::Internal,
             13 => Self::Exists,
+            14 => Self::Lost,
             _ => return None,
         })
     }
@@ -70,6 +74,7 @@ impl ErrorCode {
             Self::LimitReached => "limit-reached",
             Self::Internal => "internal",
             Self::Exists => "exists",
+            Self::Lost => "lost",
         }
     }
 }

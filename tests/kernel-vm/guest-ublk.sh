@@ -124,6 +124,17 @@ $B/holdfastctl status
 grep -E "recovered" $W/broker2.log
 echo "reader across the broker's SIGKILL and restart: ok"
 
+# A mem daemon on the recovered device is refused: its memfd died with the
+# old broker's fd store, and the device's users hold what they read of it.
+if $B/holdfast-daemon --export vol0 --backend mem --takeover > $W/mem.log 2>&1; then
+    cat $W/mem.log; echo "a mem daemon served a recovered device on a fresh memfd"; exit 1
+fi
+grep "is lost" $W/mem.log
+wait "$daemon" 2>/dev/null || true  # fenced by the takeover
+start_daemon
+wait_for 60 attached
+echo "mem daemon on a recovered device: refused"
+
 # Upgrades in place under fio: the device is recovered by the new broker
 # in the same process, and the daemon attaches to it again by itself.
 daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')

@@ -8,7 +8,7 @@ mod handoff;
 
 pub use handoff::{HandoffParams, QuiescedError};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -145,6 +145,23 @@ struct State {
     removed: bool,
     /// A request that changes data (write, discard, ...) was ever submitted.
     modified: bool,
+    /// What is known of the fd store's past, for a miss in it.
+    fd_history: FdHistory,
+}
+
+/// Whether an fd-store name a daemon asks for and the store lacks was
+/// never stored, or was lost with a previous broker (a `mem` daemon must
+/// not start afresh on a device whose users hold its old contents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FdHistory {
+    /// The store began with this broker: a miss was never stored.
+    Own,
+    /// Taken over with a record of the store: these names were not passed
+    /// on.
+    Recorded(BTreeSet<String>),
+    /// The device was taken over with no record of the store (a ublk
+    /// recovery after the broker died): any miss may be a loss.
+    Unknown,
 }
 
 /// What a daemon gets for a successful ATTACH. The session thread keeps the
@@ -230,6 +247,7 @@ impl Export {
                 waiting_since: None,
                 removed: false,
                 modified: false,
+                fd_history: FdHistory::Own,
             }),
             changed: Condvar::new(),
             reopen: Mutex::new(None),
@@ -962,6 +980,9 @@ impl Export {
                     ),
                 ));
             }
+            if let FdHistory::Recorded(lost) = &mut st.fd_history {
+                lost.remove(name);
+            }
             Ok(st.fdstore.insert(name.to_owned(), (id, fd)))
         })?;
         // Closed here, outside the lock.
@@ -977,14 +998,39 @@ impl Export {
         if st.daemon(epoch).is_none() {
             return Err(self.no_longer(epoch));
         }
-        let (_, fd) = st.fdstore.get(name).ok_or_else(|| {
-            ErrorReply::new(
-                ErrorCode::NotFound,
-                format!("export {}: no descriptor stored as {name:?}", self.name),
-            )
-        })?;
+        let (_, fd) = st
+            .fdstore
+            .get(name)
+            .ok_or_else(|| self.fd_miss(&st.fd_history, name))?;
         fd.try_clone()
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("cannot duplicate: {e}")))
+    }
+
+    /// The reply to FD_GET of a name the store lacks.
+    fn fd_miss(&self, history: &FdHistory, name: &str) -> ErrorReply {
+        let why = match history {
+            FdHistory::Recorded(lost) if lost.contains(name) => {
+                "the previous broker kept it, but it was not passed on"
+            }
+            FdHistory::Unknown => {
+                "its device was taken over from a broker that died, whose fd store died with it"
+            }
+            FdHistory::Own | FdHistory::Recorded(_) => {
+                return ErrorReply::new(
+                    ErrorCode::NotFound,
+                    format!("export {}: no descriptor stored as {name:?}", self.name),
+                );
+            }
+        };
+        ErrorReply::new(
+            ErrorCode::Lost,
+            format!(
+                "export {}: the descriptor stored as {name:?} is lost ({why}): what it held \
+                 is gone, and the device's users still hold what they read of it. Remove the \
+                 export and add it again to start it empty",
+                self.name
+            ),
+        )
     }
 
     /// What outlives the broker: the last epoch granted, and duplicates
@@ -1002,10 +1048,22 @@ impl Export {
     /// Takes over what a previous broker left for this export: epochs go
     /// on above `last_epoch`, and the fd store holds `stored` again. Its
     /// data may have been written, so a flush is never answered here.
-    pub fn adopt(&self, last_epoch: u64, stored: Vec<(String, u64, OwnedFd)>) {
+    /// `recorded` names what the previous broker's fd store held; those
+    /// missing from `stored` are lost.
+    pub fn adopt(
+        &self,
+        last_epoch: u64,
+        recorded: &[(String, u64)],
+        stored: Vec<(String, u64, OwnedFd)>,
+    ) {
         self.assume_dirty();
         let mut st = self.state.lock();
         st.last_epoch = st.last_epoch.max(last_epoch);
+        let lost = recorded
+            .iter()
+            .filter(|(name, _)| !stored.iter().any(|(s, _, _)| s == name))
+            .map(|(name, _)| name.clone());
+        st.fd_history = FdHistory::Recorded(lost.collect());
         for (name, id, fd) in stored.into_iter().take(MAX_STORED_FDS) {
             st.fdstore.insert(name, (id, fd));
         }
@@ -1015,7 +1073,11 @@ impl Export {
     /// over by a restart or a ublk recovery): anything may have been
     /// written, so every flush goes to a daemon.
     pub fn assume_dirty(&self) {
-        self.state.lock().modified = true;
+        let mut st = self.state.lock();
+        st.modified = true;
+        if st.fd_history == FdHistory::Own {
+            st.fd_history = FdHistory::Unknown;
+        }
     }
 
     /// Whether a daemon is active (restored and receiving requests).
@@ -1284,5 +1346,46 @@ mod tests {
         flush(&taken_over, 2);
         assert_eq!(replies.0.lock().len(), 1);
         assert_eq!(taken_over.status("ublk", None).pending, 1);
+    }
+
+    /// A name the fd store lacks was never stored, unless the export was
+    /// taken over: with a record, the names it lists that were not passed
+    /// on are lost; with none (a ublk recovery after the broker died),
+    /// every miss is. A `mem` daemon then refuses to start on zeros.
+    #[test]
+    fn fd_store_misses_after_a_takeover_are_losses() {
+        let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
+        let memfd = || rustix::fs::memfd_create("test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let get = |export: &Export, name: &str| {
+            let grant = export.attach(me(), false, Duration::from_secs(1)).unwrap();
+            let got = export
+                .fd_get(grant.epoch, name)
+                .map(drop)
+                .map_err(|e| e.code);
+            export.end_session(grant.epoch, false);
+            got
+        };
+        let fresh = volume(4, 1 << 20);
+        assert_eq!(get(&fresh, "mem"), Err(ErrorCode::NotFound));
+
+        let recovered = volume(4, 1 << 20);
+        recovered.assume_dirty();
+        assert_eq!(get(&recovered, "mem"), Err(ErrorCode::Lost));
+
+        let adopted = volume(4, 1 << 20);
+        adopted.adopt(
+            3,
+            &[("mem".into(), 1), ("kept".into(), 2)],
+            vec![("kept".into(), 2, memfd())],
+        );
+        adopted.assume_dirty(); // the ublk recovery that follows
+        assert_eq!(get(&adopted, "mem"), Err(ErrorCode::Lost));
+        assert_eq!(get(&adopted, "kept"), Ok(()));
+        assert_eq!(get(&adopted, "other"), Err(ErrorCode::NotFound));
+        // Stored again (an operator's choice): found from then on.
+        let grant = adopted.attach(me(), false, Duration::from_secs(1)).unwrap();
+        adopted.fd_put(grant.epoch, "mem", memfd(), 4).unwrap();
+        adopted.end_session(grant.epoch, false);
+        assert_eq!(get(&adopted, "mem"), Ok(()));
     }
 }
