@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use holdfast_proto::{
     ErrorCode, HandoffRequest, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, caps,
@@ -31,6 +31,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often an idle session thread wakes to look at its daemon anyway.
 const SESSION_TICK: Duration = Duration::from_millis(500);
+/// How long a daemon released with requests in flight (its export removed)
+/// has to finish them before it is fenced.
+const RELEASE_DRAIN: Duration = Duration::from_secs(5);
 
 /// Accepts connections until the listener fails.
 pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
@@ -445,6 +448,12 @@ impl<'a> Connection<'a> {
         let epoch = g.epoch;
         let mut head = 0u32;
         let mut detaching = false;
+        // Released (its export removed) at this deadline: the daemon
+        // finishes what it holds first, or is fenced before any of it
+        // fails. Failed unfenced, a write it still runs would land after
+        // the kernel reused the request's buffer (ublk pins them): the
+        // next request's bytes at this one's offset.
+        let mut releasing = None;
         loop {
             // Ask to be woken, then look once more before sleeping, so a
             // completion published in between is not missed.
@@ -473,8 +482,8 @@ impl<'a> Connection<'a> {
                         Notice::Activate => Reply::Activate,
                         Notice::Revive => Reply::Revive,
                         Notice::Release => {
-                            self.send(&Reply::Detached);
-                            return End::Detached;
+                            releasing.get_or_insert_with(|| sys::deadline(RELEASE_DRAIN));
+                            continue;
                         }
                     };
                     self.send(&reply);
@@ -493,7 +502,7 @@ impl<'a> Connection<'a> {
                 match self.recv(RecvFlags::DONTWAIT) {
                     Incoming::Nothing => {}
                     Incoming::Eof => {
-                        if detaching && export.drained(epoch) {
+                        if (detaching || releasing.is_some()) && export.drained(epoch) {
                             return End::Detached;
                         }
                         return End::Lost("control connection closed".into());
@@ -528,9 +537,14 @@ impl<'a> Connection<'a> {
             if self.broken {
                 return End::Lost("cannot send to the daemon (not reading its socket?)".into());
             }
-            if detaching && export.drained(epoch) {
+            if (detaching || releasing.is_some()) && export.drained(epoch) {
                 self.send(&Reply::Detached);
                 return End::Detached;
+            }
+            if releasing.is_some_and(|end| Instant::now() >= end) {
+                return End::Lost(format!(
+                    "released with requests it did not finish within {RELEASE_DRAIN:?}"
+                ));
             }
         }
     }

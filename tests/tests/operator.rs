@@ -204,3 +204,75 @@ fn an_export_without_a_daemon_does_not_stall_another() {
         w.join().unwrap().unwrap();
     }
 }
+
+/// `export rm --force` while a daemon holds a request: the daemon finishes
+/// it first (the writer gets its answer, not EIO), or, if it does not within
+/// the broker's bound, it is fenced before the request fails. Failed while
+/// the daemon could still run it, the write could land after the kernel
+/// reused its buffer.
+#[test]
+fn removal_drains_or_fences_the_daemon_first() {
+    let scratch = Scratch::new("ctl-rm-inflight", Duration::from_secs(90));
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "4MiB"), ("vol1", "4MiB")]),
+    );
+    let dispatched = |name: &str| {
+        broker.wait_status(name, Duration::from_secs(10), "a request in flight", |s| {
+            s["inflight"] == 1
+        })
+    };
+    let rm = |name: &str| {
+        let out = broker.ctl(&["export", "rm", name, "--force"]);
+        assert!(out.status.success(), "{out:?}");
+    };
+
+    // Drained: the stopped daemon holds the write, the export is removed,
+    // the daemon goes on and answers it.
+    let backend = format!("file:{}", scratch.path("vol0.img").display());
+    let mut d0 = broker.daemon(&scratch, "vol0", &backend, &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(10));
+    d0.signal(libc::SIGSTOP);
+    let write = write_in_thread(&broker, "vol0", 0, 7);
+    dispatched("vol0");
+    rm("vol0");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !write.is_finished(),
+        "the write failed while its daemon held it"
+    );
+    d0.signal(libc::SIGCONT);
+    write.join().unwrap().unwrap();
+    let status = d0
+        .wait_timeout(Duration::from_secs(10))
+        .expect("daemon exits");
+    assert!(status.success(), "{status}:\n{}", d0.log_text());
+    assert_eq!(
+        std::fs::read(scratch.path("vol0.img")).unwrap()[..4096],
+        [7; 4096]
+    );
+
+    // Fenced: a daemon that does not finish is killed first, then the
+    // write fails.
+    let backend = format!("file:{}", scratch.path("vol1.img").display());
+    let mut d1 = broker.daemon(&scratch, "vol1", &backend, &[]);
+    broker.wait_active("vol1", 0, Duration::from_secs(10));
+    d1.signal(libc::SIGSTOP);
+    let write = write_in_thread(&broker, "vol1", 0, 9);
+    dispatched("vol1");
+    rm("vol1");
+    let e = write.join().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        !d1.is_running(),
+        "the write failed before its daemon was fenced"
+    );
+    assert!(
+        broker
+            .proc
+            .log_text()
+            .contains("released with requests it did not finish"),
+        "{}",
+        broker.proc.log_text()
+    );
+}
