@@ -552,15 +552,20 @@ pub fn run(cfg: Config) -> Result<(), String> {
     };
     info!("signal {sig}: shutting down");
     broker.custody.notify("STOPPING=1\n");
+    // The ublk devices first, while their daemons still serve the
+    // writeback that stopping a device needs.
+    for (name, device) in broker.ublk.lock().drain(..) {
+        match broker.find(&name) {
+            Ok(export) => device.stop(&export),
+            Err(_) => device.remove(),
+        }
+    }
     for s in broker.supervisors.lock().iter() {
         s.shutdown(Duration::from_secs(3));
     }
     // A stop is a stop: the next start is a fresh one.
     broker.custody.clear();
     broker.frontend.unmount();
-    for (_, device) in broker.ublk.lock().drain(..) {
-        device.remove();
-    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

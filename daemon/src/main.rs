@@ -29,7 +29,7 @@ hands its export off to a fresh copy of the supervised command line.
 Backends:
   file:PATH             a local file, created sparse if missing; flush = fdatasync
   mem                   a memfd kept in the broker's fd store (survives daemon
-                        crashes, not broker restarts)
+                        crashes and broker upgrades, not broker crashes)
   dir:PATH              for a cachefiles export (holdfast-broker --cachefiles):
                         blobs (erofs images) as files in PATH, read-only
   s3://BUCKET[/PREFIX]  chunk objects and a manifest in S3 or an S3-compatible

@@ -6,7 +6,10 @@
 # daemon's backing file, a blocked reader across the broker's own SIGKILL
 # and restart (no flag: the next broker finds the device's record), fio's
 # verify across 5 broker upgrades (`holdfastctl broker upgrade`, the daemon
-# never restarted), and a stale device record removed.
+# never restarted), a stale device record removed, a mem daemon refused on
+# a recovered device (its memfd died with the old broker), every thread of
+# broker and daemon an IO flusher, and an orderly stop (SIGTERM) with dirty
+# ext4 on a device that loses nothing.
 . "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 echo "kernel $(uname -r)"
 $B/hf-ublk-probe features
@@ -174,3 +177,28 @@ dd if=/dev/ublkb1 bs=1M count=1 iflag=direct status=none | cmp - $W/p1
 $B/holdfastctl export rm vol1
 wait_for 10 test ! -e /dev/ublkb1
 echo "export add/rm with --frontend ublk: ok"
+
+# An orderly stop (SIGTERM) with ext4 mounted on a device and dirty pages
+# in it: the broker writes them back through the daemon, which still
+# serves, then stops and deletes the device; the daemon's file then holds
+# the file system with every byte.
+$B/holdfastctl export add vol2 64MiB --frontend ublk
+$B/holdfast-daemon --export vol2 --backend file:$W/vol2.img >> $W/daemon.log 2>&1 &
+id2=$(cat $W/ublk-vol2.id)
+wait_for 60 test -b /dev/ublkb$id2
+mkfs.ext4 -q /dev/ublkb$id2
+mkdir -p $W/m2 $W/m2back
+mount /dev/ublkb$id2 $W/m2
+head -c 16M /dev/urandom > $W/dirty
+cp $W/dirty $W/m2/dirty  # no sync: dirty in the page cache
+kill -TERM $broker
+wait $broker || { echo "broker exit $?"; exit 1; }
+umount -l $W/m2
+grep "vol2: ublk device $id2: wrote back 1 file systems" $W/broker2.log
+[ ! -e $W/ublk-vol2.id ] || { echo "the record of a stopped device is left"; exit 1; }
+[ ! -e /dev/ublkb$id2 ] || { echo "/dev/ublkb$id2 is left after the stop"; exit 1; }
+cp $W/vol2.img $W/vol2-copy.img  # the journal may need replaying
+mount -o loop $W/vol2-copy.img $W/m2back
+cmp $W/m2back/dirty $W/dirty
+umount $W/m2back
+echo "SIGTERM with dirty ext4 on a ublk device: written back, device deleted: ok"

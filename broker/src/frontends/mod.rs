@@ -6,6 +6,7 @@ pub mod cachefiles;
 pub mod fuse;
 pub mod ublk;
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -136,6 +137,64 @@ pub fn holders(device: Option<&Path>, files: &[PathBuf]) -> Vec<String> {
     found
 }
 
+/// Writes back what is dirty above block device `device` while its daemon
+/// still serves: every file system mounted from it (syncfs(2)), then the
+/// device's own page cache and write cache (fsync(2) on it). Returns how
+/// many file systems were synced. A device's removal writes back too, but
+/// may fail that writeback (ublk on 6.12 aborts it), and nothing would be
+/// left to serve it then.
+pub fn sync_above(device: &Path) -> io::Result<usize> {
+    let rdev = rustix::fs::stat(device)?.st_rdev;
+    let want = format!("{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut synced = 0;
+    for mount in mountinfo.lines().filter_map(|l| mount_of(l, &want)) {
+        let dir = rustix::fs::open(
+            mount.as_str(),
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        rustix::fs::syncfs(&dir)?;
+        synced += 1;
+    }
+    let dev = std::fs::File::open(device)?;
+    dev.sync_all()?;
+    Ok(synced)
+}
+
+/// The mount point of a /proc/self/mountinfo line whose device (its third
+/// field, MAJOR:MINOR) is `dev`, with the kernel's octal escapes (`\040`
+/// for a space) undone.
+fn mount_of(line: &str, dev: &str) -> Option<String> {
+    let mut fields = line.split(' ');
+    if fields.nth(2)? != dev {
+        return None;
+    }
+    let escaped = fields.nth(1)?.as_bytes();
+    let mut out = Vec::with_capacity(escaped.len());
+    let mut i = 0;
+    while i < escaped.len() {
+        let octal = escaped
+            .get(i + 1..i + 4)
+            .filter(|_| escaped[i] == b'\\')
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match octal {
+            Some(b) => {
+                out.push(b);
+                i += 4;
+            }
+            None => {
+                out.push(escaped[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// A blob frontend (cachefiles), which a new daemon must tell about every
 /// open blob before it gets anything else: a blob's reads name it only by
 /// number.
@@ -144,4 +203,20 @@ pub trait Reopen: Send + Sync {
     /// its name as data and an origin that expects no reply to the kernel.
     /// Called under the export's lock: must not call into the export.
     fn reopens(&self) -> Vec<(holdfast_proto::shm::Ask, Origin, Data)>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mount_points_from_mountinfo() {
+        let line = "36 35 259:3 / /mnt/with\\040space rw,relatime shared:1 - ext4 /dev/ublkb0 rw";
+        assert_eq!(
+            super::mount_of(line, "259:3").as_deref(),
+            Some("/mnt/with space")
+        );
+        assert_eq!(super::mount_of(line, "259:4"), None);
+        assert_eq!(super::mount_of("36 35", "259:3"), None);
+        let odd = "1 2 8:1 / /a\\9x rw - ext4 /dev/sda1 rw";
+        assert_eq!(super::mount_of(odd, "8:1").as_deref(), Some("/a\\9x"));
+    }
 }

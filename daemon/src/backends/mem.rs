@@ -1,6 +1,9 @@
 //! `mem`: an export kept in a memfd that the daemon deposits in the broker's
 //! fd store. A restarted daemon gets the same memfd back, so the contents
-//! survive daemon crashes (not broker restarts or reboots).
+//! survive daemon crashes and broker upgrades (not broker crashes or
+//! reboots). A broker that lost the memfd with its predecessor says so
+//! (the error code `lost`), and this daemon then refuses to start on a
+//! fresh one: the device's users hold the old contents.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};

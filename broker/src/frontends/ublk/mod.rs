@@ -46,6 +46,12 @@ const CDEV_WAIT: Duration = Duration::from_secs(5);
 /// notices its dead server) and for START_USER_RECOVERY to stop failing
 /// with EBUSY (the dead server's /dev/ublkcN is still being closed).
 const RECOVER_WAIT: Duration = Duration::from_secs(10);
+/// How long `export rm` waits for STOP_DEV and DEL_DEV.
+const REMOVE_WAIT: Duration = Duration::from_secs(5);
+/// How long a broker's stop waits for the writeback above a device, and
+/// then for STOP_DEV and DEL_DEV (a daemon serves both).
+const STOP_SYNC_WAIT: Duration = Duration::from_secs(60);
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// A ublk device serving one export.
 pub struct UblkDevice {
@@ -228,35 +234,86 @@ impl UblkDevice {
         Ok(())
     }
 
-    /// Stops and deletes the device. Requests still waiting for a daemon
-    /// keep the stop waiting, so this runs in the background, bounded; a
-    /// device left behind keeps its record, so the next broker finds it.
+    /// Stops and deletes the device (`export rm`). Requests still waiting
+    /// for a daemon keep the stop waiting, so this runs in the background,
+    /// bounded; a device left behind keeps its record, so the next broker
+    /// finds it.
     pub fn remove(&self) {
+        self.stop_and_delete(REMOVE_WAIT);
+    }
+
+    /// The device at a broker's stop (SIGTERM), before its daemon is
+    /// detached. With a daemon serving, what is dirty above the device is
+    /// written back through it first (a mounted file system's pages: the
+    /// stop's own writeback fails on 6.12, which aborts requests once
+    /// STOP_DEV has quiesced the device), then the device is stopped and
+    /// deleted. With none, or if the writeback does not finish, nothing is
+    /// stopped: the broker's exit leaves the device QUIESCED, its requests
+    /// waiting, and the next broker recovers it from the record.
+    pub fn stop(&self, export: &Export) {
+        let (name, id) = (export.name().to_owned(), self.dev_id);
+        let leave = |why: &str| {
+            warn!(
+                "{name}: ublk device {id} left for the next broker ({why}); its requests wait, \
+                 and a broker started on this socket recovers it"
+            );
+        };
+        if !export.serving() {
+            return leave("no daemon serves it, so what is dirty above it cannot be written back");
+        }
+        let dev = self.path();
+        match within(STOP_SYNC_WAIT, move || super::sync_above(&dev)) {
+            Some(Ok(n)) => info!("{name}: ublk device {id}: wrote back {n} file systems on it"),
+            // Never started (no /dev/ublkbN): nothing above it.
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Some(Err(e)) => return leave(&format!("writing back what is above it failed: {e}")),
+            None => return leave(&format!("writeback did not finish in {STOP_SYNC_WAIT:?}")),
+        }
+        self.stop_and_delete(STOP_WAIT);
+    }
+
+    fn stop_and_delete(&self, bound: Duration) {
         let id = self.dev_id;
-        let done = std::thread::spawn(move || {
+        let done = within(bound, move || {
             Control::open().and_then(|mut c| {
                 c.stop(id)?;
                 c.delete(id)
             })
         });
-        let end = Instant::now() + Duration::from_secs(5);
-        while !done.is_finished() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if !done.is_finished() {
-            warn!(
-                "ublk device {id}: not stopped within 5 s (requests are waiting); left to the kernel"
-            );
-            return;
-        }
-        match done.join() {
-            Ok(Ok(())) => {
+        match done {
+            Some(Ok(())) => {
                 let _ = std::fs::remove_file(&self.record);
             }
-            Ok(Err(e)) => warn!("ublk device {id}: cannot stop and delete it: {e}"),
-            Err(_) => warn!("ublk device {id}: the thread stopping it failed"),
+            Some(Err(e)) => warn!("ublk device {id}: cannot stop and delete it: {e}"),
+            None => warn!(
+                "ublk device {id}: not stopped within {bound:?} (requests are waiting); left to \
+                 the kernel"
+            ),
         }
     }
+}
+
+/// Runs `f` on a thread of its own for up to `bound`: `None` if it has not
+/// finished by then (it is left running), else what it returned.
+fn within<T: Send + 'static>(
+    bound: Duration,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Option<io::Result<T>> {
+    let done = match std::thread::Builder::new().spawn(f) {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e)),
+    };
+    let end = Instant::now() + bound;
+    while !done.is_finished() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !done.is_finished() {
+        return None;
+    }
+    Some(
+        done.join()
+            .unwrap_or_else(|_| Err(io::Error::other("the thread failed"))),
+    )
 }
 
 /// Opens /dev/ublkcN and starts the queue thread, which fetches every tag.
@@ -468,7 +525,7 @@ impl Queue {
             .get(at..at.saturating_add(size_of::<IoDesc>()))
             .and_then(|b| IoDesc::read_from_bytes(b).ok())
             .unwrap_or_default();
-        match self.parse(&desc) {
+        match parse(&desc, self.export.size(), self.export.slot_size()) {
             Ok((op, offset, len)) => {
                 let data = if op.uses_buffer() {
                     Data::Slot(u32::from(tag))
@@ -485,28 +542,67 @@ impl Queue {
             Err(errno) => self.push_io(sys::IO_COMMIT_AND_FETCH_REQ, tag, errno.saturating_neg()),
         }
     }
+}
 
-    /// The request in a descriptor, checked against the export: op, byte
-    /// offset and length, or the errno to fail it with.
-    fn parse(&self, d: &IoDesc) -> Result<(Op, u64, u64), i32> {
-        let op = match (d.op_flags & 0xff) as u8 {
-            sys::IO_OP_READ => Op::Read,
-            sys::IO_OP_WRITE => Op::Write,
-            sys::IO_OP_FLUSH => Op::Flush,
-            sys::IO_OP_DISCARD => Op::Discard,
-            sys::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
-            _ => return Err(libc::EOPNOTSUPP),
-        };
-        let offset = d.start_sector.checked_mul(512).ok_or(libc::EINVAL)?;
-        let len = u64::from(d.nr_sectors)
-            .checked_mul(512)
-            .ok_or(libc::EINVAL)?;
-        let end = offset.checked_add(len).ok_or(libc::EINVAL)?;
-        if end > self.export.size()
-            || (op.uses_buffer() && len > u64::from(self.export.slot_size()))
-        {
-            return Err(libc::EINVAL);
+/// The request in a descriptor, checked against an export of `size` bytes
+/// and tag buffers of `slot_size`: op, byte offset and length, or the
+/// errno to fail it with.
+fn parse(d: &IoDesc, size: u64, slot_size: u32) -> Result<(Op, u64, u64), i32> {
+    let op = match (d.op_flags & 0xff) as u8 {
+        sys::IO_OP_READ => Op::Read,
+        sys::IO_OP_WRITE => Op::Write,
+        sys::IO_OP_FLUSH => Op::Flush,
+        sys::IO_OP_DISCARD => Op::Discard,
+        sys::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+        _ => return Err(libc::EOPNOTSUPP),
+    };
+    if op == Op::Flush {
+        // A flush has no range: the block layer's flush request starts
+        // at sector -1 (blk_rq_init), which checked arithmetic refuses.
+        return Ok((op, 0, 0));
+    }
+    let offset = d.start_sector.checked_mul(512).ok_or(libc::EINVAL)?;
+    let len = u64::from(d.nr_sectors)
+        .checked_mul(512)
+        .ok_or(libc::EINVAL)?;
+    let end = offset.checked_add(len).ok_or(libc::EINVAL)?;
+    if end > size || (op.uses_buffer() && len > u64::from(slot_size)) {
+        return Err(libc::EINVAL);
+    }
+    Ok((op, offset, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(op: u8, start_sector: u64, nr_sectors: u32) -> IoDesc {
+        IoDesc {
+            op_flags: u32::from(op),
+            nr_sectors,
+            start_sector,
+            ..IoDesc::default()
         }
-        Ok((op, offset, len))
+    }
+
+    /// Every descriptor is checked; a flush's range is not one (the block
+    /// layer's flush request starts at sector -1): it used to fail with
+    /// EINVAL, so every fsync of a ublk device did.
+    #[test]
+    fn descriptors_are_checked() {
+        let p = |d: IoDesc| parse(&d, 1 << 20, 4096);
+        assert_eq!(p(desc(sys::IO_OP_READ, 8, 8)), Ok((Op::Read, 4096, 4096)));
+        assert_eq!(
+            p(desc(sys::IO_OP_FLUSH, u64::MAX, 0)),
+            Ok((Op::Flush, 0, 0))
+        );
+        assert_eq!(p(desc(sys::IO_OP_WRITE, 2047, 2)), Err(libc::EINVAL));
+        assert_eq!(p(desc(sys::IO_OP_WRITE, 0, 16)), Err(libc::EINVAL));
+        assert_eq!(p(desc(sys::IO_OP_READ, u64::MAX, 1)), Err(libc::EINVAL));
+        assert_eq!(
+            p(desc(sys::IO_OP_DISCARD, 0, 2048)),
+            Ok((Op::Discard, 0, 1 << 20))
+        );
+        assert_eq!(p(desc(0x7f, 0, 1)), Err(libc::EOPNOTSUPP));
     }
 }

@@ -9,18 +9,26 @@
 //! The body is text, one field per line:
 //!
 //! ```text
-//! holdfast-s3-volume 1
+//! holdfast-s3-volume 2
 //! size BYTES
 //! chunk-size BYTES
 //! generation N
 //! owner LINEAGE NONCE HOST PID
+//! log LINEAGE SEGMENT    (optional: the log this manifest covers)
 //! chunk INDEX KEY        (one per stored chunk, ascending; KEY is under the prefix)
 //! ```
+//!
+//! `log` says that every record in the segments before SEGMENT of the log
+//! of cache directory LINEAGE is in the chunks named here: a replay skips
+//! them (a cache directory restored from an older copy, a segment whose
+//! unlink was lost). Format 1, without it, is still read; a daemon that
+//! reads only format 1 refuses format 2.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-const FORMAT: &str = "holdfast-s3-volume 1";
+const FORMAT: &str = "holdfast-s3-volume 2";
+const FORMAT_1: &str = "holdfast-s3-volume 1";
 
 /// Who wrote a manifest. `lineage` names a cache directory (its log):
 /// daemons that follow each other on one cache directory share it.
@@ -39,6 +47,9 @@ pub struct Manifest {
     pub chunk_size: u64,
     pub generation: u64,
     pub owner: Owner,
+    /// The log whose older segments the chunks hold: (lineage, the first
+    /// segment they do not cover).
+    pub log: Option<(String, u64)>,
     /// Chunk index → its object's key under the prefix.
     pub chunks: BTreeMap<u64, String>,
 }
@@ -57,12 +68,24 @@ impl Manifest {
         self.size.div_ceil(self.chunk_size)
     }
 
+    /// The first segment of the log of `lineage` that this manifest does
+    /// not cover (0: it covers none).
+    pub fn covers(&self, lineage: &str) -> u64 {
+        match &self.log {
+            Some((l, segment)) if l == lineage => *segment,
+            _ => 0,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let o = &self.owner;
         let mut s = format!(
             "{FORMAT}\nsize {}\nchunk-size {}\ngeneration {}\nowner {} {} {} {}\n",
             self.size, self.chunk_size, self.generation, o.lineage, o.nonce, o.host, o.pid
         );
+        if let Some((lineage, segment)) = &self.log {
+            let _ = writeln!(s, "log {lineage} {segment}");
+        }
         for (i, key) in &self.chunks {
             let _ = writeln!(s, "chunk {i} {key}");
         }
@@ -71,8 +94,8 @@ impl Manifest {
 
     pub fn parse(body: &[u8]) -> Result<Self, String> {
         let text = std::str::from_utf8(body).map_err(|_| "the manifest is not UTF-8")?;
-        let mut lines = text.lines();
-        if lines.next() != Some(FORMAT) {
+        let mut lines = text.lines().peekable();
+        if !matches!(lines.next(), Some(FORMAT | FORMAT_1)) {
             return Err(format!("the manifest does not start with {FORMAT:?}"));
         }
         let mut field = |name: &str| -> Result<Vec<&str>, String> {
@@ -119,8 +142,18 @@ impl Manifest {
             chunk_size,
             generation,
             owner,
+            log: None,
             chunks: BTreeMap::new(),
         };
+        if let Some(log) = lines.next_if(|l| l.starts_with("log ")) {
+            m.log = match log.split(' ').collect::<Vec<_>>()[..] {
+                ["log", lineage, segment] if is_token(lineage) => Some((
+                    lineage.into(),
+                    segment.parse().map_err(|_| "manifest log: bad segment")?,
+                )),
+                _ => return Err(format!("manifest: bad log line {log:?}")),
+            };
+        }
         for line in lines {
             let (index, key) = match line.split(' ').collect::<Vec<_>>()[..] {
                 ["chunk", i, key] => (i.parse::<u64>().ok(), key),
@@ -188,6 +221,7 @@ mod tests {
                 host: "host-1".into(),
                 pid: 42,
             },
+            log: Some(("ab12".into(), 5)),
             chunks: [
                 (0, "chunks/0.7.cd34".to_string()),
                 (2, "chunks/2.7.cd34".into()),
@@ -201,6 +235,14 @@ mod tests {
         let m = sample();
         assert_eq!(Manifest::parse(&m.encode()), Ok(m.clone()));
         assert_eq!(m.chunk_count(), 3);
+        assert_eq!((m.covers("ab12"), m.covers("ffff")), (5, 0));
+        // Format 1 (an older daemon's): no log line.
+        let old = String::from_utf8(m.encode())
+            .unwrap()
+            .replace("holdfast-s3-volume 2", "holdfast-s3-volume 1")
+            .replace("log ab12 5\n", "");
+        let read = Manifest::parse(old.as_bytes()).unwrap();
+        assert_eq!((read.log, read.chunks), (None, m.chunks));
     }
 
     #[test]
@@ -225,7 +267,7 @@ mod tests {
     fn bad_manifests_are_refused() {
         let good = String::from_utf8(sample().encode()).unwrap();
         for (from, to) in [
-            ("holdfast-s3-volume 1", "holdfast-s3-volume 2"),
+            ("holdfast-s3-volume 2", "holdfast-s3-volume 3"),
             ("size 10485760", "size ten"),
             ("chunk-size 4194304", "chunk-size 4194305"),
             ("chunk 2 ", "chunk 3 "),
@@ -233,6 +275,8 @@ mod tests {
             ("chunks/0.7.cd34", "chunks/../x y"),
             ("owner ab12 cd34 host-1 42", "owner ab12"),
             ("generation 7\n", ""),
+            ("log ab12 5", "log ab12 five"),
+            ("log ab12 5", "log ab12"),
         ] {
             let bad = good.replace(from, to);
             assert_ne!(bad, good, "{from}");

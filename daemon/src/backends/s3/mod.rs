@@ -408,6 +408,7 @@ impl S3Backend {
                         chunk_size: self.vol.chunk_size,
                         generation: 0,
                         owner: self.vol.owner.clone(),
+                        log: None,
                         chunks: BTreeMap::new(),
                     },
                     Condition::IfNoneMatch,
@@ -470,9 +471,13 @@ impl Backend for S3Backend {
                 (Fit::Stale, _) => (scan, extents) = Default::default(),
             }
         }
-        let wal = Wal::from_scan(&wal_dir, scan)
-            .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
         let (manifest, etag) = self.claim(!extents.is_empty())?;
+        // What the manifest says is in S3 already is not replayed over it
+        // (a cache directory restored from an older copy).
+        let covered = manifest.covers(&self.vol.owner.lineage);
+        extents.drop_before(covered);
+        let wal = Wal::from_scan(&wal_dir, scan, covered)
+            .map_err(|e| Error::io(format!("log {}", wal_dir.display()), e))?;
         let claimed = manifest.clone();
         let cache = Cache::open(
             &self.vol.cache_dir.join("cache"),
@@ -838,6 +843,7 @@ impl Active {
         let mut next_manifest = base.clone();
         next_manifest.generation = generation;
         next_manifest.owner = self.vol.owner.clone();
+        next_manifest.log = Some((self.vol.owner.lineage.clone(), cut));
         for (&index, key) in &uploaded {
             match key {
                 Some(k) => next_manifest.chunks.insert(index, k.clone()),

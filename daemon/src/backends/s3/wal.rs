@@ -415,7 +415,7 @@ impl Wal {
             (Fit::Stale, _) => return Err(io::Error::other("a new log changed under replay")),
         };
         let records = scan.records;
-        Ok((Self::from_scan(dir, scan)?, Replay { records, torn }))
+        Ok((Self::from_scan(dir, scan, 0)?, Replay { records, torn }))
     }
 
     /// Reads the log in `dir` on from where `scan` ended, oldest record
@@ -536,16 +536,32 @@ impl Wal {
     }
 
     /// The log that `scan` read to its end, to append to (a scan that was
-    /// not `live`).
-    pub fn from_scan(dir: &Path, scan: Scan) -> io::Result<Self> {
+    /// not `live`). The segments before `covered` are in S3 already (the
+    /// manifest says so): they are deleted, and a log left empty goes on
+    /// at `covered`, whose records the manifest does not cover.
+    pub fn from_scan(dir: &Path, scan: Scan, covered: u64) -> io::Result<Self> {
         let mut wal = Self {
             dir: dir.to_path_buf(),
             bytes: scan.segments.iter().map(|s| s.len).sum(),
             segments: scan.segments,
             failed: None,
         };
+        let stale: Vec<u64> = wal
+            .segments
+            .iter()
+            .map(|s| s.number)
+            .filter(|&n| n < covered)
+            .collect();
+        if let (Some(first), Some(last)) = (stale.first(), stale.last()) {
+            crate::log(&format!(
+                "log {}: segments {first} to {last} are in S3 already (its manifest covers \
+                 the log up to segment {covered}): deleted, not replayed",
+                dir.display()
+            ));
+            wal.remove_before(covered)?;
+        }
         if wal.segments.is_empty() {
-            wal.create_segment(1)?;
+            wal.create_segment(covered.max(1))?;
         }
         Ok(wal)
     }
@@ -822,7 +838,7 @@ mod tests {
         let fit = Wal::scan(&d, 1 << 20, &mut scan, false, |r| seen.push(r.offset)).unwrap();
         assert_eq!(fit, (Fit::Continued { oldest: cut }, 0));
         assert_eq!(seen, [0, 100, 200, 300]);
-        let mut wal = Wal::from_scan(&d, scan).unwrap();
+        let mut wal = Wal::from_scan(&d, scan, 0).unwrap();
         assert_eq!(wal.bytes(), 3 * HEADER + 6);
         wal.append(Kind::Write, 400, 3, b"ghi").unwrap();
         drop(wal);
@@ -1074,6 +1090,43 @@ mod tests {
         assert_eq!(syncs(), before);
         std::fs::write(d.join("file"), b"").unwrap();
         assert!(ensure_dir(&d.join("file")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Segments a manifest covers are deleted, not replayed, and a log
+    /// they leave empty goes on after them (not at 1, which a later
+    /// replay would skip as covered).
+    #[test]
+    fn covered_segments_are_skipped() {
+        let d = dir("covered");
+        let (mut wal, _) = Wal::open(&d, 1 << 20, |_| {}).unwrap();
+        wal.append(Kind::Write, 0, 3, b"old").unwrap();
+        wal.rotate().unwrap();
+        wal.append(Kind::Write, 3, 3, b"new").unwrap();
+        drop(wal);
+        let mut scan = Scan::default();
+        Wal::scan(&d, 1 << 20, &mut scan, false, |_| {}).unwrap();
+        let wal = Wal::from_scan(&d, scan, 2).unwrap();
+        assert_eq!(
+            wal.segments.iter().map(|s| s.number).collect::<Vec<_>>(),
+            [2]
+        );
+        drop(wal);
+        let (recs, _) = replay(&d);
+        assert_eq!(recs, [(3, 3, Some(b"new".to_vec()))]);
+
+        let mut scan = Scan::default();
+        Wal::scan(&d, 1 << 20, &mut scan, false, |_| {}).unwrap();
+        let mut wal = Wal::from_scan(&d, scan, 7).unwrap();
+        assert_eq!(
+            wal.segments.iter().map(|s| s.number).collect::<Vec<_>>(),
+            [7]
+        );
+        wal.append(Kind::Write, 6, 3, b"7th").unwrap();
+        drop(wal);
+        let mut scan = Scan::default();
+        Wal::scan(&d, 1 << 20, &mut scan, false, |_| {}).unwrap();
+        assert_eq!(scan.records, 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
