@@ -43,10 +43,10 @@ cleanup() {
     rc=$?
     set +ex
     guest_end $rc
-    [ -n "$reader" ] && kill "$reader" 2>/dev/null
-    [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
+    [ -n "$reader" ] && kill "$reader" 2>/dev/null || true
+    [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null || true
     for m in $W/m*; do umount -l "$m" 2>/dev/null; done
-    kill "$broker" 2>/dev/null
+    kill "$broker" 2>/dev/null || true
     sleep 1
     echo "--- broker log (tail)"; tail -25 $W/broker.log
     echo "--- daemon log (tail)"; tail -8 $W/daemon.log 2>/dev/null

@@ -27,7 +27,7 @@ cleanup() {
     rc=$?
     set +ex
     guest_end $rc
-    [ -n "${writer:-}" ] && kill "$writer" 2>/dev/null
+    [ -n "${writer:-}" ] && kill "$writer" 2>/dev/null || true
     systemctl stop holdfast
     echo "--- systemctl status"; systemctl status holdfast --no-pager -n 0
     echo "--- journal (tail)"; journalctl -u holdfast --no-pager -n 30

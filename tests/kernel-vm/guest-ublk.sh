@@ -23,8 +23,8 @@ cleanup() {
     rc=$?
     set +x
     guest_end $rc
-    [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null
-    kill "$broker" 2>/dev/null
+    [ -n "$daemon" ] && kill -9 "$daemon" 2>/dev/null || true
+    kill "$broker" 2>/dev/null || true
     sleep 1
     echo "--- broker log (tail)"; tail -12 $W/broker.log
     [ -f $W/broker2.log ] && { echo "--- recovered broker log (tail)"; tail -12 $W/broker2.log; }

@@ -173,3 +173,262 @@ pub fn s3_env(cmd: &mut Command) -> &mut Command {
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env_remove("AWS_PROFILE")
 }
+
+/// A request as the fault proxy sees it.
+#[derive(Debug, Clone)]
+pub struct ProxyRequest {
+    pub method: String,
+    /// The path and query, `/BUCKET/KEY?...`.
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ProxyRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the fault proxy does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forwards it and passes the answer on.
+    Pass,
+    /// Answers with this HTTP status (an S3 error), forwarding nothing.
+    Refuse(u16),
+    /// Forwards it (the store applies it), then answers 500 instead.
+    ApplyThenFail,
+    /// Forwards it without If-Match and If-None-Match: a store that ignores
+    /// conditional writes.
+    DropConditions,
+    /// Forwards it and passes the answer on with its ETag unquoted: a store
+    /// whose ETags in PUT answers differ in form from what If-Match takes.
+    UnquoteEtag,
+}
+
+/// An HTTP proxy in front of moto that injects faults, chosen per request
+/// by a rule; for the s3 backend's tests of a misbehaving store.
+pub struct FaultProxy {
+    pub endpoint: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+type Rule = dyn Fn(&ProxyRequest) -> Fault + Send + Sync;
+
+impl FaultProxy {
+    pub fn start(
+        moto: &Moto,
+        rule: impl Fn(&ProxyRequest) -> Fault + Send + Sync + 'static,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let rule: std::sync::Arc<Rule> = std::sync::Arc::new(rule);
+        let (upstream, halt) = (moto.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let (upstream, rule) = (upstream.clone(), rule.clone());
+                        std::thread::spawn(move || {
+                            let _ = proxy_connection(client, &upstream, &*rule);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { endpoint, stop }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reads an HTTP message's head (up to the blank line) from `r`; `None` at
+/// a clean end of the connection.
+fn read_head(
+    r: &mut impl std::io::BufRead,
+) -> std::io::Result<Option<(String, Vec<(String, String)>)>> {
+    let mut first = String::new();
+    if r.read_line(&mut first)? == 0 {
+        return Ok(None);
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    Ok(Some((first.trim_end().to_owned(), headers)))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Reads a body framed by Content-Length, or chunked, or (a response to a
+/// `Connection: close` request) by the end of the stream.
+fn read_body(
+    r: &mut impl std::io::BufRead,
+    headers: &[(String, String)],
+    to_end: bool,
+) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    if header(headers, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .map_err(|_| std::io::Error::other("bad chunk size"))?;
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk)?;
+            if n == 0 {
+                return Ok(body);
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    match header(headers, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => {
+            body.resize(n, 0);
+            r.read_exact(&mut body)?;
+        }
+        None if to_end => {
+            r.read_to_end(&mut body)?;
+        }
+        None => {}
+    }
+    Ok(body)
+}
+
+/// Serves one client connection (keep-alive), each request by the rule.
+fn proxy_connection(client: TcpStream, upstream: &str, rule: &Rule) -> std::io::Result<()> {
+    let mut reader = std::io::BufReader::new(client.try_clone()?);
+    let mut writer = client;
+    while let Some((line, mut headers)) = read_head(&mut reader)? {
+        if header(&headers, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("expect"));
+        }
+        let body = read_body(&mut reader, &headers, false)?;
+        let mut parts = line.split(' ');
+        let req = ProxyRequest {
+            method: parts.next().unwrap_or_default().to_owned(),
+            path: parts.next().unwrap_or_default().to_owned(),
+            headers: headers.clone(),
+        };
+        let fault = rule(&req);
+        let (status, mut resp_headers, resp_body) = match fault {
+            Fault::Refuse(status) => (status, Vec::new(), s3_error(status)),
+            _ => {
+                if fault == Fault::DropConditions {
+                    headers.retain(|(k, _)| {
+                        !k.eq_ignore_ascii_case("if-match")
+                            && !k.eq_ignore_ascii_case("if-none-match")
+                    });
+                }
+                let (status, h, b) = forward(upstream, &line, &headers, &body, &req.method)?;
+                match fault {
+                    Fault::ApplyThenFail => (500, Vec::new(), s3_error(500)),
+                    _ => (status, h, b),
+                }
+            }
+        };
+        if fault == Fault::UnquoteEtag {
+            for (k, v) in &mut resp_headers {
+                if k.eq_ignore_ascii_case("etag") {
+                    *v = v.trim_matches('"').to_owned();
+                }
+            }
+        }
+        let head_only = req.method == "HEAD";
+        let length = if head_only {
+            header(&resp_headers, "content-length")
+                .unwrap_or("0")
+                .to_owned()
+        } else {
+            resp_body.len().to_string()
+        };
+        write!(writer, "HTTP/1.1 {status} X\r\n")?;
+        for (k, v) in &resp_headers {
+            let skip = ["content-length", "transfer-encoding", "connection"];
+            if !skip.iter().any(|s| k.eq_ignore_ascii_case(s)) {
+                write!(writer, "{k}: {v}\r\n")?;
+            }
+        }
+        write!(
+            writer,
+            "Content-Length: {length}\r\nConnection: keep-alive\r\n\r\n"
+        )?;
+        if !head_only {
+            writer.write_all(&resp_body)?;
+        }
+        writer.flush()?;
+    }
+    Ok(())
+}
+
+/// Sends one request to moto (its own connection, closed after) and reads
+/// the whole answer.
+fn forward(
+    upstream: &str,
+    line: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    method: &str,
+) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+    let mut s = TcpStream::connect(upstream)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(s, "{line}\r\n")?;
+    for (k, v) in headers {
+        if !k.eq_ignore_ascii_case("connection") {
+            write!(s, "{k}: {v}\r\n")?;
+        }
+    }
+    write!(s, "Connection: close\r\n\r\n")?;
+    s.write_all(body)?;
+    let mut r = std::io::BufReader::new(s);
+    let (status_line, h) = read_head(&mut r)?.ok_or_else(|| std::io::Error::other("no answer"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let b = if method == "HEAD" {
+        Vec::new()
+    } else {
+        read_body(&mut r, &h, true)?
+    };
+    Ok((status, h, b))
+}
+
+fn s3_error(status: u16) -> Vec<u8> {
+    let code = match status {
+        403 => "AccessDenied",
+        412 => "PreconditionFailed",
+        _ => "InternalError",
+    };
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>injected by the test's fault proxy</Message></Error>"
+    )
+    .into_bytes()
+}

@@ -9,9 +9,11 @@
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use holdfast_tests::s3::{Moto, s3_env};
+use holdfast_tests::s3::{Fault, FaultProxy, Moto, s3_env};
 use holdfast_tests::{
     AlignedBuf, Broker, BrokerOpts, Proc, Rng, Scratch, check_backing, handoff_report, open_direct,
     seed, stop_writer, writer,
@@ -33,7 +35,7 @@ fn setup(name: &str, size: &str) -> (Scratch, Moto, Broker) {
 fn s3_daemon(
     broker: &Broker,
     scratch: &Scratch,
-    moto: &Moto,
+    endpoint: &str,
     cache: &str,
     extra: &[&str],
 ) -> Command {
@@ -42,7 +44,7 @@ fn s3_daemon(
         "--cache-dir",
         cache.to_str().unwrap(),
         "--endpoint",
-        &moto.endpoint,
+        endpoint,
         "--chunk-size",
         "1MiB",
     ];
@@ -56,7 +58,7 @@ fn s3_daemon(
 fn start(broker: &Broker, scratch: &Scratch, moto: &Moto, cache: &str, extra: &[&str]) -> Proc {
     broker.daemon_with(
         scratch,
-        s3_daemon(broker, scratch, moto, cache, extra),
+        s3_daemon(broker, scratch, &moto.endpoint, cache, extra),
         "vol0",
     )
 }
@@ -435,6 +437,109 @@ fn restored_cache_dir_is_not_replayed_over_newer_data() {
     third.kill();
 }
 
+/// A store with quirks that are no takeover: deletes of replaced chunks
+/// refused (403), PUT answers whose ETags are unquoted while If-Match
+/// takes only the quoted form, and a manifest PUT applied but answered
+/// 500. The daemon
+/// goes on checkpointing, does not exit as superseded, and S3 holds every
+/// write.
+#[test]
+fn store_quirks_are_no_takeover() {
+    let (scratch, moto, broker) = setup("s3-quirks", "8MiB");
+    let manifest_puts = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let (puts, denied) = (manifest_puts.clone(), refused.clone());
+    let proxy = FaultProxy::start(&moto, move |r| {
+        let path = r.path.split('?').next().unwrap_or_default();
+        match r.method.as_str() {
+            "DELETE" if path.contains("/chunks/") => {
+                denied.fetch_add(1, Ordering::SeqCst);
+                Fault::Refuse(403)
+            }
+            // A store that compares If-Match literally: the unquoted ETag
+            // its own PUT answers gave does not match.
+            "PUT"
+                if path.ends_with("/manifest")
+                    && r.header("if-match").is_some_and(|m| !m.starts_with('"')) =>
+            {
+                Fault::Refuse(412)
+            }
+            "PUT" if path.ends_with("/manifest") => {
+                if puts.fetch_add(1, Ordering::SeqCst) == 2 {
+                    Fault::ApplyThenFail
+                } else {
+                    Fault::UnquoteEtag
+                }
+            }
+            _ => Fault::Pass,
+        }
+    });
+    let mut daemon = broker.daemon_with(
+        &scratch,
+        s3_daemon(
+            &broker,
+            &scratch,
+            &proxy.endpoint,
+            "cache",
+            &["--checkpoint-ms", "100"],
+        ),
+        "vol0",
+    );
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    let mut want = vec![0u8; 6 * 4096];
+    for i in 0..6u8 {
+        let at = usize::from(i) * 4096;
+        want[at..at + 4096].fill(i + 1);
+        write_at(&broker, at as u64, &want[at..at + 4096]);
+        let generation = moto.generation(BUCKET, "vol");
+        wait_for("a checkpoint", Duration::from_secs(30), || {
+            moto.generation(BUCKET, "vol") > generation
+        });
+        assert!(daemon.is_running(), "{}", daemon.log_text());
+    }
+    assert!(refused.load(Ordering::SeqCst) > 0);
+    assert!(manifest_puts.load(Ordering::SeqCst) > 3);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("ETag did not match") && !log.contains("superseded"),
+        "{log}"
+    );
+    detach(&mut daemon);
+    // Through moto itself, from an empty cache directory.
+    let mut fresh = start(&broker, &scratch, &moto, "cache-fresh", &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    assert_eq!(read_at(&broker, 0, want.len()), want);
+    fresh.kill();
+}
+
+/// A store that ignores If-Match and If-None-Match cannot keep two daemons
+/// from both writing the volume: the daemon refuses it at start.
+#[test]
+fn store_ignoring_conditions_is_refused() {
+    let (scratch, moto, broker) = setup("s3-no-conditions", "8MiB");
+    let proxy = FaultProxy::start(&moto, |_| Fault::DropConditions);
+    let mut daemon = broker.daemon_with(
+        &scratch,
+        s3_daemon(&broker, &scratch, &proxy.endpoint, "cache", &[]),
+        "vol0",
+    );
+    let status = daemon
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|| {
+            panic!(
+                "daemon serves a store without conditions:\n{}",
+                daemon.log_text()
+            )
+        });
+    assert_eq!(status.code(), Some(1), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("ignores conditional writes"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(moto.manifest(BUCKET, "vol"), None);
+}
+
 /// The S3 server stops answering (SIGSTOP) in the middle of uploads, the
 /// daemon is SIGKILLed and restarted meanwhile, and then the server
 /// resumes: no acknowledged write is lost, and I/O goes on.
@@ -549,7 +654,7 @@ fn bad_settings_are_refused() {
     detach(&mut d);
     let other = Scratch::new("s3-bad-other", Duration::from_secs(120));
     let small = Broker::start(&other, BrokerOpts::new(&[("vol0", "4MiB")]));
-    let mut cmd = s3_daemon(&small, &other, &moto, "cache", &[]);
+    let mut cmd = s3_daemon(&small, &other, &moto.endpoint, "cache", &[]);
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -186,12 +186,7 @@ impl UblkDevice {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("START_USER_RECOVERY: {e}"),
-                    ));
-                }
+                Err(e) => return Err(unrecoverable(dev_id, &e)),
             }
         }
         serve(export, dev_id, info.queue_depth)?;
@@ -272,25 +267,56 @@ impl UblkDevice {
         self.stop_and_delete(STOP_WAIT);
     }
 
+    /// STOP_DEV, then DEL_DEV, for up to `bound`. A stopped device is dead
+    /// (nothing to recover), so its record goes then, even if DEL_DEV waits
+    /// on (until the device's last holder, a lazily unmounted file system
+    /// say, lets go of it).
     fn stop_and_delete(&self, bound: Duration) {
-        let id = self.dev_id;
+        let (id, record) = (self.dev_id, self.record.clone());
         let done = within(bound, move || {
-            Control::open().and_then(|mut c| {
-                c.stop(id)?;
-                c.delete(id)
-            })
+            let mut c = Control::open()?;
+            c.stop(id)?;
+            let _ = std::fs::remove_file(&record);
+            c.delete(id)
         });
         match done {
-            Some(Ok(())) => {
-                let _ = std::fs::remove_file(&self.record);
-            }
+            Some(Ok(())) => {}
             Some(Err(e)) => warn!("ublk device {id}: cannot stop and delete it: {e}"),
-            None => warn!(
+            None if self.record.exists() => warn!(
                 "ublk device {id}: not stopped within {bound:?} (requests are waiting); left to \
                  the kernel"
             ),
+            None => info!(
+                "ublk device {id}: stopped; the kernel deletes it once its last holder closes it"
+            ),
         }
     }
+}
+
+/// Why START_USER_RECOVERY refused a QUIESCED device, in words an operator
+/// can act on. On 6.12 a recovery cut short after START_USER_RECOVERY (its
+/// server died before every tag was fetched) leaves the device so: EINVAL
+/// (no queue ready) or, if the dead server's FETCHes could not be
+/// cancelled, EBUSY for good; only deleting the device ends it.
+fn unrecoverable(dev_id: u32, e: &io::Error) -> io::Error {
+    let why = match e.raw_os_error() {
+        Some(libc::EBUSY) => format!(
+            "/dev/ublkc{dev_id} is still held open {RECOVER_WAIT:?} after its broker died \
+             (by another process, or by the remains of a recovery cut short)"
+        ),
+        Some(libc::EINVAL) => {
+            "an earlier recovery was cut short before it fetched every tag".to_owned()
+        }
+        _ => e.to_string(),
+    };
+    io::Error::new(
+        e.kind(),
+        format!(
+            "ublk device {dev_id} cannot be recovered: START_USER_RECOVERY: {e} ({why}). Its \
+             requests cannot be served again: stop and delete the device (ublk's `ublk del \
+             -n {dev_id}`, or reboot), then start the broker again to make a new one"
+        ),
+    )
 }
 
 /// Runs `f` on a thread of its own for up to `bound`: `None` if it has not
@@ -375,9 +401,11 @@ struct Queue {
 
 impl Queue {
     fn new(export: Arc<Export>, cdev: OwnedFd, depth: u16) -> io::Result<Self> {
+        // The driver maps exactly round_up(depth * descriptor, PAGE_SIZE)
+        // (ublk_ch_mmap, 6.12): the page size of this kernel, not 4 KiB.
         let len = usize::from(depth)
             .saturating_mul(size_of::<IoDesc>())
-            .next_multiple_of(4096);
+            .next_multiple_of(rustix::param::page_size());
         // SAFETY: a read-only shared mapping of the driver's descriptor
         // array; the kernel writes it, we only read (and check) entries.
         let descs = unsafe {
@@ -455,7 +483,8 @@ impl Queue {
         let fetched = (0..self.depth)
             .try_for_each(|tag| self.push_io(sys::IO_FETCH_REQ, tag, 0))
             .and_then(|()| self.push_wake())
-            .and_then(|()| self.ring.submit().map(drop));
+            .and_then(|()| self.ring.submit().map(drop))
+            .and_then(|()| self.check_fetches());
         let failed = fetched.as_ref().err().map(io::Error::kind);
         let _ = ready.send(fetched);
         if failed.is_some() {
@@ -502,6 +531,30 @@ impl Queue {
             }
         }
         info!("{}: ublk queue stopped", self.export.name());
+    }
+
+    /// Fails if the driver refused a FETCH: a refusal completes at once,
+    /// while an accepted FETCH completes only with a request, and START_DEV
+    /// or END_USER_RECOVERY would then wait forever for the refused tag
+    /// (ublk_mark_io_ready). Nothing but a refusal can be complete yet: no
+    /// request reaches a tag before START_DEV or END_USER_RECOVERY.
+    fn check_fetches(&mut self) -> io::Result<()> {
+        let refused: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .filter(|&(ud, res)| ud != WAKE && res < 0)
+            .collect();
+        match refused.first() {
+            None => Ok(()),
+            Some(&(tag, res)) => Err(io::Error::other(format!(
+                "the driver refused FETCH_REQ for {} of {} tags (tag {tag}: {}); the device \
+                 cannot start",
+                refused.len(),
+                self.depth,
+                io::Error::from_raw_os_error(res.saturating_neg())
+            ))),
+        }
     }
 
     /// Commits the completions in the mailbox (and fetches the tags again).

@@ -25,6 +25,10 @@ pub const FILL: u64 = 64 << 10;
 const HEADER: u64 = 4096;
 const MAGIC: &[u8; 8] = b"HFCACHE1";
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+/// The most entries (each an open file) the cache keeps, whatever its
+/// limit in bytes: random reads of small chunks would otherwise open a file
+/// per chunk touched and run into the descriptor limit (EMFILE).
+const MAX_ENTRIES: usize = 256;
 
 struct Entry {
     file: Arc<File>,
@@ -192,9 +196,11 @@ impl Cache {
         self.trim(&mut inner);
     }
 
-    /// Drops least recently used entries until the cache fits its limit.
+    /// Drops least recently used entries until the cache fits its limits.
     fn trim(&self, inner: &mut Inner) {
-        while inner.blocks > self.limit && inner.entries.len() > 1 {
+        while (inner.blocks > self.limit && inner.entries.len() > 1)
+            || inner.entries.len() > MAX_ENTRIES
+        {
             let Some(oldest) = inner
                 .entries
                 .iter()
@@ -345,6 +351,27 @@ mod tests {
         assert!(cache.inner.lock().entries.contains_key(&file_name("k/1")));
         assert!(!cache.inner.lock().entries.contains_key(&file_name("k/2")));
         assert!(!d.join(file_name("k/2")).exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Many chunks touched once each (random reads of a volume of small
+    /// chunks) keep at most MAX_ENTRIES files open, however much room the
+    /// limit in bytes leaves.
+    #[test]
+    fn open_files_are_bounded() {
+        let d = std::env::temp_dir().join(format!("holdfast-cache-n-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let cache = Cache::open(&d, FILL, 1 << 40).unwrap();
+        let mut buf = [0u8; 10];
+        for i in 0..MAX_ENTRIES + 50 {
+            cache
+                .read(&format!("k/{i}"), 0, &mut buf, |_, len| {
+                    Ok(vec![1; len as usize])
+                })
+                .unwrap();
+        }
+        assert_eq!(cache.inner.lock().entries.len(), MAX_ENTRIES);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), MAX_ENTRIES + 1); // + boot_id
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

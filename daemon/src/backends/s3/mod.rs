@@ -292,6 +292,7 @@ pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error>
         host: hostname(),
         pid: std::process::id(),
     };
+    check_conditional_writes(&store, &owner.nonce)?;
     crate::log(&format!(
         "S3 volume {} ({}; chunks of {chunk_size} bytes), cache {}",
         store.url(),
@@ -337,6 +338,45 @@ pub fn open(cfg: &S3Config, export: &str, size: u64) -> Result<S3Backend, Error>
         }),
         active: RwLock::new(None),
     })
+}
+
+/// Refuses a store that ignores conditional writes, on which the claim and
+/// every manifest write rest: a probe object is written with If-None-Match
+/// twice and with an If-Match no ETag has; the last two must fail.
+fn check_conditional_writes(store: &Store, nonce: &str) -> Result<(), Error> {
+    let key = format!("probe.{nonce}");
+    let body = Bytes::from_static(b"holdfast's probe of conditional writes; safe to delete\n");
+    let put = |cond| store.put(&key, &body, cond, Patience::For(S3_PATIENCE));
+    let first = put(Condition::IfNoneMatch);
+    let again = put(Condition::IfNoneMatch);
+    let wrong = put(Condition::IfMatch("\"holdfast-matches-no-etag\""));
+    let _ = store.delete(&key, Patience::For(S3_PATIENCE));
+    let url = store.url();
+    let cannot = |e: Failure| {
+        Error::Protocol(format!(
+            "cannot check that {url} honours conditional writes: {e}"
+        ))
+    };
+    match first {
+        // Precondition: it landed on an attempt whose answer was lost.
+        Ok(_) | Err(Failure::Precondition) => {}
+        Err(e) => return Err(cannot(e)),
+    }
+    for probe in [again, wrong] {
+        match probe {
+            Err(Failure::Precondition) => {}
+            Ok(_) => {
+                return Err(Error::Protocol(format!(
+                    "{url} ignores conditional writes (a PUT with If-None-Match or If-Match \
+                     that should have failed succeeded): claiming the volume and replacing its \
+                     manifest rest on them, so it cannot be served safely; use a store that \
+                     honours them"
+                )));
+            }
+            Err(e) => return Err(cannot(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Starts a thread of `active` (stopped and joined by [`Active::stop`]).
@@ -560,6 +600,14 @@ impl Backend for S3Backend {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.active()?.append(Kind::Zeroes, offset, len, &[])
     }
+}
+
+/// What a failed conditional manifest write turned out to be.
+enum Landed {
+    /// The write is there: the manifest's ETag now.
+    Yes(String),
+    /// The manifest is still this daemon's last one, under this ETag.
+    StillOurs(String),
 }
 
 /// Why a checkpoint did not finish.
@@ -851,16 +899,28 @@ impl Active {
             };
         }
         let body = Bytes::from(next_manifest.encode());
-        let new_etag = match self.vol.store.put(
-            MANIFEST,
-            &body,
-            Condition::IfMatch(&etag),
-            Patience::UntilStopped(&self.stop),
-        ) {
-            Ok(t) => t,
-            Err(Failure::Precondition) => self.landed_or_superseded(&body)?,
-            Err(Failure::Stopped) => return Err(Stopped::Stop),
-            Err(e) => return Err(Stopped::Io(io::Error::other(e.to_string()))),
+        let base_body = base.encode();
+        let mut etag = etag;
+        let mut tries = 0;
+        let new_etag = loop {
+            let put = self.vol.store.put(
+                MANIFEST,
+                &body,
+                Condition::IfMatch(&etag),
+                Patience::UntilStopped(&self.stop),
+            );
+            match put {
+                Ok(t) => break t,
+                Err(Failure::Precondition) => {
+                    match self.landed_or_superseded(&body, &base_body, tries < 3)? {
+                        Landed::Yes(t) => break t,
+                        Landed::StillOurs(t) => etag = t,
+                    }
+                }
+                Err(Failure::Stopped) => return Err(Stopped::Stop),
+                Err(e) => return Err(Stopped::Io(io::Error::other(e.to_string()))),
+            }
+            tries += 1;
         };
         {
             let mut log = self.log.lock();
@@ -876,12 +936,13 @@ impl Active {
         for index in uploaded.keys() {
             if let Some(old) = base.chunks.get(index) {
                 self.cache.evict(old);
-                // One left behind (stopped, or S3 failed) is an orphan
-                // that the next claim collects.
+                // One left behind (stopped, refused, or S3 failed) is an
+                // orphan that the next claim collects: a refusal (403) is
+                // not retried, or checkpoints would stop behind it.
                 match self
                     .vol
                     .store
-                    .delete(old, Patience::UntilStopped(&self.stop))
+                    .delete(old, Patience::WhileTransient(&self.stop))
                 {
                     Ok(()) | Err(Failure::Stopped) => {}
                     Err(e) => {
@@ -941,15 +1002,31 @@ impl Active {
     }
 
     /// A conditional manifest write failed: it landed after all (a retried
-    /// attempt), or another daemon owns the volume now and this one must
+    /// attempt), or the manifest is still the one this daemon wrote last
+    /// and only its ETag did not match (a store whose PUT answers give
+    /// ETags in another form; `retry` allows writing again with the one a
+    /// GET gives), or another daemon owns the volume now and this one must
     /// not write again.
-    fn landed_or_superseded(&self, body: &[u8]) -> Result<String, Stopped> {
+    fn landed_or_superseded(
+        &self,
+        body: &[u8],
+        base: &[u8],
+        retry: bool,
+    ) -> Result<Landed, Stopped> {
         match self
             .vol
             .store
             .get(MANIFEST, Patience::UntilStopped(&self.stop))
         {
-            Ok((now, etag)) if now == body => return Ok(etag),
+            Ok((now, etag)) if now == body => return Ok(Landed::Yes(etag)),
+            Ok((now, etag)) if now == base && retry => {
+                crate::log(&format!(
+                    "{}{MANIFEST} is still this daemon's, but its ETag did not match ({etag} \
+                     now); writing it again with that one",
+                    self.vol.store.url()
+                ));
+                return Ok(Landed::StillOurs(etag));
+            }
             Err(Failure::Stopped) => return Err(Stopped::Stop),
             Ok((now, _)) => {
                 let who = Manifest::parse(&now).map_or_else(
