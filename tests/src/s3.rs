@@ -253,11 +253,12 @@ impl Drop for FaultProxy {
     }
 }
 
+/// An HTTP message's first line and its headers.
+type Head = (String, Vec<(String, String)>);
+
 /// Reads an HTTP message's head (up to the blank line) from `r`; `None` at
 /// a clean end of the connection.
-fn read_head(
-    r: &mut impl std::io::BufRead,
-) -> std::io::Result<Option<(String, Vec<(String, String)>)>> {
+fn read_head(r: &mut impl std::io::BufRead) -> std::io::Result<Option<Head>> {
     let mut first = String::new();
     if r.read_line(&mut first)? == 0 {
         return Ok(None);
