@@ -255,6 +255,8 @@ impl Drop for FaultProxy {
 
 /// An HTTP message's first line and its headers.
 type Head = (String, Vec<(String, String)>);
+/// An HTTP answer's status, headers and body.
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
 
 /// Reads an HTTP message's head (up to the blank line) from `r`; `None` at
 /// a clean end of the connection.
@@ -395,7 +397,7 @@ fn forward(
     headers: &[(String, String)],
     body: &[u8],
     method: &str,
-) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+) -> std::io::Result<Answer> {
     let mut s = TcpStream::connect(upstream)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(s, "{line}\r\n")?;
