@@ -404,6 +404,11 @@ impl<'a> Connection<'a> {
             Join::Successor => export.prepare(pidfd.clone()),
         };
         let mut grant = granted.map_err(Reply::Error)?;
+        if export.kind == holdfast_proto::ExportKind::Volume {
+            // This thread reaps the daemon's completions: a volume's
+            // writeback waits on it.
+            sys::set_io_flusher();
+        }
         // The new epoch is on record before the daemon hears of it.
         self.broker.persist();
         // The daemon's pipe ends are sent, then closed here: the broker

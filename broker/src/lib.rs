@@ -388,16 +388,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals are taken only by the main thread below.
     sys::block_signals(&SIGNALS).map_err(|e| format!("cannot block signals: {e}"))?;
-    // Before any thread starts, so every thread inherits it: the broker
-    // serves the kernel's writeback (a loop device over an export's file,
-    // a ublk device), so reclaim in its own allocations must not wait for
-    // that writeback (prctl(2), PR_SET_IO_FLUSHER, Linux 5.6).
-    if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
-        warn!(
-            "PR_SET_IO_FLUSHER: {e} (it needs CAP_SYS_RESOURCE): under memory pressure, \
-             writeback through this broker can deadlock"
-        );
-    }
     let systemd = restart::systemd::Notifier::from_env()?;
 
     let mut allow_uids = cfg.allow_uids.clone();

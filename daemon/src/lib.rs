@@ -108,7 +108,6 @@ pub fn run_with(
 ) -> Result<(), Error> {
     // Before any thread starts, so that every thread blocks them.
     let signals = serve::Signals::new()?;
-    set_io_flusher();
     let mut conn = client::Connection::connect(&opts.socket)?;
     conn.hello()?;
     let att = if opts.successor {
@@ -117,6 +116,10 @@ pub fn run_with(
         conn.attach(&opts.export, opts.takeover)?
     };
     let geometry = att.geometry;
+    if geometry.kind == holdfast_proto::ExportKind::Volume {
+        // Before the backend and the workers start threads.
+        set_io_flusher();
+    }
     log(&format!(
         "{} {} (epoch {}, {} bytes, {} requests pending)",
         if opts.successor {
@@ -255,10 +258,13 @@ fn leave(conn: &mut client::Connection, opts: &Options, err: Error) -> Error {
 
 /// Marks this thread, and the threads it starts from now on, as serving
 /// the kernel's writeback (prctl(2), PR_SET_IO_FLUSHER, Linux 5.6): the
-/// requests a daemon serves may be a file system's dirty pages, and a
-/// backend that writes to the page cache (`file`, `dir`, the s3 log) would
+/// requests a volume's daemon serves may be a file system's dirty pages,
+/// and a backend that writes to the page cache (`file`, the s3 log) would
 /// otherwise wait in reclaim for writeback that waits for it (the deadlock
-/// of loop and NBD servers). [`run_with`] calls it before any thread starts.
+/// of loop and NBD servers). [`run_with`] calls it for a volume, before
+/// the backend or a worker starts a thread; not for a cachefiles export,
+/// whose reads are no writeback: reclaim without I/O is slower under
+/// memory pressure (it slowed the VM's cachefiles test to a crawl).
 pub fn set_io_flusher() {
     if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
         log(&format!(

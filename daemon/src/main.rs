@@ -49,6 +49,10 @@ S3 options:
   --uploads N           chunk uploads in flight at once [default: 8]
   --checkpoint-ms N     upload a write at most this long after it completes,
                         unless the log fills sooner [default: 5000]
+  --claim-term-ms N     serve at most this long without renewing the claim in
+                        S3; a daemon of another cache directory takes a claim
+                        after seeing it unrenewed for a term and a tenth, or at
+                        once after a clean detach [default: 30000]
 
 Options:
   --socket PATH         the broker's control socket [default: $HOLDFAST_SOCKET
@@ -102,6 +106,7 @@ struct S3Flags {
     read_cache_size: Option<u64>,
     uploads: Option<usize>,
     checkpoint_ms: Option<u64>,
+    claim_term_ms: Option<u64>,
 }
 
 impl S3Flags {
@@ -132,6 +137,9 @@ impl S3Flags {
         cfg.uploads = self.uploads.unwrap_or(cfg.uploads);
         if let Some(ms) = self.checkpoint_ms {
             cfg.checkpoint_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.claim_term_ms {
+            cfg.claim_term = Duration::from_millis(ms);
         }
         Ok(())
     }
@@ -208,6 +216,14 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
                     return Err("--checkpoint-ms must be from 1 to 3600000 (an hour)".into());
                 }
                 s3.checkpoint_ms = Some(ms);
+            }
+            Long("claim-term-ms") => {
+                s3.given.push("--claim-term-ms");
+                let ms = number("--claim-term-ms", &string_value(&mut p)?)?;
+                if !(1000..=600_000).contains(&ms) {
+                    return Err("--claim-term-ms must be from 1000 to 600000 (ten minutes)".into());
+                }
+                s3.claim_term_ms = Some(ms);
             }
             Long("takeover") => takeover = true,
             Long("successor") => successor = true,

@@ -42,8 +42,9 @@ wait_for() { # wait_for SECONDS TEST...
         sleep 0.1
     done
 }
-io_flushers() { # io_flushers PID: every thread has PR_SET_IO_FLUSHER's flags
+io_flushers() { # io_flushers PID [NAME]: every thread (named NAME...) has PR_SET_IO_FLUSHER's flags
     for stat in /proc/$1/task/*/stat; do
+        case "$(cat ${stat%stat}comm)" in "${2:-}"*) ;; *) continue ;; esac
         flags=$(sed 's/.*) //' "$stat" | awk '{ print $7 }')
         # PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE (include/linux/sched.h)
         [ $((flags & 0x180000)) = $((0x180000)) ] || { echo "$stat: flags $flags: not an IO flusher"; return 1; }

@@ -7,9 +7,9 @@
 # and restart (no flag: the next broker finds the device's record), fio's
 # verify across 5 broker upgrades (`holdfastctl broker upgrade`, the daemon
 # never restarted), a stale device record removed, a mem daemon refused on
-# a recovered device (its memfd died with the old broker), every thread of
-# broker and daemon an IO flusher, and an orderly stop (SIGTERM) with dirty
-# ext4 on a device that loses nothing.
+# a recovered device (its memfd died with the old broker), the ublk queue
+# thread and every daemon thread IO flushers, and an orderly stop (SIGTERM)
+# with dirty ext4 on a device that loses nothing.
 . "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 echo "kernel $(uname -r)"
 $B/hf-ublk-probe features
@@ -49,9 +49,9 @@ dd if=$dev of=$W/back bs=3M count=3 iflag=direct status=none
 head -c 8M $W/back | cmp - $W/pattern
 cmp -n 8388608 $W/vol0.img $W/pattern
 echo "round trip: ok"
-io_flushers $broker
+io_flushers $broker ublk-vol0
 io_flushers $daemon
-echo "broker and daemon threads are IO flushers: ok"
+echo "the broker's ublk queue thread and the daemon's threads are IO flushers: ok"
 
 fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
     fio --name=$1 --filename=$dev --direct=1 --ioengine=io_uring --iodepth=8 \

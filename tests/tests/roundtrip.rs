@@ -235,16 +235,22 @@ fn edges_of_an_export() {
 /// PR_SET_IO_FLUSHER sets on a task.
 const IO_FLUSHER_FLAGS: u64 = 0x0008_0000 | 0x0010_0000;
 
-/// The flags (field 9 of /proc/PID/task/TID/stat) of each thread of `pid`.
+/// The name and flags (fields 2 and 9 of /proc/PID/task/TID/stat) of each
+/// thread of `pid`.
 fn thread_flags(pid: u32) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-        // The name (field 2) may hold spaces; fields after it are plain.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let flags = after.split(' ').nth(6).unwrap().parse().unwrap();
-        out.push((task.display().to_string(), flags));
+        // The name may hold spaces; fields after it are plain.
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let flags = stat[close + 2..]
+            .split(' ')
+            .nth(6)
+            .unwrap()
+            .parse()
+            .unwrap();
+        out.push((stat[open + 1..close].to_owned(), flags));
     }
     out
 }
@@ -261,29 +267,33 @@ fn can_be_io_flusher() -> bool {
     caps & (1 << 24) != 0
 }
 
-/// The broker and the daemon serve the kernel's writeback, so every
-/// thread of both is an IO flusher (prctl(2)): reclaim in them does not
-/// wait for the writeback they serve. Without CAP_SYS_RESOURCE (this CI's
-/// container) each says so in its log; the kernel-vm tests check the flags
-/// as root.
+/// A volume's writeback goes through the broker's FUSE workers and the
+/// daemon, so those threads (every thread of the daemon) are IO flushers
+/// (prctl(2)): reclaim in them does not wait for the writeback they serve.
+/// Without CAP_SYS_RESOURCE (this CI's container) each says so in its log;
+/// the kernel-vm tests check the flags as root.
 #[test]
-fn broker_and_daemon_threads_are_io_flushers() {
+fn volume_threads_are_io_flushers() {
     let scratch = Scratch::new("io-flusher", Duration::from_secs(60));
     let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "16MiB")]));
     let backend = format!("file:{}/vol0.img", scratch.dir.display());
     let daemon = broker.daemon(&scratch, "vol0", &backend, &["--workers", "2"]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
     let capable = can_be_io_flusher();
-    for (pid, log) in [
-        (broker.proc.pid(), broker.proc.log_text()),
-        (daemon.pid(), daemon.log_text()),
-    ] {
-        let threads = thread_flags(pid);
-        assert!(threads.len() > 1, "{threads:?}");
-        for (task, flags) in threads {
-            let want = if capable { IO_FLUSHER_FLAGS } else { 0 };
-            assert_eq!(flags & IO_FLUSHER_FLAGS, want, "{task}");
-        }
+    let want = if capable { IO_FLUSHER_FLAGS } else { 0 };
+    let workers: Vec<_> = thread_flags(broker.proc.pid())
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("fuse-vol0-"))
+        .collect();
+    let daemon_threads = thread_flags(daemon.pid());
+    assert!(
+        workers.len() == 4 && daemon_threads.len() > 2,
+        "{workers:?} {daemon_threads:?}"
+    );
+    for (name, flags) in workers.iter().chain(&daemon_threads) {
+        assert_eq!(flags & IO_FLUSHER_FLAGS, want, "{name}");
+    }
+    for log in [broker.proc.log_text(), daemon.log_text()] {
         let warned = log.contains("PR_SET_IO_FLUSHER: Operation not permitted");
         assert_eq!(warned, !capable, "{log}");
     }

@@ -10,13 +10,13 @@
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use holdfast_tests::s3::{Fault, FaultProxy, Moto, s3_env};
 use holdfast_tests::{
     AlignedBuf, Broker, BrokerOpts, Proc, Rng, Scratch, check_backing, handoff_report, open_direct,
-    seed, stop_writer, writer,
+    seed, stop_writer, write_in_thread, writer,
 };
 
 const BUCKET: &str = "holdfast-test";
@@ -334,12 +334,14 @@ fn log_reads(log: &str) -> (u64, u64) {
 #[test]
 fn stale_daemon_cannot_overwrite() {
     let (scratch, moto, broker) = setup("s3-stale", "8MiB");
+    // A short claim term: the successor takes the claim once the stopped
+    // daemon has gone a term without renewing it.
     let mut stale = start(
         &broker,
         &scratch,
         &moto,
         "cache-a",
-        &["--checkpoint-ms", "1500"],
+        &["--checkpoint-ms", "1500", "--claim-term-ms", "2000"],
     );
     broker.wait_active("vol0", 0, Duration::from_secs(30));
     write_at(&broker, 0, &[0xAA; 8192]);
@@ -355,6 +357,11 @@ fn stale_daemon_cannot_overwrite() {
         &["--checkpoint-ms", "100"],
     );
     broker_b.wait_active("vol0", 0, Duration::from_secs(30));
+    assert!(
+        successor.log_text().contains("is claimed by"),
+        "{}",
+        successor.log_text()
+    );
     write_at(&broker_b, 4096, &[0xBB; 4096]);
     wait_for("the successor's chunk", Duration::from_secs(30), || {
         moto.manifest(BUCKET, "vol")
@@ -538,6 +545,114 @@ fn store_ignoring_conditions_is_refused() {
         daemon.log_text()
     );
     assert_eq!(moto.manifest(BUCKET, "vol"), None);
+}
+
+/// Two cache directories on one volume (the reproduction: the
+/// second used to claim the volume at once while the first went on
+/// acknowledging writes). The second waits while the first renews its
+/// claim, and takes over at once when the first detaches cleanly.
+#[test]
+fn a_second_cache_dir_waits_for_the_claim() {
+    let (scratch, moto, broker) = setup("s3-claim", "8MiB");
+    let term = ["--claim-term-ms", "2000"];
+    let mut a = start(&broker, &scratch, &moto, "cache-a", &term);
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    write_at(&broker, 0, &[0xA1; 4096]);
+
+    let other = Scratch::new("s3-claim-other", Duration::from_secs(600));
+    let broker_b = Broker::start(&other, BrokerOpts::new(&[("vol0", "8MiB")]));
+    let mut b = start(&broker_b, &other, &moto, "cache-b", &term);
+    wait_for("the second daemon to wait", Duration::from_secs(30), || {
+        b.log_text().contains("is claimed by")
+    });
+    // Two terms and more: the first renews, so the second still waits.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        b.is_running() && !b.log_text().contains("claimed s3://"),
+        "{}",
+        b.log_text()
+    );
+    write_at(&broker, 4096, &[0xA2; 4096]);
+    assert!(a.is_running(), "{}", a.log_text());
+
+    detach(&mut a);
+    wait_for("the second daemon's claim", Duration::from_secs(10), || {
+        b.log_text().contains("claimed s3://")
+    });
+    broker_b.wait_active("vol0", 0, Duration::from_secs(30));
+    let mut want = vec![0xA1; 8192];
+    want[4096..].fill(0xA2);
+    assert_eq!(read_at(&broker_b, 0, 8192), want);
+    b.kill();
+}
+
+/// A holder cut off from S3 stops acknowledging once its term has passed
+/// without a renewal; a daemon of another cache directory then takes the
+/// claim, and the first, when S3 answers again, finds it superseded and
+/// exits (status 3). The write it held was never acknowledged.
+#[test]
+fn a_lapsed_claim_stops_acknowledging() {
+    let scratch = Scratch::new("s3-lapse", Duration::from_secs(600));
+    let moto = Moto::start(&scratch);
+    moto.create_bucket(BUCKET);
+    let mut opts = BrokerOpts::new(&[("vol0", "8MiB")]);
+    opts.extra = vec!["--daemon-wait".into(), "3s".into()];
+    let broker = Broker::start(&scratch, opts);
+    let cut_off = Arc::new(AtomicBool::new(false));
+    let cut = cut_off.clone();
+    let proxy = FaultProxy::start(&moto, move |_| {
+        if cut.load(Ordering::SeqCst) {
+            Fault::Refuse(503)
+        } else {
+            Fault::Pass
+        }
+    });
+    let args = ["--claim-term-ms", "2000", "--checkpoint-ms", "100"];
+    let mut a = broker.daemon_with(
+        &scratch,
+        s3_daemon(&broker, &scratch, &proxy.endpoint, "cache-a", &args),
+        "vol0",
+    );
+    broker.wait_active("vol0", 0, Duration::from_secs(30));
+    write_at(&broker, 0, &[0x11; 4096]);
+    wait_for("the write in S3", Duration::from_secs(30), || {
+        moto.manifest(BUCKET, "vol")
+            .is_some_and(|(_, c)| c.len() == 1)
+    });
+
+    cut_off.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2500));
+    let held = write_in_thread(&broker, "vol0", 4096, 0x22);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !held.is_finished(),
+        "a write was acknowledged after the claim lapsed"
+    );
+
+    let other = Scratch::new("s3-lapse-other", Duration::from_secs(600));
+    let broker_b = Broker::start(&other, BrokerOpts::new(&[("vol0", "8MiB")]));
+    let mut b = start(
+        &broker_b,
+        &other,
+        &moto,
+        "cache-b",
+        &["--claim-term-ms", "2000"],
+    );
+    broker_b.wait_active("vol0", 0, Duration::from_secs(30));
+    assert!(b.log_text().contains("is claimed by"), "{}", b.log_text());
+
+    cut_off.store(false, Ordering::SeqCst);
+    let status = a
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the superseded daemon still runs:\n{}", a.log_text()));
+    assert_eq!(status.code(), Some(3), "{}", a.log_text());
+    assert!(a.log_text().contains("superseded"), "{}", a.log_text());
+    let e = held.join().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let mut want = vec![0x11; 8192];
+    want[4096..].fill(0);
+    assert_eq!(read_at(&broker_b, 0, 8192), want);
+    b.kill();
 }
 
 /// The S3 server stops answering (SIGSTOP) in the middle of uploads, the

@@ -12,6 +12,25 @@ use std::time::{Duration, Instant};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::fs::{MemfdFlags, SealFlags};
 
+/// Marks the calling thread, and the threads it starts from now on, as
+/// serving the kernel's writeback (prctl(2) PR_SET_IO_FLUSHER, Linux 5.6):
+/// reclaim in it then does no I/O, so it cannot wait on the writeback it
+/// serves (the loop/NBD deadlock). Only threads on a volume's request path
+/// are marked: reclaim without I/O is slower under memory pressure, and a
+/// cachefiles export's reads are no writeback. Without CAP_SYS_RESOURCE
+/// it fails; that is said once.
+pub fn set_io_flusher() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = rustix::process::configure_io_flusher_behavior(true)
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        crate::warn!(
+            "PR_SET_IO_FLUSHER: {e} (it needs CAP_SYS_RESOURCE): under memory pressure, \
+             writeback through this broker can deadlock"
+        );
+    }
+}
+
 /// `now + d`, or a day from now if that overflows.
 pub fn deadline(d: Duration) -> Instant {
     let now = Instant::now();

@@ -485,6 +485,9 @@ struct Fs<T> {
 
 impl<T: Target> Fs<T> {
     fn worker(&self, chan: &Arc<Channel>) {
+        // A FUSE export is a volume: a loop device over its file, or a
+        // guest's page cache, writes back through it.
+        crate::sys::set_io_flusher();
         let mut w = Worker {
             head: [0u8; HEAD_LEN],
             private: vec![0u8; self.slot_size as usize],

@@ -480,6 +480,7 @@ impl Queue {
     }
 
     fn run(mut self, ready: &std::sync::mpsc::Sender<io::Result<()>>) {
+        crate::sys::set_io_flusher();
         let fetched = (0..self.depth)
             .try_for_each(|tag| self.push_io(sys::IO_FETCH_REQ, tag, 0))
             .and_then(|()| self.push_wake())

@@ -10,13 +10,17 @@
 //! from S3 through a local read cache ([`cache`]).
 //!
 //! Who may write: on one host, the flock lease on the cache directory; across
-//! hosts, the manifest ([`manifest`]). Taking the lease claims the manifest
-//! (a conditional write of the next generation naming this daemon); a daemon
-//! whose conditional write then fails was superseded and exits at once
-//! (status 3) without writing again. Its chunk uploads have keys of their
-//! own, so they cannot overwrite anything a manifest names.
+//! hosts, the claim ([`claim`]), which a holder renews and a daemon of
+//! another cache directory takes only once it lapsed or was released, and
+//! the manifest ([`manifest`]). Taking the lease takes the claim, then
+//! claims the manifest (a conditional write of the next generation naming
+//! this daemon); a daemon whose conditional write of either then fails was
+//! superseded and exits at once (status 3) without writing again. Its chunk
+//! uploads have keys of their own, so they cannot overwrite anything a
+//! manifest names.
 
 mod cache;
+mod claim;
 mod extents;
 mod manifest;
 mod store;
@@ -34,6 +38,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use self::cache::Cache;
+use self::claim::{CLAIM, Claim};
 use self::extents::{Extents, Source};
 use self::manifest::{CHUNKS, Manifest, Owner, chunk_generation, chunk_key};
 use self::store::{Condition, Failure, Patience, Store};
@@ -74,9 +79,13 @@ pub struct S3Config {
     /// `--checkpoint-ms`: how long a write may sit in the log before its
     /// chunk is uploaded (when the log is not filling up sooner).
     pub checkpoint_interval: Duration,
+    /// `--claim-term-ms`: how long this daemon may serve without renewing
+    /// its claim in S3 ([`claim`]).
+    pub claim_term: Duration,
 }
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+pub const DEFAULT_CLAIM_TERM: Duration = Duration::from_secs(30);
 
 impl S3Config {
     /// Parses `s3://BUCKET[/PREFIX]`, with the other settings at their
@@ -116,6 +125,7 @@ impl S3Config {
             read_cache_size: 1 << 30,
             uploads: 8,
             checkpoint_interval: Duration::from_secs(5),
+            claim_term: DEFAULT_CLAIM_TERM,
         })
     }
 }
@@ -230,8 +240,20 @@ struct Active {
     /// Wakes writers waiting for room and a detach waiting for uploads.
     room: Condvar,
     stop: AtomicBool,
-    /// The checkpointer and the orphan collector.
+    /// The checkpointer, the orphan collector and the claim's renewer.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The claim this daemon holds, and when it was last renewed.
+    held: Mutex<Held>,
+    /// Wakes requests waiting for a renewal of a lapsed claim.
+    renewed: Condvar,
+}
+
+/// The claim this daemon holds: as last written, under what ETag, and when
+/// the write that renewed it started.
+struct Held {
+    claim: Claim,
+    etag: String,
+    renewed_at: Instant,
 }
 
 /// Opens the backend without its lease: checks the settings, and that the
@@ -406,8 +428,13 @@ impl S3Backend {
     /// Takes the manifest over: the next generation, naming this daemon,
     /// written on condition that nobody wrote since it was read. A log
     /// with writes in it may only follow a manifest of its own lineage.
-    fn claim(&self, log_has_writes: bool) -> Result<(Manifest, String), Error> {
+    fn claim(
+        &self,
+        log_has_writes: bool,
+        timeout: Duration,
+    ) -> Result<(Manifest, String, Held), Error> {
         let url = self.vol.store.url();
+        let mut held = None;
         for _ in 0..10 {
             let read = match self.vol.store.get(MANIFEST, Patience::For(S3_PATIENCE)) {
                 Ok((body, etag)) => Some((parse_manifest(&self.vol.store, &body)?, etag)),
@@ -418,7 +445,11 @@ impl S3Backend {
                 Some((m, _)) if m.owner.nonce == self.vol.owner.nonce => {
                     // Ours already (a REVIVE with nobody in between, or a
                     // retried write that had landed).
-                    return Ok((m.clone(), read.map(|r| r.1).unwrap_or_default()));
+                    let held = match held {
+                        Some(h) => h,
+                        None => self.take_claim(timeout)?,
+                    };
+                    return Ok((m.clone(), read.map(|r| r.1).unwrap_or_default(), held));
                 }
                 Some((m, _)) if log_has_writes && m.owner.lineage != self.vol.owner.lineage => {
                     return Err(Error::Lease(format!(
@@ -460,6 +491,11 @@ impl S3Backend {
                     m.size, m.chunk_size
                 )));
             }
+            // The claim first: it waits out another cache directory's.
+            let h = match held.take() {
+                Some(h) => h,
+                None => self.take_claim(timeout)?,
+            };
             m.generation += 1;
             m.owner = self.vol.owner.clone();
             match self.vol.store.put(
@@ -468,10 +504,10 @@ impl S3Backend {
                 cond,
                 Patience::For(S3_PATIENCE),
             ) {
-                Ok(etag) => return Ok((m, etag)),
+                Ok(etag) => return Ok((m, etag, h)),
                 // Somebody wrote in between (or our own retry landed):
                 // read again.
-                Err(Failure::Precondition) => continue,
+                Err(Failure::Precondition) => held = Some(h),
                 Err(e) => {
                     return Err(Error::Protocol(format!(
                         "cannot write {url}{MANIFEST}: {e}"
@@ -483,6 +519,85 @@ impl S3Backend {
             "{url}{MANIFEST} changed ten times while this daemon claimed it: another daemon \
              is claiming this volume too"
         )))
+    }
+}
+
+impl S3Backend {
+    /// Takes the claim ([`claim`]): at once if nobody holds it, if it was
+    /// released, or if its holder is of this cache directory (whose flock
+    /// lease this daemon holds); else once it has been seen unchanged for
+    /// its holder's term and a tenth. Gives up if a live holder keeps
+    /// renewing it past `timeout` (or two of its terms, if longer).
+    fn take_claim(&self, timeout: Duration) -> Result<Held, Error> {
+        let (store, ours) = (&self.vol.store, &self.vol.owner);
+        let url = store.url();
+        let mut seen: Option<(String, Instant)> = None;
+        let mut deadline = None;
+        loop {
+            let (cond, renewal) = match store.get(CLAIM, Patience::For(S3_PATIENCE)) {
+                Err(Failure::NotFound) => (None, 0),
+                Err(e) => return Err(Error::Protocol(format!("cannot read {url}{CLAIM}: {e}"))),
+                Ok((body, etag)) => {
+                    let c = Claim::parse(&body)
+                        .map_err(|e| Error::Protocol(format!("{url}{CLAIM}: {e}")))?;
+                    let lapsed = seen
+                        .as_ref()
+                        .is_some_and(|(e, since)| *e == etag && since.elapsed() >= c.lapse());
+                    if c.released || c.owner.lineage == ours.lineage || lapsed {
+                        (Some(etag), c.renewal.saturating_add(1))
+                    } else {
+                        let end = *deadline
+                            .get_or_insert_with(|| Instant::now() + timeout.max(2 * c.lapse()));
+                        if seen.as_ref().is_none_or(|(e, _)| *e != etag) {
+                            crate::log(&format!(
+                                "{url} is claimed by pid {} on {} (another cache directory; \
+                                 term {} ms): waiting until it has gone {} ms without a \
+                                 renewal. A clean detach of that daemon releases it at once",
+                                c.owner.pid,
+                                c.owner.host,
+                                c.term_ms,
+                                c.lapse().as_millis()
+                            ));
+                            seen = Some((etag, Instant::now()));
+                        }
+                        if Instant::now() >= end {
+                            return Err(Error::Lease(format!(
+                                "{url} stays claimed by pid {} on {}, which renews its claim: \
+                                 a live holder is not superseded. Stop that daemon (a clean \
+                                 detach releases the claim), then start this one again",
+                                c.owner.pid, c.owner.host
+                            )));
+                        }
+                        std::thread::sleep(c.lapse().div_f64(8.0).min(Duration::from_secs(1)));
+                        continue;
+                    }
+                }
+            };
+            let claim = Claim {
+                owner: ours.clone(),
+                term_ms: u64::try_from(self.vol.cfg.claim_term.as_millis()).unwrap_or(u64::MAX),
+                renewal,
+                released: false,
+            };
+            let condition = match &cond {
+                Some(etag) => Condition::IfMatch(etag),
+                None => Condition::IfNoneMatch,
+            };
+            let started = Instant::now();
+            let body = Bytes::from(claim.encode());
+            match store.put(CLAIM, &body, condition, Patience::For(S3_PATIENCE)) {
+                Ok(etag) => {
+                    return Ok(Held {
+                        claim,
+                        etag,
+                        renewed_at: started,
+                    });
+                }
+                // Written in between (or our own retry landed): read again.
+                Err(Failure::Precondition) => {}
+                Err(e) => return Err(Error::Protocol(format!("cannot write {url}{CLAIM}: {e}"))),
+            }
+        }
     }
 }
 
@@ -511,7 +626,7 @@ impl Backend for S3Backend {
                 (Fit::Stale, _) => (scan, extents) = Default::default(),
             }
         }
-        let (manifest, etag) = self.claim(!extents.is_empty())?;
+        let (manifest, etag, held) = self.claim(!extents.is_empty(), timeout)?;
         // What the manifest says is in S3 already is not replayed over it
         // (a cache directory restored from an older copy).
         let covered = manifest.covers(&self.vol.owner.lineage);
@@ -549,12 +664,16 @@ impl Backend for S3Backend {
             room: Condvar::new(),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
+            held: Mutex::new(held),
+            renewed: Condvar::new(),
         });
-        let started = spawn(&active, "holdfast-checkpoint", Active::checkpointer).and_then(|()| {
-            spawn(&active, "holdfast-orphans", move |a| {
-                a.collect_orphans(&claimed)
-            })
-        });
+        let started = spawn(&active, "holdfast-checkpoint", Active::checkpointer)
+            .and_then(|()| spawn(&active, "holdfast-claim", Active::renewer))
+            .and_then(|()| {
+                spawn(&active, "holdfast-orphans", move |a| {
+                    a.collect_orphans(&claimed)
+                })
+            });
         if let Err(e) = started {
             active.stop();
             return Err(e);
@@ -581,24 +700,32 @@ impl Backend for S3Backend {
         };
         active.upload_all(DETACH_UPLOAD);
         active.stop();
+        active.release_claim();
         active.sync().map_err(|e| Error::io("fsync the log", e))
     }
 
+    // Each answer waits until the claim is within its term: a daemon whose
+    // claim lapsed may have been superseded, and must not acknowledge.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.active()?.read(offset, buf)
+        let a = self.active()?;
+        a.read(offset, buf).and_then(|()| a.within_term())
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.active()?
-            .append(Kind::Write, offset, buf.len() as u64, buf)
+        let a = self.active()?;
+        a.append(Kind::Write, offset, buf.len() as u64, buf)
+            .and_then(|()| a.within_term())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.active()?.sync()
+        let a = self.active()?;
+        a.sync().and_then(|()| a.within_term())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.active()?.append(Kind::Zeroes, offset, len, &[])
+        let a = self.active()?;
+        a.append(Kind::Zeroes, offset, len, &[])
+            .and_then(|()| a.within_term())
     }
 }
 
@@ -622,10 +749,142 @@ impl Active {
     fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
+        self.renewed.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    fn term(&self) -> Duration {
+        self.vol.cfg.claim_term
+    }
+
+    /// Returns once the claim is within its term: at once while renewals
+    /// succeed; after a lapse, when one succeeds again (EIO if the claim
+    /// is given up meanwhile; a superseded daemon exits).
+    fn within_term(&self) -> io::Result<()> {
+        let mut held = self.held.lock();
+        let mut told = false;
+        while held.renewed_at.elapsed() >= self.term() {
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(errno(libc::EIO));
+            }
+            if !told {
+                crate::log(&format!(
+                    "the claim on {} went {} ms without a renewal: requests wait until one \
+                     succeeds",
+                    self.vol.store.url(),
+                    held.renewed_at.elapsed().as_millis()
+                ));
+                told = true;
+            }
+            self.renewed.wait_for(&mut held, Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// The renewer: renews the claim every third of its term (every tenth
+    /// once it has lapsed), until stopped.
+    fn renewer(&self) {
+        loop {
+            let lapsed = self.held.lock().renewed_at.elapsed() >= self.term();
+            let pause = self.term() / if lapsed { 10 } else { 3 };
+            {
+                let mut held = self.held.lock();
+                if !self.stop.load(Ordering::SeqCst) {
+                    self.renewed.wait_for(&mut held, pause);
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            self.renew();
+        }
+    }
+
+    /// One renewal of the claim; a holder that finds the claim taken by
+    /// another daemon was superseded, and exits.
+    fn renew(&self) {
+        let (mut next, etag) = {
+            let h = self.held.lock();
+            (h.claim.clone(), h.etag.clone())
+        };
+        next.renewal = next.renewal.saturating_add(1);
+        let body = Bytes::from(next.encode());
+        let started = Instant::now();
+        let store = &self.vol.store;
+        let put = store.put(
+            CLAIM,
+            &body,
+            Condition::IfMatch(&etag),
+            Patience::For(self.term() / 3),
+        );
+        let etag = match put {
+            Ok(etag) => etag,
+            Err(Failure::Precondition) => match store.get(CLAIM, Patience::For(self.term() / 3)) {
+                // A retried attempt landed, or the ETag's form differed.
+                Ok((now, etag)) if now == body => etag,
+                Ok((now, etag)) if now == self.held.lock().claim.encode() => {
+                    self.held.lock().etag = etag;
+                    return;
+                }
+                Ok((now, _)) => self.superseded(&format!(
+                    "its claim is now {}",
+                    String::from_utf8_lossy(&now).replace('\n', "; ")
+                )),
+                Err(Failure::NotFound) => self.superseded("its claim was deleted"),
+                Err(e) => {
+                    crate::log(&format!("renewing the claim: {e}; trying again"));
+                    return;
+                }
+            },
+            Err(e) => {
+                crate::log(&format!("renewing the claim: {e}; trying again"));
+                return;
+            }
+        };
+        let mut h = self.held.lock();
+        *h = Held {
+            claim: next,
+            etag,
+            renewed_at: started,
+        };
+        self.renewed.notify_all();
+    }
+
+    /// Gives the claim up (a clean detach), so that a daemon of another
+    /// cache directory need not wait out its term.
+    fn release_claim(&self) {
+        let h = self.held.lock();
+        let mut released = h.claim.clone();
+        released.renewal = released.renewal.saturating_add(1);
+        released.released = true;
+        let body = Bytes::from(released.encode());
+        let put = self.vol.store.put(
+            CLAIM,
+            &body,
+            Condition::IfMatch(&h.etag),
+            Patience::For(Duration::from_secs(10)),
+        );
+        if let Err(e) = put {
+            crate::log(&format!(
+                "could not release the claim ({e}): another cache directory's daemon waits \
+                 out its term"
+            ));
+        }
+    }
+
+    /// Like a crash: the broker replays what this daemon holds to the next
+    /// one. Nothing runs after it.
+    fn superseded(&self, why: &str) -> ! {
+        crate::log(&format!(
+            "superseded: {why}. This daemon stops writing and exits; writes in its log ({}) \
+             that did not reach S3 are kept there",
+            self.vol.cache_dir.join("wal").display()
+        ));
+        // SAFETY: _exit ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(SUPERSEDED_EXIT) }
     }
 
     /// Makes every append so far durable. Older segments were made
@@ -1018,16 +1277,16 @@ impl Active {
             .store
             .get(MANIFEST, Patience::UntilStopped(&self.stop))
         {
-            Ok((now, etag)) if now == body => return Ok(Landed::Yes(etag)),
+            Ok((now, etag)) if now == body => Ok(Landed::Yes(etag)),
             Ok((now, etag)) if now == base && retry => {
                 crate::log(&format!(
                     "{}{MANIFEST} is still this daemon's, but its ETag did not match ({etag} \
                      now); writing it again with that one",
                     self.vol.store.url()
                 ));
-                return Ok(Landed::StillOurs(etag));
+                Ok(Landed::StillOurs(etag))
             }
-            Err(Failure::Stopped) => return Err(Stopped::Stop),
+            Err(Failure::Stopped) => Err(Stopped::Stop),
             Ok((now, _)) => {
                 let who = Manifest::parse(&now).map_or_else(
                     |e| format!("an unreadable manifest ({e})"),
@@ -1038,21 +1297,11 @@ impl Active {
                         )
                     },
                 );
-                crate::log(&format!(
-                    "superseded: {}{MANIFEST} is now {who}. This daemon stops writing and \
-                     exits; writes in its log ({}) that did not reach S3 are kept there",
-                    self.vol.store.url(),
-                    self.vol.cache_dir.join("wal").display()
-                ));
+                self.superseded(&format!("{}{MANIFEST} is now {who}", self.vol.store.url()))
             }
-            Err(e) => crate::log(&format!(
-                "superseded, or S3 failed ({e}): exiting without writing again"
-            )),
+            // The next daemon refuses a log the manifest has moved past.
+            Err(e) => self.superseded(&format!("or S3 failed ({e})")),
         }
-        // Like a crash: what this daemon holds is replayed by the broker to
-        // the next one, which refuses a log the manifest has moved past.
-        // SAFETY: _exit ends the process at once; nothing runs after it.
-        unsafe { libc::_exit(SUPERSEDED_EXIT) }
     }
 
     /// Deletes the chunk objects that no manifest names or ever will:
