@@ -264,7 +264,7 @@ fn leave(conn: &mut client::Connection, opts: &Options, err: Error) -> Error {
 /// of loop and NBD servers). [`run_with`] calls it for a volume, before
 /// the backend or a worker starts a thread; not for a cachefiles export,
 /// whose reads are no writeback: reclaim without I/O is slower under
-/// memory pressure (it slowed the VM's cachefiles test to a crawl).
+/// memory pressure, a cost worth paying only where it prevents a deadlock.
 pub fn set_io_flusher() {
     if let Err(e) = rustix::process::configure_io_flusher_behavior(true) {
         log(&format!(
