@@ -543,8 +543,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     info!("signal {sig}: shutting down");
     broker.custody.notify("STOPPING=1\n");
     // The ublk devices first, while their daemons still serve the
-    // writeback that stopping a device needs.
-    for (name, device) in broker.ublk.lock().drain(..) {
+    // writeback that stopping a device needs; taken out of the list, so
+    // that a status request meanwhile does not wait behind the stops.
+    let devices = std::mem::take(&mut *broker.ublk.lock());
+    for (name, device) in devices {
         match broker.find(&name) {
             Ok(export) => device.stop(&export),
             Err(_) => device.remove(),

@@ -333,12 +333,21 @@ pub fn read_checked(file: &File, src: Source, dst: &mut [u8]) -> io::Result<()> 
     let within = within
         .filter(|w| w + dst.len() as u64 <= h.data_len())
         .ok_or_else(|| bad("a logged extent is outside its record"))?;
-    let mut data = vec![0u8; h.data_len() as usize];
-    file.read_exact_at(&mut data, start)?;
-    if checksum(&raw[..h.size as usize], src.record, &data) != h.crc {
+    let whole = within == 0 && dst.len() as u64 == h.data_len();
+    let mut data = if whole {
+        Vec::new()
+    } else {
+        vec![0u8; h.data_len() as usize]
+    };
+    // A piece that is the whole record is read in place, without a copy.
+    let buf = if whole { &mut *dst } else { &mut data[..] };
+    file.read_exact_at(buf, start)?;
+    if checksum(&raw[..h.size as usize], src.record, buf) != h.crc {
         return Err(bad("record checksum mismatch"));
     }
-    dst.copy_from_slice(&data[within as usize..within as usize + dst.len()]);
+    if !whole {
+        dst.copy_from_slice(&data[within as usize..within as usize + dst.len()]);
+    }
     Ok(())
 }
 
@@ -1045,8 +1054,12 @@ mod tests {
         };
         read_checked(&wal.file(1).unwrap(), part, &mut b).unwrap();
         assert_eq!(&b, b"cdef");
+        let mut all = [0u8; 8];
+        read_checked(&wal.file(1).unwrap(), src, &mut all).unwrap();
+        assert_eq!(&all, b"abcdefgh");
         flip(&segment_path(&d, 1), HEADER + 7);
         assert!(read_checked(&wal.file(1).unwrap(), part, &mut b).is_err());
+        assert!(read_checked(&wal.file(1).unwrap(), src, &mut all).is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
