@@ -72,6 +72,21 @@ impl SharedRegion {
         Some(())
     }
 
+    /// Maps in, writable, every page of `[offset, offset + len)` that is
+    /// not yet (madvise(2) MADV_POPULATE_WRITE, Linux 5.14), without
+    /// changing a byte. A read of /dev/fuse into a page this process has
+    /// not mapped yet faults it in, and that fault stops at a pending
+    /// SIGKILL: the kernel then fails the request it was copying with EIO
+    /// (`fuse_dev_do_read`), where the broker's own death (an upgrade's
+    /// `execve`, a crash) must leave it to be re-sent.
+    pub fn populate(&self, offset: usize, len: usize) -> io::Result<()> {
+        let p = self.ptr(offset, len).ok_or(io::ErrorKind::InvalidInput)?;
+        // SAFETY: the range is within the mapping (checked above); the
+        // advice only faults pages in, it neither moves nor changes them.
+        unsafe { rustix::mm::madvise(p.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) }?;
+        Ok(())
+    }
+
     /// Copies `len` bytes at `offset` out of the mapping.
     pub fn copy_out(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
         let p = self.ptr(offset, len)?;

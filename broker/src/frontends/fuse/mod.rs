@@ -27,7 +27,7 @@ use std::borrow::Cow;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -351,6 +351,7 @@ fn start_workers<T: Target>(
     on_init: InitHook,
 ) -> io::Result<Vec<Arc<Channel>>> {
     let slot_size = export.slot_size();
+    let export_slots = export.slot_count();
     let fs = Arc::new(Fs {
         max_background: u16::try_from(export.slot_count()).unwrap_or(u16::MAX),
         export,
@@ -360,6 +361,7 @@ fn start_workers<T: Target>(
             .map_or(0, |d| d.as_secs()),
         conn,
         on_init,
+        populated: (0..export_slots).map(|_| AtomicBool::new(false)).collect(),
     });
     let mut channels = Vec::with_capacity(devs.len());
     for (i, dev) in devs.into_iter().enumerate() {
@@ -481,6 +483,8 @@ struct Fs<T> {
     started: u64,
     conn: Arc<ConnInfo>,
     on_init: InitHook,
+    /// Slots whose pages this process has mapped in (`populate`).
+    populated: Box<[AtomicBool]>,
 }
 
 impl<T: Target> Fs<T> {
@@ -490,7 +494,8 @@ impl<T: Target> Fs<T> {
         crate::sys::set_io_flusher();
         let mut w = Worker {
             head: [0u8; HEAD_LEN],
-            private: vec![0u8; self.slot_size as usize],
+            // Written, so that its pages are mapped in (see `populate`).
+            private: vec![1u8; self.slot_size as usize],
             reserved: None,
         };
         loop {
@@ -529,7 +534,10 @@ impl<T: Target> Fs<T> {
                 .ptr(self.export.slot_offset(s)?, self.slot_size as usize)
         });
         match slot {
-            Some(p) => p,
+            Some(p) => {
+                self.populate(w.reserved);
+                p
+            }
             None => {
                 // Cannot happen for a slot of this export; never read into
                 // a slot whose address is unknown.
@@ -538,6 +546,32 @@ impl<T: Target> Fs<T> {
                 }
                 w.private.as_mut_ptr()
             }
+        }
+    }
+
+    /// Maps in a slot's pages the first time this process reads into it,
+    /// so that a read of /dev/fuse never faults, and the broker's own death
+    /// during a read leaves the request to be re-sent rather than failed
+    /// (`SharedRegion::populate`).
+    fn populate(&self, slot: Option<u32>) {
+        let Some(s) = slot else { return };
+        let Some(flag) = self.populated.get(s as usize) else {
+            return;
+        };
+        if flag.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let populated = self
+            .export
+            .slot_offset(s)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+            .and_then(|off| self.export.data().populate(off, self.slot_size as usize));
+        if let Err(e) = populated {
+            warn!(
+                "{}: cannot map in slot {s} ({e}): a broker killed while reading into it \
+                 can fail that request with EIO",
+                self.export.name()
+            );
         }
     }
 
