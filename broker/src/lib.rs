@@ -10,6 +10,7 @@
 pub mod config;
 pub mod control;
 pub mod export;
+pub mod fault;
 pub mod frontends;
 pub mod inflight;
 pub mod log;

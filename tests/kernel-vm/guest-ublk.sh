@@ -9,7 +9,8 @@
 # never restarted), a stale device record removed, a mem daemon refused on
 # a recovered device (its memfd died with the old broker), the ublk queue
 # thread and every daemon thread IO flushers, and an orderly stop (SIGTERM)
-# with dirty ext4 on a device that loses nothing.
+# with dirty ext4 on a device that loses nothing; recoveries cut short
+# (fault points) and a FETCH the driver refuses.
 . "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 echo "kernel $(uname -r)"
 $B/hf-ublk-probe features
@@ -184,6 +185,7 @@ echo "export add/rm with --frontend ublk: ok"
 # the file system with every byte.
 $B/holdfastctl export add vol2 64MiB --frontend ublk
 $B/holdfast-daemon --export vol2 --backend file:$W/vol2.img >> $W/daemon.log 2>&1 &
+d2=$!
 id2=$(cat $W/ublk-vol2.id)
 wait_for 60 test -b /dev/ublkb$id2
 mkfs.ext4 -q /dev/ublkb$id2
@@ -202,3 +204,72 @@ mount -o loop $W/vol2-copy.img $W/m2back
 cmp $W/m2back/dirty $W/dirty
 umount $W/m2back
 echo "SIGTERM with dirty ext4 on a ublk device: written back, device deleted: ok"
+
+# Recoveries cut short (fault points of the debug build, HOLDFAST_FAULT): a
+# broker that dies just after START_USER_RECOVERY, before any FETCH, and one
+# that dies after its FETCHes, before END_USER_RECOVERY, each leave the
+# device to the next broker, which recovers it (6.12 refuses a second
+# START_USER_RECOVERY after the first: the broker goes on from it). A
+# reader blocked since before the first crash gets its data at the end.
+start_broker() { # start_broker LOG
+    $B/holdfast-broker --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk > $W/$1 2>&1 &
+    broker=$!
+    wait_for 30 test -S $W/s.sock
+}
+crash() { # crash: SIGKILL the broker (and the daemon, if one runs)
+    kill -9 $broker ${daemon:-}
+    wait $broker 2>/dev/null || true
+    [ -z "${daemon:-}" ] || { kill -CONT $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; }
+    daemon=
+}
+cut_short() { # cut_short POINT: a broker that dies at POINT
+    rc=0
+    HOLDFAST_FAULT=$1 timeout 60 $B/holdfast-broker --socket $W/s.sock --mountpoint $W/mnt \
+        --export vol0=64MiB,ublk > $W/broker-$1.log 2>&1 || rc=$?
+    [ $rc = 86 ] || { cat $W/broker-$1.log; echo "fault point $1: the broker exited $rc, not 86"; exit 1; }
+}
+# The daemons of the stopped broker would attach to the next one.
+kill -9 $daemon $d2 2>/dev/null || true
+wait $daemon $d2 2>/dev/null || true
+daemon=
+start_broker broker3.log
+start_daemon
+wait_for 60 attached
+id0=$(cat $W/ublk-vol0.id)
+dev=/dev/ublkb$id0
+wait_for 60 test -b $dev
+dd if=$W/pattern of=$dev bs=4M oflag=direct status=none
+kill -STOP $daemon
+dd if=$dev of=$W/rc bs=1M count=8 iflag=direct status=none &
+reader=$!
+sleep 1
+crash
+cut_short ublk-recovery-started
+start_broker broker4.log
+wait_for 60 grep -q "ublk device $id0 recovered" $W/broker4.log
+grep "going on from where it stopped" $W/broker4.log
+kill -0 $reader  # still blocked: no daemon
+crash
+cut_short ublk-fetched
+start_broker broker5.log
+wait_for 60 grep -q "ublk device $id0 recovered" $W/broker5.log
+if grep "cut short" $W/broker5.log; then echo "an ordinary recovery was taken for one cut short"; exit 1; fi
+start_daemon
+if ! wait_for 60 sh -c "! kill -0 $reader 2>/dev/null" || ! wait $reader; then
+    cat $W/broker5.log; echo "reader across two recoveries cut short: FAILED"; exit 1
+fi
+head -c 8M $W/pattern | cmp - $W/rc
+echo "recoveries cut short after START_USER_RECOVERY and after the FETCHes: recovered, reader served: ok"
+
+# A FETCH the driver refuses (the fault point sends one without a buffer)
+# fails the export at once, with the reason, and leaves no device behind
+# (before, START_DEV waited for ever for the refused tag).
+before=$(ls /dev | grep -c '^ublkc' || true)
+rc=0
+HOLDFAST_FAULT=ublk-fetch-refused timeout 60 $B/holdfast-broker --socket $W/f.sock \
+    --mountpoint $W/fmnt --export vol5=16MiB,ublk > $W/broker-refused.log 2>&1 || rc=$?
+[ $rc != 0 ] && [ $rc != 124 ] || { cat $W/broker-refused.log; echo "refused FETCH: broker exit $rc"; exit 1; }
+grep "the driver refused FETCH_REQ for 1 of 32 tags" $W/broker-refused.log
+wait_for 10 sh -c "[ \$(ls /dev | grep -c '^ublkc' || true) = $before ]"
+[ ! -e $W/ublk-vol5.id ] || { echo "the record of a device never started is left"; exit 1; }
+echo "a FETCH the driver refuses: the export fails with the reason, no device left: ok"

@@ -180,16 +180,34 @@ impl UblkDevice {
                 info.nr_hw_queues, info.max_io_buf_bytes
             )));
         }
-        loop {
+        let resumed = loop {
             match ctl.start_recovery(dev_id) {
-                Ok(()) => break,
+                Ok(()) => break false,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(unrecoverable(dev_id, &e)),
+                // A QUIESCED device with no queue ready: a broker started
+                // recovery and died before its FETCHes (6.12). The reset
+                // is done; serving the queue from here finishes it.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break true,
+                Err(e) => return Err(unrecoverable(dev_id, "START_USER_RECOVERY", &e)),
             }
+        };
+        crate::fault::crash_at("ublk-recovery-started");
+        if resumed {
+            warn!(
+                "{}: ublk device {dev_id}: a recovery was cut short before its queue was ready \
+                 (START_USER_RECOVERY: EINVAL); going on from where it stopped",
+                export.name()
+            );
         }
-        serve(export, dev_id, info.queue_depth)?;
+        serve(export, dev_id, info.queue_depth).map_err(|e| {
+            if resumed {
+                unrecoverable(dev_id, "serving its queue after a recovery cut short", &e)
+            } else {
+                e
+            }
+        })?;
         ctl.end_recovery(dev_id, std::process::id())
             .map_err(|e| io::Error::new(e.kind(), format!("END_USER_RECOVERY: {e}")))?;
         info!("{}: ublk device {dev_id} recovered", export.name());
@@ -293,28 +311,27 @@ impl UblkDevice {
     }
 }
 
-/// Why START_USER_RECOVERY refused a QUIESCED device, in words an operator
-/// can act on. On 6.12 a recovery cut short after START_USER_RECOVERY (its
-/// server died before every tag was fetched) leaves the device so: EINVAL
-/// (no queue ready) or, if the dead server's FETCHes could not be
-/// cancelled, EBUSY for good; only deleting the device ends it.
-fn unrecoverable(dev_id: u32, e: &io::Error) -> io::Error {
+/// Why a QUIESCED device cannot be recovered, in words an operator can
+/// act on. On 6.12, a server that dies after START_USER_RECOVERY with only
+/// some tags fetched cannot have those FETCHes cancelled (the queue has no
+/// daemon yet), so its /dev/ublkcN stays open: EBUSY for good. One that
+/// died after mapping the descriptors (a broker before 2026-12 mapped them
+/// first) leaves its memory as the device's: the next mmap is EINVAL.
+/// Only stopping or deleting the device ends either.
+fn unrecoverable(dev_id: u32, step: &str, e: &io::Error) -> io::Error {
     let why = match e.raw_os_error() {
         Some(libc::EBUSY) => format!(
-            "/dev/ublkc{dev_id} is still held open {RECOVER_WAIT:?} after its broker died \
-             (by another process, or by the remains of a recovery cut short)"
+            "/dev/ublkc{dev_id} is still held open {RECOVER_WAIT:?} after its broker died, by \
+             another process or by the remains of a recovery cut short"
         ),
-        Some(libc::EINVAL) => {
-            "an earlier recovery was cut short before it fetched every tag".to_owned()
-        }
-        _ => e.to_string(),
+        _ => "a recovery was cut short where the driver cannot take it up again".to_owned(),
     };
     io::Error::new(
         e.kind(),
         format!(
-            "ublk device {dev_id} cannot be recovered: START_USER_RECOVERY: {e} ({why}). Its \
-             requests cannot be served again: stop and delete the device (ublk's `ublk del \
-             -n {dev_id}`, or reboot), then start the broker again to make a new one"
+            "ublk device {dev_id} cannot be recovered: {step}: {e} ({why}). Its requests \
+             cannot be served again: delete the device (ublksrv's `ublk del -n {dev_id}`, or \
+             reboot), then start the broker again to make a new one"
         ),
     )
 }
@@ -389,36 +406,45 @@ impl ReplySink for Mailbox {
     }
 }
 
-/// One queue: its ring, the kernel's descriptor array, and the mailbox.
+/// One queue: its ring and the mailbox. The kernel's descriptor array is
+/// mapped once every tag is fetched (`run`).
 struct Queue {
     export: Arc<Export>,
     cdev: OwnedFd,
-    descs: Mmap,
     ring: IoUring,
     mailbox: Arc<Mailbox>,
     depth: u16,
 }
 
+/// Bytes of a queue's descriptor array mapping: the driver maps exactly
+/// round_up(depth * descriptor, PAGE_SIZE) (ublk_ch_mmap, 6.12), with the
+/// page size of the running kernel, not 4 KiB.
+fn descs_len(depth: u16, page_size: usize) -> usize {
+    usize::from(depth)
+        .saturating_mul(size_of::<IoDesc>())
+        .next_multiple_of(page_size)
+}
+
+/// Maps the descriptor array of the queue served through `cdev`.
+fn map_descs(cdev: &OwnedFd, depth: u16) -> io::Result<Mmap> {
+    let len = descs_len(depth, rustix::param::page_size());
+    // SAFETY: a read-only shared mapping of the driver's descriptor
+    // array; the kernel writes it, we only read (and check) entries.
+    let descs = unsafe {
+        MmapOptions::new()
+            .len(len)
+            .offset(sys::CMD_BUF_OFFSET)
+            .populate()
+            .map(cdev.as_raw_fd())
+    };
+    descs.map_err(|e| io::Error::new(e.kind(), format!("mapping the descriptors: {e}")))
+}
+
 impl Queue {
     fn new(export: Arc<Export>, cdev: OwnedFd, depth: u16) -> io::Result<Self> {
-        // The driver maps exactly round_up(depth * descriptor, PAGE_SIZE)
-        // (ublk_ch_mmap, 6.12): the page size of this kernel, not 4 KiB.
-        let len = usize::from(depth)
-            .saturating_mul(size_of::<IoDesc>())
-            .next_multiple_of(rustix::param::page_size());
-        // SAFETY: a read-only shared mapping of the driver's descriptor
-        // array; the kernel writes it, we only read (and check) entries.
-        let descs = unsafe {
-            MmapOptions::new()
-                .len(len)
-                .offset(sys::CMD_BUF_OFFSET)
-                .populate()
-                .map(cdev.as_raw_fd())?
-        };
         Ok(Self {
             export,
             cdev,
-            descs,
             ring: IoUring::new(u32::from(depth).saturating_mul(2).saturating_add(4))?,
             mailbox: Arc::new(Mailbox {
                 done: Mutex::new(Vec::new()),
@@ -442,11 +468,13 @@ impl Queue {
     }
 
     fn push_io(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
+        // The driver refuses a FETCH without a buffer (6.12).
+        let refused = op == sys::IO_FETCH_REQ && tag == 0 && crate::fault::at("ublk-fetch-refused");
         let cmd = IoCmd {
             q_id: 0,
             tag,
             result,
-            addr: self.buffer(tag),
+            addr: if refused { 0 } else { self.buffer(tag) },
         };
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(cmd.as_bytes());
@@ -479,18 +507,34 @@ impl Queue {
         Ok(())
     }
 
+    /// Fetches every tag, then maps the descriptors, then serves. In this
+    /// order, a broker that dies during a recovery leaves the device
+    /// recoverable (6.12): before the FETCHes, START_USER_RECOVERY's reset
+    /// is all there is (no queue ready, no process's memory taken as the
+    /// device's by an mmap), and the next broker takes it up from there;
+    /// after them, the queue is this broker's, and its death is an
+    /// ordinary server's.
     fn run(mut self, ready: &std::sync::mpsc::Sender<io::Result<()>>) {
         crate::sys::set_io_flusher();
         let fetched = (0..self.depth)
             .try_for_each(|tag| self.push_io(sys::IO_FETCH_REQ, tag, 0))
             .and_then(|()| self.push_wake())
             .and_then(|()| self.ring.submit().map(drop))
-            .and_then(|()| self.check_fetches());
-        let failed = fetched.as_ref().err().map(io::Error::kind);
-        let _ = ready.send(fetched);
-        if failed.is_some() {
-            return;
-        }
+            .and_then(|()| self.check_fetches())
+            .and_then(|()| {
+                crate::fault::crash_at("ublk-fetched");
+                map_descs(&self.cdev, self.depth)
+            });
+        let descs = match fetched {
+            Ok(d) => {
+                let _ = ready.send(Ok(()));
+                d
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
         let mut aborted = 0u16;
         while aborted < self.depth {
             if let Err(e) = self.ring.submit_and_wait(1) {
@@ -511,7 +555,7 @@ impl Queue {
                 } else {
                     let tag = u16::try_from(ud).unwrap_or(u16::MAX);
                     match res {
-                        sys::IO_RES_OK => self.request(tag),
+                        sys::IO_RES_OK => self.request(&descs, tag),
                         sys::IO_RES_ABORT => {
                             aborted = aborted.saturating_add(1);
                             Ok(())
@@ -572,10 +616,9 @@ impl Queue {
 
     /// A request arrived in tag `tag`: checks its descriptor and hands it to
     /// the export, or fails it at once.
-    fn request(&mut self, tag: u16) -> io::Result<()> {
+    fn request(&mut self, descs: &[u8], tag: u16) -> io::Result<()> {
         let at = usize::from(tag).saturating_mul(size_of::<IoDesc>());
-        let desc = self
-            .descs
+        let desc = descs
             .get(at..at.saturating_add(size_of::<IoDesc>()))
             .and_then(|b| IoDesc::read_from_bytes(b).ok())
             .unwrap_or_default();
@@ -637,6 +680,15 @@ mod tests {
             start_sector,
             ..IoDesc::default()
         }
+    }
+
+    #[test]
+    fn the_descriptor_mapping_is_whole_pages_of_this_kernel() {
+        // 24-byte descriptors: 64 tags fill 1536 bytes, 200 fill 4800.
+        assert_eq!(super::descs_len(64, 4096), 4096);
+        assert_eq!(super::descs_len(200, 4096), 8192);
+        assert_eq!(super::descs_len(64, 65536), 65536);
+        assert_eq!(super::descs_len(4096, 16384), 98304);
     }
 
     /// Every descriptor is checked; a flush's range is not one (the block
