@@ -1,5 +1,5 @@
 //! Thin typed wrappers over the kernel interfaces the broker uses, apart
-//! from the FUSE device (see `frontends::fuse::sys`).
+//! from the FUSE device (see `holdfast_kernel::fuse::sys`).
 
 pub mod loopdev;
 pub mod pidfd;

@@ -20,8 +20,6 @@
 //! the kernel re-send what the old broker read and did not answer.
 
 mod block;
-mod request;
-mod sys;
 
 use std::borrow::Cow;
 use std::io;
@@ -31,33 +29,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fuse_abi::linux::{
-    FATTR_GID, FATTR_MODE, FATTR_SIZE, FATTR_UID, FOPEN_DIRECT_IO, FOPEN_NOFLUSH,
-    FOPEN_PARALLEL_DIRECT_WRITES, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES,
-    FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_HAS_RESEND, FUSE_INIT_EXT, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES,
-    FUSE_ROOT_ID, FUSE_UNIQUE_RESEND, fuse_attr, fuse_attr_out, fuse_init_out, fuse_kstatfs,
-    fuse_open_out, fuse_out_header, fuse_statfs_out, fuse_write_out,
-};
+use fuse_abi::linux::{FUSE_UNIQUE_RESEND, fuse_write_out};
+pub use holdfast_kernel::fuse::Init;
+use holdfast_kernel::fuse::request::{self, FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
+use holdfast_kernel::fuse::{Answer, Volume, sys};
 use holdfast_proto::shm::Op;
 use parking_lot::Mutex;
 use zerocopy::{Immutable, IntoBytes};
 
-use self::request::{FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
 use super::{Origin, Outcome, ReplySink, Target};
 use crate::inflight::Data;
 use crate::restart::record::FuseRecord;
 use crate::sys::loopdev::LoopDevice;
 use crate::{info, warn};
-
-/// The FUSE minor version this frontend implements (fuse-abi's headers).
-const FUSE_MINOR: u32 = 40;
-/// Attributes never change behind the kernel's back: cache them a day.
-const ATTR_VALID_SECS: u64 = 86_400;
-
-/// fallocate(2) modes, include/uapi/linux/falloc.h.
-const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: u32 = 0x10;
 
 /// Called once a connection's INIT is answered (the broker then keeps its
 /// descriptors for its own restart).
@@ -81,21 +65,6 @@ struct Mount {
     /// The mounted /dev/fuse descriptor first, then its clones.
     channels: Vec<Arc<Channel>>,
     conn: Arc<ConnInfo>,
-}
-
-/// What INIT told about the kernel: its protocol minor and the flags it
-/// offered (flags2 in the high half).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Init {
-    pub minor: u32,
-    pub flags: u64,
-}
-
-impl Init {
-    /// The kernel re-sends read, unanswered requests on FUSE_NOTIFY_RESEND.
-    pub fn can_resend(&self) -> bool {
-        self.flags & FUSE_HAS_RESEND != 0
-    }
 }
 
 /// A connection's INIT, and how many re-sent requests it has delivered.
@@ -352,13 +321,18 @@ fn start_workers<T: Target>(
 ) -> io::Result<Vec<Arc<Channel>>> {
     let slot_size = export.slot_size();
     let export_slots = export.slot_count();
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let fs = Arc::new(Fs {
-        max_background: u16::try_from(export.slot_count()).unwrap_or(u16::MAX),
+        volume: Volume::new(
+            export.size(),
+            slot_size,
+            u16::try_from(export_slots).unwrap_or(u16::MAX),
+            started,
+        ),
         export,
         slot_size,
-        started: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
         conn,
         on_init,
         populated: (0..export_slots).map(|_| AtomicBool::new(false)).collect(),
@@ -395,23 +369,9 @@ impl Channel {
 
     /// Writes a reply: the header, then `body` pieces.
     fn send(&self, unique: u64, error: i32, body: &[libc::iovec]) {
-        let len: usize = body.iter().fold(size_of::<fuse_out_header>(), |a, v| {
-            a.saturating_add(v.iov_len)
-        });
-        let header = fuse_out_header {
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-            error: error.saturating_neg(),
-            unique,
-        };
-        let mut iov = Vec::with_capacity(body.len().saturating_add(1));
-        iov.push(libc::iovec {
-            iov_base: (&raw const header).cast_mut().cast(),
-            iov_len: size_of::<fuse_out_header>(),
-        });
-        iov.extend_from_slice(body);
-        // SAFETY: the header lives on this stack frame and the callers' body
-        // pieces are valid for the duration of the call.
-        match unsafe { sys::write_reply(self.dev.as_fd(), &iov) } {
+        // SAFETY: the callers' body pieces are valid for the duration of
+        // the call.
+        match unsafe { sys::reply(self.dev.as_fd(), unique, error, body) } {
             Ok(()) => {}
             // The request was interrupted or the connection aborted.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {}
@@ -479,8 +439,8 @@ struct Worker {
 struct Fs<T> {
     export: Arc<T>,
     slot_size: u32,
-    max_background: u16,
-    started: u64,
+    /// The file system's answers to everything but data.
+    volume: Volume,
     conn: Arc<ConnInfo>,
     on_init: InitHook,
     /// Slots whose pages this process has mapped in (`populate`).
@@ -659,27 +619,13 @@ impl<T: Target> Fs<T> {
         size: u32,
     ) {
         let e = &self.export;
-        if nodeid != FUSE_ROOT_ID {
-            return chan.error(unique, libc::ENOENT);
-        }
-        if offset
-            .checked_add(u64::from(size))
-            .is_none_or(|end| end > e.size())
-        {
-            return chan.error(unique, libc::ENOSPC);
-        }
-        if size == 0 {
-            return chan.ok(
-                unique,
-                &fuse_write_out {
-                    size: 0,
-                    padding: 0,
-                },
-            );
-        }
+        let answer = self.volume.write(nodeid, offset, size);
+        let Answer::Data { op, offset, len } = answer else {
+            return self.answer(chan, unique, answer);
+        };
         let origin = chan.origin(unique);
         match w.reserved.take() {
-            Some(slot) => e.submit(Op::Write, offset, u64::from(size), origin, Data::Slot(slot)),
+            Some(slot) => e.submit(op, offset, len, origin, Data::Slot(slot)),
             None => {
                 let bytes = w.private.get(..size as usize).unwrap_or_default();
                 e.submit_write(offset, origin, bytes);
@@ -695,128 +641,56 @@ impl<T: Target> Fs<T> {
         unique: u64,
         op: FuseOp<'_>,
     ) {
-        let e = &self.export;
-        if nodeid != FUSE_ROOT_ID && !matches!(op, FuseOp::Init { .. } | FuseOp::Forget) {
-            return chan.error(unique, libc::ENOENT);
+        let answer = self.volume.answer(nodeid, &op);
+        if let (FuseOp::Init { major, minor, .. }, Answer::Error(_)) = (&op, &answer) {
+            warn!(
+                "kernel FUSE protocol {major}.{minor} is not served (7.{} or later needed)",
+                holdfast_kernel::fuse::OLDEST_MINOR
+            );
         }
-        match op {
-            FuseOp::Init {
-                major,
-                minor,
-                max_readahead,
-                flags,
-            } => self.init(chan, unique, major, minor, max_readahead, flags),
-            FuseOp::Destroy => chan.bytes(unique, &[]),
-            FuseOp::Forget | FuseOp::Interrupt => {}
-            // The root is a file: nothing to look up or list.
-            FuseOp::Lookup { .. } | FuseOp::Opendir | FuseOp::Readdir { .. } => {
-                chan.error(unique, libc::ENOTDIR);
-            }
-            FuseOp::Getattr => self.reply_attr(chan, unique),
-            FuseOp::Setattr(s) => {
-                // The size and owner are fixed; time updates are accepted
-                // (and ignored) so that ordinary tools work.
-                let resize = s.valid & FATTR_SIZE != 0 && s.size != e.size();
-                if resize || s.valid & (FATTR_MODE | FATTR_UID | FATTR_GID) != 0 {
-                    chan.error(unique, libc::EPERM);
-                } else {
-                    self.reply_attr(chan, unique);
-                }
-            }
-            // No FLUSH on close(2): writes are write-through (completed by a
-            // daemon before write(2) returns), and close promises no
-            // durability; fsync does, and is forwarded. A forwarded FLUSH
-            // would make every close, including the close-on-exec in any
-            // forked child, wait for a daemon: while none is attached, a
-            // process holding a written fd could not even exec the
-            // replacement daemon. See kmod-notes/fuse.md.
-            //
-            // Direct I/O for every open (FOPEN_DIRECT_IO): the export is a
-            // volume, cached by whoever uses it (a file system on its block
-            // device caches, the loop device does direct I/O), not again
-            // in the file's page cache. It also allows parallel direct
-            // writes (FOPEN_PARALLEL_DIRECT_WRITES, which needs
-            // FOPEN_DIRECT_IO since Linux 6.9): without it the kernel holds
-            // the inode lock across each synchronous O_DIRECT write, so
-            // writers of the file take turns (BENCHMARKS.md has the
-            // figures). Shared mmap works on such files on Linux 6.18 (the
-            // kernel switches the inode to cached mode while mapped); older
-            // kernels need FUSE_DIRECT_IO_ALLOW_MMAP, negotiated in INIT.
-            FuseOp::Open { .. } => chan.ok(
-                unique,
-                &fuse_open_out {
-                    open_flags: FOPEN_NOFLUSH | FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES,
-                    ..Default::default()
-                },
-            ),
-            FuseOp::Release | FuseOp::Releasedir | FuseOp::Fsyncdir | FuseOp::Access => {
-                chan.bytes(unique, &[]);
-            }
-            FuseOp::Statfs => self.statfs(chan, unique),
-            FuseOp::Read { offset, size } => {
-                let left = e.size().saturating_sub(offset);
-                let len = left.min(u64::from(size)).min(u64::from(self.slot_size));
-                if len == 0 {
-                    return chan.bytes(unique, &[]);
-                }
-                let data = reserved.take().map_or(Data::None, Data::Slot);
-                e.submit(Op::Read, offset, len, chan.origin(unique), data);
-            }
-            FuseOp::Flush | FuseOp::Fsync { .. } => {
-                e.submit(Op::Flush, 0, 0, chan.origin(unique), Data::None);
-            }
-            FuseOp::Fallocate {
+        match answer {
+            Answer::Data {
+                op: Op::Read,
                 offset,
-                length,
-                mode,
-            } => match fallocate_op(mode, offset, length, e.size()) {
-                Ok((op, len)) if len > 0 => {
-                    e.submit(op, offset, len, chan.origin(unique), Data::None)
-                }
-                Ok(_) => chan.bytes(unique, &[]),
-                Err(errno) => chan.error(unique, errno),
-            },
-            FuseOp::Write { .. } => chan.error(unique, libc::EINVAL),
-            FuseOp::Unsupported(_) => chan.error(unique, libc::ENOSYS),
+                len,
+            } => {
+                let data = reserved.take().map_or(Data::None, Data::Slot);
+                self.export
+                    .submit(Op::Read, offset, len, chan.origin(unique), data);
+            }
+            Answer::Data { op: Op::Write, .. } => chan.error(unique, libc::EINVAL),
+            Answer::Data { op, offset, len } => {
+                self.export
+                    .submit(op, offset, len, chan.origin(unique), Data::None);
+            }
+            answer => self.answer(chan, unique, answer),
         }
     }
 
-    fn init(
-        &self,
-        chan: &Channel,
-        unique: u64,
-        major: u32,
-        minor: u32,
-        max_readahead: u32,
-        flags: u64,
-    ) {
-        if major != FUSE_KERNEL_VERSION || minor < 28 {
-            warn!("kernel FUSE protocol {major}.{minor} is too old (7.28 or later needed)");
-            return chan.error(unique, libc::EPROTO);
+    /// Replies to what the file system answers without a daemon.
+    fn answer(&self, chan: &Channel, unique: u64, answer: Answer) {
+        match answer {
+            Answer::Silent => {}
+            Answer::Error(errno) => chan.error(unique, errno),
+            Answer::Empty => chan.bytes(unique, &[]),
+            Answer::Attr(a) => chan.ok(unique, &a),
+            Answer::Open(o) => chan.ok(unique, &o),
+            Answer::Statfs(st) => chan.ok(unique, &st),
+            Answer::Wrote(size) => chan.ok(unique, &fuse_write_out { size, padding: 0 }),
+            Answer::Init(out, init) => {
+                chan.ok(unique, &out);
+                self.initialised(init);
+            }
+            // Not reached: data requests go to the export (`op`, `write`).
+            Answer::Data { .. } => chan.error(unique, libc::EIO),
         }
-        let want = u64::from(
-            FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_ASYNC_DIO | FUSE_INIT_EXT,
-        ) | FUSE_DIRECT_IO_ALLOW_MMAP;
-        let agreed = flags & want;
-        let out = fuse_init_out {
-            major: FUSE_KERNEL_VERSION,
-            minor: FUSE_MINOR,
-            max_readahead: max_readahead.min(self.slot_size),
-            // FUSE_INIT_EXT: the high 32 bits go in flags2.
-            flags: (agreed & u64::from(u32::MAX)) as u32,
-            flags2: (agreed >> 32) as u32,
-            max_background: self.max_background,
-            congestion_threshold: self.max_background.saturating_mul(3) / 4,
-            max_write: self.slot_size,
-            time_gran: 1,
-            max_pages: u16::try_from(self.slot_size / 4096).unwrap_or(u16::MAX),
-            ..Default::default()
-        };
-        chan.ok(unique, &out);
-        let init = Init { minor, flags };
+    }
+
+    fn initialised(&self, init: Init) {
         info!(
-            "{}: FUSE connection initialised (kernel protocol {major}.{minor}{})",
+            "{}: FUSE connection initialised (kernel protocol 7.{}{})",
             self.export.name(),
+            init.minor,
             if init.can_resend() {
                 ", can re-send requests"
             } else {
@@ -826,48 +700,6 @@ impl<T: Target> Fs<T> {
         if self.conn.init.set(init).is_ok() {
             (self.on_init)();
         }
-    }
-
-    fn reply_attr(&self, chan: &Channel, unique: u64) {
-        let t = self.started;
-        let size = self.export.size();
-        let attr = fuse_attr {
-            ino: FUSE_ROOT_ID,
-            size,
-            blocks: size.div_ceil(512),
-            atime: t,
-            mtime: t,
-            ctime: t,
-            mode: libc::S_IFREG | 0o600,
-            nlink: 1,
-            blksize: 4096,
-            ..Default::default()
-        };
-        chan.ok(
-            unique,
-            &fuse_attr_out {
-                attr_valid: ATTR_VALID_SECS,
-                attr_valid_nsec: 0,
-                dummy: 0,
-                attr,
-            },
-        );
-    }
-
-    fn statfs(&self, chan: &Channel, unique: u64) {
-        chan.ok(
-            unique,
-            &fuse_statfs_out {
-                st: fuse_kstatfs {
-                    blocks: self.export.size() / 4096,
-                    files: 1,
-                    bsize: 4096,
-                    namelen: holdfast_proto::MAX_NAME_LEN as u32,
-                    frsize: 4096,
-                    ..Default::default()
-                },
-            },
-        );
     }
 }
 
@@ -887,25 +719,10 @@ fn cannot_keep(name: &str, init: Option<&Init>) -> Option<String> {
     }
 }
 
-/// Maps a FALLOCATE to an op and a length within the export. Ranges past the
-/// end are clipped when the size is kept, refused when it would grow.
-fn fallocate_op(mode: u32, offset: u64, length: u64, size: u64) -> Result<(Op, u64), i32> {
-    let op = match mode & !FALLOC_FL_KEEP_SIZE {
-        0 => Op::Allocate,
-        FALLOC_FL_PUNCH_HOLE if mode & FALLOC_FL_KEEP_SIZE != 0 => Op::Discard,
-        FALLOC_FL_ZERO_RANGE => Op::WriteZeroes,
-        _ => return Err(libc::EOPNOTSUPP),
-    };
-    let end = offset.checked_add(length).ok_or(libc::EFBIG)?;
-    if end > size && mode & FALLOC_FL_KEEP_SIZE == 0 {
-        return Err(libc::ENOSPC);
-    }
-    Ok((op, end.min(size).saturating_sub(offset)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fuse_abi::linux::{FUSE_ASYNC_READ, FUSE_HAS_RESEND};
 
     #[test]
     fn a_connection_is_kept_only_where_the_kernel_re_sends() {
@@ -925,30 +742,5 @@ mod tests {
         assert!(why.contains("7.39") && why.contains("Linux 6.9"), "{why}");
         let why = cannot_keep("vol0", None).unwrap();
         assert!(why.contains("not initialised"), "{why}");
-    }
-
-    #[test]
-    fn fallocate_modes() {
-        let k = FALLOC_FL_KEEP_SIZE;
-        assert_eq!(fallocate_op(0, 0, 10, 100), Ok((Op::Allocate, 10)));
-        assert_eq!(fallocate_op(0, 90, 20, 100), Err(libc::ENOSPC));
-        assert_eq!(
-            fallocate_op(k | FALLOC_FL_PUNCH_HOLE, 90, 20, 100),
-            Ok((Op::Discard, 10))
-        );
-        assert_eq!(
-            fallocate_op(FALLOC_FL_PUNCH_HOLE, 0, 1, 100),
-            Err(libc::EOPNOTSUPP)
-        );
-        assert_eq!(
-            fallocate_op(FALLOC_FL_ZERO_RANGE, 0, 8, 100),
-            Ok((Op::WriteZeroes, 8))
-        );
-        assert_eq!(
-            fallocate_op(k | FALLOC_FL_ZERO_RANGE, 200, 8, 100),
-            Ok((Op::WriteZeroes, 0))
-        );
-        assert_eq!(fallocate_op(k, u64::MAX, 2, 100), Err(libc::EFBIG));
-        assert_eq!(fallocate_op(0x8, 0, 1, 100), Err(libc::EOPNOTSUPP));
     }
 }

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use fuse_abi::linux::fuse_out_header;
 use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MountFlags, UnmountFlags};
 
@@ -124,13 +125,51 @@ pub fn notify_resend(dev: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes one reply made of the given pieces.
+/// Most pieces of a reply body (`reply`).
+pub const MAX_BODY_PIECES: usize = 4;
+
+/// Writes the reply to request `unique`: a header with `errno` (positive;
+/// 0 for success), then the `body` pieces. The kernel answers ENOENT for a
+/// request it no longer waits for (interrupted, or re-sent under a new
+/// unique) and ENODEV once the connection is gone.
 ///
 /// # Safety
-/// Every iovec must be valid for reads for the whole call.
-pub unsafe fn write_reply(dev: BorrowedFd<'_>, iov: &[libc::iovec]) -> io::Result<()> {
-    let count = libc::c_int::try_from(iov.len()).unwrap_or(0);
-    // SAFETY: caller's contract.
+/// Every iovec of `body` must be valid for reads for the whole call.
+pub unsafe fn reply(
+    dev: BorrowedFd<'_>,
+    unique: u64,
+    errno: i32,
+    body: &[libc::iovec],
+) -> io::Result<()> {
+    if body.len() > MAX_BODY_PIECES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many reply pieces",
+        ));
+    }
+    let len = body.iter().try_fold(size_of::<fuse_out_header>(), |a, v| {
+        a.checked_add(v.iov_len)
+    });
+    let len = len
+        .and_then(|l| u32::try_from(l).ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "reply too long"))?;
+    let header = fuse_out_header {
+        len,
+        error: errno.saturating_neg(),
+        unique,
+    };
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_BODY_PIECES + 1];
+    iov[0] = libc::iovec {
+        iov_base: (&raw const header).cast_mut().cast(),
+        iov_len: size_of::<fuse_out_header>(),
+    };
+    iov[1..=body.len()].copy_from_slice(body);
+    let count = libc::c_int::try_from(body.len() + 1).unwrap_or(1);
+    // SAFETY: the header lives on this stack frame; the body pieces are
+    // valid for reads (caller's contract).
     let n = unsafe { libc::writev(dev.as_raw_fd(), iov.as_ptr(), count) };
     if n < 0 {
         return Err(io::Error::last_os_error());
