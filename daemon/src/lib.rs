@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod client;
 pub mod crc32c;
+pub mod direct;
 pub mod fault;
 pub mod lease;
 pub mod rings;

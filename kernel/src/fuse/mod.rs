@@ -13,9 +13,10 @@ use fuse_abi::linux::{
     FOPEN_PARALLEL_DIRECT_WRITES, FUSE_ASYNC_DIO, FUSE_ASYNC_READ, FUSE_BIG_WRITES,
     FUSE_DIRECT_IO_ALLOW_MMAP, FUSE_HAS_RESEND, FUSE_INIT_EXT, FUSE_KERNEL_VERSION, FUSE_MAX_PAGES,
     FUSE_ROOT_ID, fuse_attr, fuse_attr_out, fuse_init_out, fuse_kstatfs, fuse_open_out,
-    fuse_statfs_out,
+    fuse_statfs_out, fuse_write_out,
 };
 use holdfast_proto::shm::Op;
+use zerocopy::IntoBytes;
 
 use self::request::FuseOp;
 
@@ -61,8 +62,8 @@ pub enum Answer {
     Statfs(fuse_statfs_out),
     /// INIT's reply, and what the kernel said in it.
     Init(fuse_init_out, Init),
-    /// A WRITE's reply: this many bytes written.
-    Wrote(u32),
+    /// A WRITE's reply (`Answer::wrote`).
+    Wrote(fuse_write_out),
     /// For the backend: `op` over `[offset, offset + len)`, within the
     /// volume and at most one request's worth of bytes (`len` is 0 for a
     /// flush).
@@ -71,6 +72,29 @@ pub enum Answer {
         offset: u64,
         len: u64,
     },
+}
+
+impl Answer {
+    /// A WRITE's reply: `size` bytes written.
+    pub fn wrote(size: u32) -> Self {
+        Self::Wrote(fuse_write_out { size, padding: 0 })
+    }
+
+    /// The reply to send: its errno (positive; 0 for success) and body.
+    /// None for no reply (`Silent`) and for a request still to be done
+    /// (`Data`), whose reply comes from the backend.
+    pub fn reply(&self) -> Option<(i32, &[u8])> {
+        Some(match self {
+            Self::Silent | Self::Data { .. } => return None,
+            Self::Error(errno) => (*errno, &[]),
+            Self::Empty => (0, &[]),
+            Self::Attr(a) => (0, a.as_bytes()),
+            Self::Open(o) => (0, o.as_bytes()),
+            Self::Statfs(st) => (0, st.as_bytes()),
+            Self::Init(out, _) => (0, out.as_bytes()),
+            Self::Wrote(w) => (0, w.as_bytes()),
+        })
+    }
 }
 
 /// The file system of one volume export: its geometry, fixed for the
@@ -190,7 +214,7 @@ impl Volume {
         }
         match offset.checked_add(u64::from(size)) {
             Some(end) if end > self.size => Answer::Error(libc::ENOSPC),
-            Some(_) if size == 0 => Answer::Wrote(0),
+            Some(_) if size == 0 => Answer::wrote(0),
             Some(_) => Answer::Data {
                 op: Op::Write,
                 offset,
@@ -344,7 +368,13 @@ mod tests {
             Answer::Error(libc::ENOSPC)
         );
         assert_eq!(v.write(2, 0, 1), Answer::Error(libc::ENOENT));
-        assert_eq!(v.write(FUSE_ROOT_ID, 1 << 20, 0), Answer::Wrote(0));
+        assert_eq!(v.write(FUSE_ROOT_ID, 1 << 20, 0), Answer::wrote(0));
+        assert_eq!(
+            Answer::wrote(7).reply(),
+            Some((0, &[7u8, 0, 0, 0, 0, 0, 0, 0][..]))
+        );
+        assert_eq!(Answer::Error(libc::EIO).reply(), Some((libc::EIO, &[][..])));
+        assert_eq!(Answer::Silent.reply(), None);
         assert_eq!(
             v.answer(FUSE_ROOT_ID, &FuseOp::Fsync { datasync: true }),
             data(Op::Flush, 0, 0)

@@ -214,6 +214,19 @@ pub fn parse(opcode: u32, payload: &[u8]) -> Result<FuseOp<'_>, ParseError> {
     })
 }
 
+/// Whether `opcode` is WRITE, whose data follows its arguments: read
+/// into the body buffer, it starts at the buffer's start.
+pub fn is_write(opcode: u32) -> bool {
+    opcode == fuse_opcode::FUSE_WRITE as u32
+}
+
+/// Whether the kernel re-sent this request (FUSE_NOTIFY_RESEND, 7.40,
+/// Linux 6.9: bit 63 of its unique is set, so that a reply to the first
+/// unique no longer matches).
+pub fn is_resent(unique: u64) -> bool {
+    unique & fuse_abi::linux::FUSE_UNIQUE_RESEND as u64 != 0
+}
+
 /// Whether the kernel expects no reply to this opcode.
 pub fn is_no_reply(opcode: u32) -> bool {
     opcode == fuse_opcode::FUSE_FORGET as u32

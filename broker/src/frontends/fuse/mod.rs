@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fuse_abi::linux::{FUSE_UNIQUE_RESEND, fuse_write_out};
+use fuse_abi::linux::fuse_write_out;
 pub use holdfast_kernel::fuse::Init;
 use holdfast_kernel::fuse::request::{self, FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
 use holdfast_kernel::fuse::{Answer, Volume, sys};
@@ -560,16 +560,14 @@ impl<T: Target> Fs<T> {
             chan.error(h.unique, libc::EIO);
             return;
         }
-        if h.unique & FUSE_UNIQUE_RESEND as u64 != 0
-            && self.conn.resent.fetch_add(1, Ordering::Relaxed) == 0
-        {
+        if request::is_resent(h.unique) && self.conn.resent.fetch_add(1, Ordering::Relaxed) == 0 {
             info!(
                 "{}: the kernel re-sends the requests the previous broker held",
                 self.export.name()
             );
         }
         let body_len = n.saturating_sub(HEAD_LEN);
-        if h.opcode == fuse_abi::linux::fuse_opcode::FUSE_WRITE as u32 {
+        if request::is_write(h.opcode) {
             let args = w.head.get(IN_HEADER_LEN..).unwrap_or_default();
             return match request::parse(h.opcode, args) {
                 Ok(FuseOp::Write { offset, size }) if size as usize == body_len => {
@@ -669,20 +667,15 @@ impl<T: Target> Fs<T> {
 
     /// Replies to what the file system answers without a daemon.
     fn answer(&self, chan: &Channel, unique: u64, answer: Answer) {
-        match answer {
-            Answer::Silent => {}
-            Answer::Error(errno) => chan.error(unique, errno),
-            Answer::Empty => chan.bytes(unique, &[]),
-            Answer::Attr(a) => chan.ok(unique, &a),
-            Answer::Open(o) => chan.ok(unique, &o),
-            Answer::Statfs(st) => chan.ok(unique, &st),
-            Answer::Wrote(size) => chan.ok(unique, &fuse_write_out { size, padding: 0 }),
-            Answer::Init(out, init) => {
-                chan.ok(unique, &out);
-                self.initialised(init);
-            }
-            // Not reached: data requests go to the export (`op`, `write`).
-            Answer::Data { .. } => chan.error(unique, libc::EIO),
+        match answer.reply() {
+            Some((errno, _)) if errno != 0 => chan.error(unique, errno),
+            Some((_, body)) => chan.bytes(unique, body),
+            // Data requests go to the export (`op`, `write`).
+            None if matches!(answer, Answer::Data { .. }) => chan.error(unique, libc::EIO),
+            None => {}
+        }
+        if let Answer::Init(_, init) = answer {
+            self.initialised(init);
         }
     }
 
