@@ -285,7 +285,14 @@ fn volume_threads_are_io_flushers() {
         .into_iter()
         .filter(|(name, _)| name.starts_with("fuse-vol0-"))
         .collect();
-    let daemon_threads = thread_flags(daemon.pid());
+    // The daemon starts its workers once restored, just after the broker
+    // shows it active.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut daemon_threads = thread_flags(daemon.pid());
+    while daemon_threads.len() <= 2 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+        daemon_threads = thread_flags(daemon.pid());
+    }
     assert!(
         workers.len() == 4 && daemon_threads.len() > 2,
         "{workers:?} {daemon_threads:?}"
