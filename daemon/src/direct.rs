@@ -10,6 +10,7 @@
 //! The holder answers INIT before it hands the connection over; a reader
 //! that sees one refuses it.
 
+use std::borrow::Cow;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
@@ -229,11 +230,16 @@ impl Reader {
             }
             return;
         }
-        let mut args = head
-            .get(IN_HEADER_LEN..n.min(HEAD_LEN))
-            .unwrap_or_default()
-            .to_vec();
-        args.extend_from_slice(self.body.get(..body_len).unwrap_or_default());
+        // Arguments past the head (names, INIT) follow in the body: copied
+        // together only then, not for every READ.
+        let in_head = head.get(IN_HEADER_LEN..n.min(HEAD_LEN)).unwrap_or_default();
+        let args: Cow<'_, [u8]> = if body_len == 0 {
+            Cow::Borrowed(in_head)
+        } else {
+            let mut v = in_head.to_vec();
+            v.extend_from_slice(self.body.get(..body_len).unwrap_or_default());
+            Cow::Owned(v)
+        };
         let answer = match request::parse(h.opcode, &args) {
             // INIT is the holder's, answered before the connection was
             // handed over.

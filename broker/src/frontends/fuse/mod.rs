@@ -518,7 +518,9 @@ impl<T: Target> Fs<T> {
         let Some(flag) = self.populated.get(s as usize) else {
             return;
         };
-        if flag.swap(true, Ordering::Relaxed) {
+        // A load first: after the first read, no worker writes the flag's
+        // cache line again.
+        if flag.load(Ordering::Relaxed) || flag.swap(true, Ordering::Relaxed) {
             return;
         }
         let populated = self
