@@ -236,12 +236,15 @@ fn edges_of_an_export() {
 const IO_FLUSHER_FLAGS: u64 = 0x0008_0000 | 0x0010_0000;
 
 /// The name and flags (fields 2 and 9 of /proc/PID/task/TID/stat) of each
-/// thread of `pid`.
+/// thread of `pid` that is still there once listed.
 fn thread_flags(pid: u32) -> Vec<(String, u64)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
-        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // A short-lived thread may end between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue;
+        };
         // The name may hold spaces; fields after it are plain.
         let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
         let flags = stat[close + 2..]
