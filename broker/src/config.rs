@@ -12,7 +12,7 @@ pub const DEFAULT_EXPORT: &str = "vol0";
 pub const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_BACKING_DIR: &str = "/var/lib/holdfast";
 
-/// One `--export NAME=SIZE[,block|,ublk]`.
+/// One `--export NAME=SIZE[,block|,ublk][,direct]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
@@ -21,6 +21,9 @@ pub struct ExportSpec {
     pub block: bool,
     /// Serve it through ublk instead of FUSE.
     pub ublk: bool,
+    /// Daemons that can serve its FUSE connection themselves do (direct
+    /// mode); the others get relay mode.
+    pub direct: bool,
 }
 
 impl ExportSpec {
@@ -30,6 +33,12 @@ impl ExportSpec {
         if self.block && self.ublk {
             return Err(format!(
                 "export {}: block (a loop device over the FUSE file) and ublk exclude each other",
+                self.name
+            ));
+        }
+        if self.direct && self.ublk {
+            return Err(format!(
+                "export {}: direct mode serves FUSE exports only so far; drop ublk or direct",
                 self.name
             ));
         }
@@ -122,6 +131,7 @@ impl Config {
                 size: DEFAULT_EXPORT_SIZE,
                 block: false,
                 ublk: false,
+                direct: false,
             });
             if self.supervise.is_empty() {
                 self.supervise.push(format!(
@@ -182,32 +192,39 @@ impl Config {
     }
 }
 
-/// Parses `NAME=SIZE[,block|,ublk]`.
+/// Parses `NAME=SIZE[,OPTION]...`, options `block`, `ublk` and `direct`.
 pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
     let (name, rest) = s.split_once('=').ok_or_else(|| {
-        format!("--export {s:?}: expected NAME=SIZE[,block|,ublk], e.g. vol0=256MiB,block")
+        format!("--export {s:?}: expected NAME=SIZE[,block|,ublk][,direct], e.g. vol0=256MiB,block")
     })?;
     holdfast_proto::validate_name(name).map_err(|e| format!("--export {s:?}: {e}"))?;
-    let (size, opt) = match rest.split_once(',') {
-        Some((size, opt)) => (size, Some(opt)),
-        None => (rest, None),
-    };
-    let (block, ublk) = match opt {
-        None => (false, false),
-        Some("block") => (true, false),
-        Some("ublk") => (false, true),
-        Some(opt) => {
-            return Err(format!(
-                "--export {s:?}: unknown option {opt:?} (block: a loop device over the FUSE file; ublk: a ublk device)"
-            ));
-        }
-    };
-    Ok(ExportSpec {
+    let mut parts = rest.split(',');
+    let size = parts.next().unwrap_or_default();
+    let mut spec = ExportSpec {
         name: name.to_owned(),
         size: parse_size(size).map_err(|e| format!("--export {s:?}: {e}"))?,
-        block,
-        ublk,
-    })
+        block: false,
+        ublk: false,
+        direct: false,
+    };
+    for opt in parts {
+        let flag = match opt {
+            "block" => &mut spec.block,
+            "ublk" => &mut spec.ublk,
+            "direct" => &mut spec.direct,
+            _ => {
+                return Err(format!(
+                    "--export {s:?}: unknown option {opt:?} (block: a loop device over the FUSE \
+                     file; ublk: a ublk device; direct: daemons serve the FUSE connection \
+                     themselves)"
+                ));
+            }
+        };
+        if std::mem::replace(flag, true) {
+            return Err(format!("--export {s:?}: option {opt:?} is given twice"));
+        }
+    }
+    Ok(spec)
 }
 
 /// Parses a duration bound: seconds (`30`, `2.5`), or with a unit (`500ms`,
@@ -252,6 +269,7 @@ mod tests {
                 size: 256 << 20,
                 block: false,
                 ublk: false,
+                direct: false,
             })
         );
         assert_eq!(
@@ -261,7 +279,18 @@ mod tests {
                 size: 1 << 30,
                 block: true,
                 ublk: false,
+                direct: false,
             })
+        );
+        assert!(parse_export("vol0=1GiB,block,direct").is_ok_and(|e| e.block && e.direct));
+        assert!(parse_export("vol0=1GiB,direct").is_ok_and(|e| e.direct && !e.block));
+        assert!(parse_export("vol0=1GiB,direct,direct").is_err());
+        let ublk_direct = parse_export("vol0=1GiB,ublk,direct").unwrap();
+        assert!(
+            ublk_direct
+                .check(512)
+                .unwrap_err()
+                .contains("FUSE exports only")
         );
         assert!(parse_export("vol0=1GiB,ublk").is_ok_and(|e| e.ublk && !e.block));
         let both = ExportSpec {
@@ -269,6 +298,7 @@ mod tests {
             size: 4096,
             block: true,
             ublk: true,
+            direct: false,
         };
         assert!(both.check(512).is_err());
         assert!(parse_export("vol0=1G,blok").is_err());

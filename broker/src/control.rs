@@ -133,7 +133,7 @@ struct Connection<'a> {
 #[derive(Clone, Copy)]
 enum Join {
     /// ATTACH, fencing a current daemon first with `takeover`.
-    Attach { takeover: bool },
+    Attach { takeover: bool, direct: bool },
     /// PREPARE: as a handoff's successor.
     Successor,
 }
@@ -282,6 +282,7 @@ impl<'a> Connection<'a> {
                 Request::Attach(a) => {
                     let join = Join::Attach {
                         takeover: a.takeover,
+                        direct: a.direct,
                     };
                     match self.attach(&a.export, join) {
                         Ok(()) => return,
@@ -398,8 +399,8 @@ impl<'a> Connection<'a> {
         })?;
         let pidfd = Arc::new(pidfd);
         let granted = match join {
-            Join::Attach { takeover } => {
-                export.attach(pidfd.clone(), takeover, self.broker.fence_timeout)
+            Join::Attach { takeover, direct } => {
+                export.attach(pidfd.clone(), takeover, direct, self.broker.fence_timeout)
             }
             Join::Successor => export.prepare(pidfd.clone()),
         };
@@ -414,13 +415,15 @@ impl<'a> Connection<'a> {
         // The daemon's pipe ends are sent, then closed here: the broker
         // never holds them.
         if let Some((submit, complete)) = grant.daemon_kicks.take() {
-            let fds = [
+            let mut fds = vec![
                 grant.rings_fd.as_fd(),
                 export.data_fd().as_fd(),
                 submit.as_fd(),
                 complete.as_fd(),
             ];
             debug_assert_eq!(fds.len(), attach_fds::COUNT);
+            // Direct mode: the lent FUSE descriptors follow.
+            fds.extend(grant.lent.iter().map(AsFd::as_fd));
             let reply = Reply::Attached(grant.reply).encode();
             if let Err(e) = seqpacket::send(self.sock.as_fd(), &reply, &fds) {
                 warn!("{}: cannot send ATTACHED: {e}", export.name);

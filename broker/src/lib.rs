@@ -162,6 +162,7 @@ impl Broker {
             size: req.size,
             block: req.block,
             ublk: req.ublk,
+            direct: req.direct,
         };
         spec.check(self.shape.block_size)
             .map_err(|e| ErrorReply::new(ErrorCode::Malformed, e))?;
@@ -196,7 +197,13 @@ impl Broker {
         spec: &config::ExportSpec,
         prior: Option<Prior<'_>>,
     ) -> Result<Arc<Export>, String> {
-        let export = self.new_export(&spec.name, spec.size, ExportKind::Volume, prior)?;
+        let export = self.new_export(
+            &spec.name,
+            spec.size,
+            ExportKind::Volume,
+            spec.direct,
+            prior,
+        )?;
         if spec.ublk {
             let record = self.state_dir.join(format!("ublk-{}.id", spec.name));
             let device = UblkDevice::start_or_recover(&export, record)
@@ -205,7 +212,7 @@ impl Broker {
             self.ublk.lock().push((spec.name.clone(), device));
         } else {
             self.frontend
-                .add(&export, spec.block, self.next_id())
+                .add(&export, spec.block, spec.direct, self.next_id())
                 .map_err(|e| format!("export {}: {e}", spec.name))?;
         }
         self.exports.write().push(export.clone());
@@ -218,12 +225,14 @@ impl Broker {
         name: &str,
         size: u64,
         kind: ExportKind,
+        direct: bool,
         prior: Option<Prior<'_>>,
     ) -> Result<Arc<Export>, String> {
         let export = Export::new(&ExportConfig {
             name: name.to_owned(),
             kind,
             size,
+            direct,
             ..self.shape.clone()
         })
         .map(Arc::new)
@@ -255,7 +264,7 @@ impl Broker {
         inherited: Option<OwnedFd>,
         prior: Option<Prior<'_>>,
     ) -> Result<(), String> {
-        let export = self.new_export(&spec.tag, 0, ExportKind::Blobs, prior)?;
+        let export = self.new_export(&spec.tag, 0, ExportKind::Blobs, false, prior)?;
         let (cache, how) = Cachefiles::start(export.clone(), &spec.dir, &spec.tag, inherited)?;
         match how {
             cachefiles::Device::Bound => info!(
@@ -444,6 +453,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 slot_count: cfg.slot_count,
                 slot_size: cfg.slot_size,
                 heap_limit: HEAP_LIMIT,
+                direct: false,
             },
             admin: Mutex::default(),
             state_dir: cfg

@@ -18,7 +18,8 @@ use rustix::net::{
 use crate::Error;
 use crate::rings::Attachment;
 
-const MAX_FDS: usize = attach_fds::COUNT;
+/// ATTACHED's descriptors, with direct mode's FUSE descriptors.
+const MAX_FDS: usize = attach_fds::COUNT + holdfast_proto::MAX_DIRECT_CONNS as usize;
 
 /// A connection to the broker's control socket.
 pub struct Connection {
@@ -126,11 +127,18 @@ impl Connection {
     }
 
     /// ATTACH to `export`; with `takeover`, the broker fences the current
-    /// daemon first.
-    pub fn attach(&mut self, export: &str, takeover: bool) -> Result<Attachment, Error> {
+    /// daemon first. `direct`: this daemon can serve in direct mode (the
+    /// broker says which mode it gets).
+    pub fn attach(
+        &mut self,
+        export: &str,
+        takeover: bool,
+        direct: bool,
+    ) -> Result<Attachment, Error> {
         let req = Request::Attach(Attach {
             export: export.to_owned(),
             takeover,
+            direct,
         });
         match self.call(&req, &[])? {
             (Reply::Attached(a), fds) => Attachment::new(a, fds),

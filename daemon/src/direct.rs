@@ -25,10 +25,6 @@ use holdfast_proto::shm::Op;
 
 use crate::backends::{self, Backend};
 
-/// The signal that interrupts a reader's read(2) when it is to stop: a
-/// handler that does nothing, installed without SA_RESTART, makes the read
-/// return EINTR. SIGURG is ignored by default and unused otherwise.
-const STOP_SIGNAL: libc::c_int = libc::SIGURG;
 /// How long `stop` waits for the readers to finish what they hold.
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
@@ -60,8 +56,9 @@ impl Direct {
         volume: Volume,
         max_io: u32,
         backend: Arc<dyn Backend>,
+        read_delay: Duration,
     ) -> io::Result<Self> {
-        install_stop_handler()?;
+        sys::install_interrupt()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut direct = Self {
@@ -76,6 +73,7 @@ impl Direct {
                 body: vec![0u8; max_io as usize],
                 backend: backend.clone(),
                 counters: direct.counters.clone(),
+                read_delay,
             };
             let stopping = direct.stopping.clone();
             let spawned = std::thread::Builder::new()
@@ -118,8 +116,8 @@ impl Direct {
             // lost: send it until the reader is gone.
             while !t.is_finished() && Instant::now() < end {
                 // SAFETY: the thread has not been joined, so its pthread_t
-                // is valid; the handler does nothing.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), STOP_SIGNAL) };
+                // is valid.
+                unsafe { sys::interrupt(t.as_pthread_t()) };
                 std::thread::sleep(Duration::from_millis(1));
             }
             if t.is_finished() {
@@ -138,25 +136,6 @@ impl Drop for Direct {
     }
 }
 
-extern "C" fn on_stop_signal(_: libc::c_int) {}
-
-/// Installs the no-op handler of [`STOP_SIGNAL`] (once per process; a
-/// second install is the same handler).
-fn install_stop_handler() -> io::Result<()> {
-    // SAFETY: a zeroed sigaction with a handler that touches nothing is a
-    // valid argument; no SA_RESTART, so that read(2) returns EINTR.
-    let rc = unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::sigemptyset(&raw mut sa.sa_mask);
-        libc::sigaction(STOP_SIGNAL, &raw const sa, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// One reader: its descriptor and buffers.
 struct Reader {
     dev: OwnedFd,
@@ -168,6 +147,8 @@ struct Reader {
     body: Vec<u8>,
     backend: Arc<dyn Backend>,
     counters: Arc<Counters>,
+    /// `--read-delay-ms`: a test's way to have reads in flight.
+    read_delay: Duration,
 }
 
 impl Reader {
@@ -264,6 +245,9 @@ impl Reader {
         } else {
             None
         };
+        if op == Op::Read && !self.read_delay.is_zero() {
+            std::thread::sleep(self.read_delay);
+        }
         let done = backends::run(&*self.backend, backends::Ask::volume(op, offset, len), buf);
         match (done, op) {
             (Err(e), _) => {

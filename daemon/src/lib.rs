@@ -91,6 +91,8 @@ pub struct Options {
     /// How long to keep trying to attach again when the broker goes away
     /// (it is being upgraded, or restarted after a crash); zero: exit.
     pub reconnect: Duration,
+    /// Never ask for direct mode: every request comes through the broker.
+    pub relay: bool,
 }
 
 /// The first wait between attempts to reach a broker that went away; it
@@ -114,7 +116,7 @@ pub fn run_with(
     let att = if opts.successor {
         conn.prepare(&opts.export)?
     } else {
-        conn.attach(&opts.export, opts.takeover)?
+        conn.attach(&opts.export, opts.takeover, !opts.relay)?
     };
     let geometry = att.geometry;
     if geometry.kind == holdfast_proto::ExportKind::Volume {
@@ -164,7 +166,7 @@ pub fn run_with(
     log(&format!("restored; {replayed} requests replayed"));
     let mut att = att;
     loop {
-        match serve::serve(&mut conn, att, backend.clone(), opts, &signals)? {
+        match serve::serve_attachment(&mut conn, att, backend.clone(), opts, &signals)? {
             Served::HandedOff => return Ok(()),
             Served::Detached => return backend.detach(),
             Served::BrokerGone { lease_released } => {
@@ -205,7 +207,7 @@ fn reattach(
     loop {
         let tried = client::Connection::connect(&opts.socket).and_then(|mut c| {
             c.hello()?;
-            let a = c.attach(&opts.export, false)?;
+            let a = c.attach(&opts.export, false, !opts.relay)?;
             Ok((c, a))
         });
         match tried {

@@ -63,7 +63,11 @@ Options:
                         kills it and waits until it is gone)
   --successor           take over in a planned handoff (also when the
                         environment has HOLDFAST_SUCCESSOR=1)
-  --workers N           I/O threads [default: 16]
+  --relay               take every request through the broker (relay mode),
+                        even where the export allows direct mode, in which
+                        this daemon reads the export's FUSE connection
+                        itself (one thread per descriptor the broker lends)
+  --workers N           I/O threads of relay mode [default: 16]
   --lease-timeout SECS  how long to wait for a predecessor's lease [default: 30]
   --reconnect-timeout SECS
                         when the broker goes away (an upgrade, a crash and
@@ -162,7 +166,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
     let mut socket = std::env::var_os(SOCKET_ENV)
         .map_or_else(|| "/run/holdfast/holdfast.sock".into(), PathBuf::from);
     let (mut export, mut backend) = (None, None);
-    let mut takeover = false;
+    let (mut takeover, mut relay) = (false, false);
     let mut successor = std::env::var_os(SUCCESSOR_ENV).is_some_and(|v| v == "1");
     let mut workers = 16usize;
     let mut lease_timeout = 30u64;
@@ -226,6 +230,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
                 s3.claim_term_ms = Some(ms);
             }
             Long("takeover") => takeover = true,
+            Long("relay") => relay = true,
             Long("successor") => successor = true,
             Long("workers") => {
                 workers = number("--workers", &string_value(&mut p)?)?;
@@ -284,6 +289,7 @@ fn parse_args() -> Result<Option<(Options, BackendSpec)>, String> {
             poll: Duration::from_micros(poll_us),
             read_delay: Duration::from_millis(read_delay_ms),
             reconnect: Duration::from_secs(reconnect),
+            relay,
         },
         backend,
     )))

@@ -23,6 +23,8 @@ pub struct Attachment {
     data_layout: DataLayout,
     submit_kick: OwnedFd,
     complete_kick: OwnedFd,
+    /// Direct mode: the FUSE descriptors the broker lent.
+    lent: Vec<OwnedFd>,
 }
 
 fn map(fd: &OwnedFd, len: usize, what: &str) -> Result<MmapRaw, Error> {
@@ -40,15 +42,23 @@ fn map(fd: &OwnedFd, len: usize, what: &str) -> Result<MmapRaw, Error> {
 }
 
 impl Attachment {
+    /// Direct mode's FUSE descriptors (empty in relay mode, and after the
+    /// first call).
+    pub fn take_lent(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.lent)
+    }
+
     /// Maps the descriptors of an ATTACHED reply after checking the geometry.
     pub fn new(geometry: Attached, mut fds: Vec<OwnedFd>) -> Result<Self, Error> {
-        if fds.len() != attach_fds::COUNT {
+        let conns = geometry.direct.map_or(0, |d| d.conns as usize);
+        if fds.len() != attach_fds::COUNT + conns {
             return Err(Error::Protocol(format!(
                 "ATTACHED carried {} descriptors, {} expected",
                 fds.len(),
-                attach_fds::COUNT
+                attach_fds::COUNT + conns
             )));
         }
+        let lent = fds.split_off(attach_fds::COUNT);
         let layout = RingLayout::new(geometry.slot_count);
         let data_layout = DataLayout::new(geometry.slot_count, geometry.slot_size);
         let (Some(layout), Some(data_layout)) = (layout, data_layout) else {
@@ -75,6 +85,7 @@ impl Attachment {
             data_layout,
             submit_kick,
             complete_kick,
+            lent,
         })
     }
 

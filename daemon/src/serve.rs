@@ -436,6 +436,113 @@ pub fn serve(
     outcome
 }
 
+/// Serves an attachment in the mode the broker gave it.
+pub fn serve_attachment(
+    conn: &mut Connection,
+    mut att: Attachment,
+    backend: Arc<dyn Backend>,
+    opts: &Options,
+    signals: &Signals,
+) -> Result<Served, Error> {
+    match att.geometry.direct {
+        Some(terms) => {
+            let lent = att.take_lent();
+            serve_direct(conn, terms, att.geometry.size, lent, backend, opts, signals)
+        }
+        None => serve(conn, att, backend, opts, signals),
+    }
+}
+
+/// Direct mode: reads the export's FUSE connection on the descriptors the
+/// broker lent, one reader each, and watches the control socket and the
+/// signals. Whenever it stops (a signal, the export's removal, the broker
+/// gone), the readers stop first, each after answering what it holds, so
+/// that nothing of this attachment runs on once the broker acts.
+fn serve_direct(
+    conn: &mut Connection,
+    terms: holdfast_proto::DirectTerms,
+    size: u64,
+    lent: Vec<OwnedFd>,
+    backend: Arc<dyn Backend>,
+    opts: &Options,
+    signals: &Signals,
+) -> Result<Served, Error> {
+    let volume =
+        holdfast_kernel::fuse::Volume::new(size, terms.max_io, terms.max_background, terms.started);
+    let n = lent.len();
+    let direct = crate::direct::Direct::start(lent, volume, terms.max_io, backend, opts.read_delay)
+        .map_err(|e| Error::io("cannot start the direct-mode readers", e))?;
+    log(&format!(
+        "direct mode: reading the FUSE connection on {n} descriptors (kernel protocol 7.{})",
+        terms.minor
+    ));
+    let counters = direct.counters_handle();
+    let stop = |direct: crate::direct::Direct| {
+        if !direct.stop() {
+            log("direct mode: a reader is still busy with its backend; leaving it");
+        }
+        log(&format!(
+            "direct mode: stopped after {} answers ({} re-sent requests, {} late replies refused)",
+            counters.answered.load(Ordering::Relaxed),
+            counters.resent.load(Ordering::Relaxed),
+            counters.refused.load(Ordering::Relaxed)
+        ));
+    };
+    loop {
+        let ready = poll(&[conn.socket(), signals.fd.as_fd()], Some(IDLE_POLL));
+        if ready[1] {
+            for sig in signals.take() {
+                match sig {
+                    Signal::Stop => {
+                        log("signal received: detaching (answering what the readers hold)");
+                        stop(direct);
+                        return detach(conn);
+                    }
+                    Signal::Upgrade => {
+                        log("SIGHUP: a daemon in direct mode cannot be handed off yet; \
+                         replace it with --takeover")
+                    }
+                }
+            }
+        }
+        if ready[0] {
+            match conn.recv() {
+                Ok((Reply::Detached, _)) => {
+                    log("detached by the broker (the export was removed)");
+                    stop(direct);
+                    return Ok(Served::Detached);
+                }
+                Ok((Reply::Error(e), _)) => log(&format!("broker: {e}")),
+                Ok((other, _)) => log(&format!("unexpected message from the broker: {other:?}")),
+                Err(Error::Protocol(e)) => {
+                    stop(direct);
+                    return Err(Error::Protocol(e));
+                }
+                Err(_) => {
+                    stop(direct);
+                    return Ok(Served::BrokerGone {
+                        lease_released: false,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// DETACH once nothing of this daemon's runs, and waits for DETACHED.
+fn detach(conn: &mut Connection) -> Result<Served, Error> {
+    if conn.send(&Request::Detach).is_err() {
+        return Ok(Served::Detached);
+    }
+    loop {
+        match conn.recv() {
+            Ok((Reply::Detached, _)) | Err(_) => return Ok(Served::Detached),
+            Ok((Reply::Error(e), _)) => return Err(Error::Broker(e)),
+            Ok(_) => {}
+        }
+    }
+}
+
 /// The broker went away: a daemon that was detaching is done; any other
 /// attaches again.
 fn gone(phase: Phase, detaching: bool) -> Served {

@@ -91,6 +91,60 @@ pub struct Attach {
     pub export: String,
     /// Fence the export's current daemon instead of being refused as busy.
     pub takeover: bool,
+    /// The daemon can serve the export's kernel queue itself ([`Mode::Direct`]);
+    /// the broker says in ATTACHED which mode it gets.
+    pub direct: bool,
+}
+
+/// How a daemon gets an export's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Through the broker's in-flight table and the shared rings.
+    Relay = 1,
+    /// From the kernel, on descriptors the broker lends it and keeps a
+    /// reference to (FUSE: FUSE_NOTIFY_RESEND replays a lost daemon's).
+    Direct = 2,
+}
+
+impl Mode {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Relay),
+            2 => Some(Self::Direct),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+/// Most FUSE descriptors a direct-mode daemon is lent.
+pub const MAX_DIRECT_CONNS: u32 = 64;
+
+/// What a direct-mode daemon needs to serve the export's FUSE connection,
+/// sent with ATTACHED: what the broker's INIT negotiated and the shape of
+/// the file system, so that both answer alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectTerms {
+    /// The kernel's FUSE protocol minor version.
+    pub minor: u32,
+    /// INIT's flags (flags2 in the high half).
+    pub flags: u64,
+    /// Largest request data in bytes (INIT's max_write and max_readahead).
+    pub max_io: u32,
+    /// INIT's max_background.
+    pub max_background: u16,
+    /// When the file system was mounted (its files' times), Unix seconds.
+    pub started: u64,
+    /// FUSE descriptors passed after the [`attach_fds`] ones, 1 to
+    /// [`MAX_DIRECT_CONNS`].
+    pub conns: u32,
 }
 
 /// EXPORT_ADD: the operator adds an export to a running broker.
@@ -104,6 +158,8 @@ pub struct ExportAdd {
     /// Serve it through ublk (a `/dev/ublkbN` the broker owns) instead of
     /// FUSE.
     pub ublk: bool,
+    /// Daemons that can may serve it in direct mode (FUSE only).
+    pub direct: bool,
 }
 
 /// A message a client sends to the broker.
@@ -204,6 +260,19 @@ pub struct Attached {
     pub epoch: u64,
     /// Requests waiting for this daemon's RESTORE.
     pub pending: u32,
+    /// Direct mode's terms; None in relay mode.
+    pub direct: Option<DirectTerms>,
+}
+
+impl Attached {
+    /// The mode the daemon serves in.
+    pub fn mode(&self) -> Mode {
+        if self.direct.is_some() {
+            Mode::Direct
+        } else {
+            Mode::Relay
+        }
+    }
 }
 
 /// What the daemon attached to an export is doing.
@@ -266,6 +335,7 @@ pub struct DaemonStatus {
     pub pid: u32,
     pub epoch: u64,
     pub state: DaemonState,
+    pub mode: Mode,
 }
 
 /// One export in a STATUS reply.
@@ -278,6 +348,9 @@ pub struct ExportStatus {
     pub device: Option<String>,
     /// Logical block size of the export and its block device.
     pub block_size: u32,
+    /// The mode daemons that can get: [`Mode::Direct`] where the export
+    /// allows it and the kernel can re-send.
+    pub mode: Mode,
     pub daemon: Option<DaemonStatus>,
     /// The successor of a running handoff.
     pub successor: Option<DaemonStatus>,
@@ -379,7 +452,9 @@ impl Request {
             }
             Self::Attach(a) => {
                 let mut w = header(kind::ATTACH);
-                w.str(&a.export, MAX_NAME_LEN).bool(a.takeover);
+                w.str(&a.export, MAX_NAME_LEN)
+                    .bool(a.takeover)
+                    .bool(a.direct);
                 w
             }
             Self::Restore => header(kind::RESTORE),
@@ -420,7 +495,8 @@ impl Request {
                 w.str(&a.name, MAX_NAME_LEN)
                     .u64(a.size)
                     .bool(a.block)
-                    .bool(a.ublk);
+                    .bool(a.ublk)
+                    .bool(a.direct);
                 w
             }
             Self::ExportRemove { name, force } => {
@@ -444,6 +520,7 @@ impl Request {
             kind::ATTACH => Self::Attach(Attach {
                 export: r.str("attach.export", MAX_NAME_LEN)?,
                 takeover: r.bool("attach.takeover")?,
+                direct: r.bool("attach.direct")?,
             }),
             kind::RESTORE => Self::Restore,
             kind::DETACH => Self::Detach,
@@ -469,6 +546,7 @@ impl Request {
                 size: r.u64("export_add.size")?,
                 block: r.bool("export_add.block")?,
                 ublk: r.bool("export_add.ublk")?,
+                direct: r.bool("export_add.direct")?,
             }),
             kind::EXPORT_REMOVE => Self::ExportRemove {
                 name: r.str("export_remove.name", MAX_NAME_LEN)?,
@@ -519,7 +597,8 @@ fn put_export(w: &mut Writer, e: &ExportStatus) {
         .str(&e.frontend, MAX_TEXT_LEN)
         .bool(e.device.is_some())
         .str(e.device.as_deref().unwrap_or_default(), MAX_DEVICE_LEN)
-        .u32(e.block_size);
+        .u32(e.block_size)
+        .u8(e.mode as u8);
     put_daemon(w, e.daemon.as_ref());
     put_daemon(w, e.successor.as_ref());
     w.u32(e.inflight)
@@ -542,7 +621,12 @@ fn put_export(w: &mut Writer, e: &ExportStatus) {
 
 fn put_daemon(w: &mut Writer, d: Option<&DaemonStatus>) {
     match d {
-        Some(d) => w.bool(true).u32(d.pid).u64(d.epoch).u8(d.state as u8),
+        Some(d) => w
+            .bool(true)
+            .u32(d.pid)
+            .u64(d.epoch)
+            .u8(d.state as u8)
+            .u8(d.mode as u8),
         None => w.bool(false),
     };
 }
@@ -558,7 +642,39 @@ fn get_daemon(r: &mut Reader<'_>) -> Result<Option<DaemonStatus>, DecodeError> {
         field: "daemon.state",
         value: u64::from(state),
     })?;
-    Ok(Some(DaemonStatus { pid, epoch, state }))
+    let mode = get_mode(r, "daemon.mode")?;
+    Ok(Some(DaemonStatus {
+        pid,
+        epoch,
+        state,
+        mode,
+    }))
+}
+
+fn get_terms(r: &mut Reader<'_>) -> Result<DirectTerms, DecodeError> {
+    let terms = DirectTerms {
+        minor: r.u32("direct.minor")?,
+        flags: r.u64("direct.flags")?,
+        max_io: r.u32("direct.max_io")?,
+        max_background: r.u16("direct.max_background")?,
+        started: r.u64("direct.started")?,
+        conns: r.u32("direct.conns")?,
+    };
+    if terms.conns == 0 || terms.conns > MAX_DIRECT_CONNS {
+        return Err(DecodeError::BadValue {
+            field: "direct.conns",
+            value: u64::from(terms.conns),
+        });
+    }
+    Ok(terms)
+}
+
+fn get_mode(r: &mut Reader<'_>, field: &'static str) -> Result<Mode, DecodeError> {
+    let v = r.u8(field)?;
+    Mode::from_u8(v).ok_or(DecodeError::BadValue {
+        field,
+        value: u64::from(v),
+    })
 }
 
 fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
@@ -568,6 +684,7 @@ fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
     let has_device = r.bool("export.device")?;
     let device = r.str("export.device", MAX_DEVICE_LEN)?;
     let block_size = r.u32("export.block_size")?;
+    let mode = get_mode(r, "export.mode")?;
     let daemon = get_daemon(r)?;
     let successor = get_daemon(r)?;
     Ok(ExportStatus {
@@ -576,6 +693,7 @@ fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
         frontend,
         device: has_device.then_some(device),
         block_size,
+        mode,
         daemon,
         successor,
         inflight: r.u32("export.inflight")?,
@@ -622,7 +740,16 @@ impl Reply {
                     .u32(a.slot_count)
                     .u32(a.slot_size)
                     .u64(a.epoch)
-                    .u32(a.pending);
+                    .u32(a.pending)
+                    .bool(a.direct.is_some());
+                if let Some(d) = &a.direct {
+                    w.u32(d.minor)
+                        .u64(d.flags)
+                        .u32(d.max_io)
+                        .u16(d.max_background)
+                        .u64(d.started)
+                        .u32(d.conns);
+                }
                 w
             }
             Self::Restored { replayed } => {
@@ -705,6 +832,10 @@ impl Reply {
                 slot_size: r.u32("attached.slot_size")?,
                 epoch: r.u64("attached.epoch")?,
                 pending: r.u32("attached.pending")?,
+                direct: match r.bool("attached.direct")? {
+                    true => Some(get_terms(&mut r)?),
+                    false => None,
+                },
             }),
             kind::RESTORED => Self::Restored {
                 replayed: r.u32("restored.replayed")?,
@@ -762,10 +893,16 @@ mod tests {
             frontend: "fuse".into(),
             device: i.is_multiple_of(2).then(|| format!("/dev/loop{i}")),
             block_size: 4096,
+            mode: if i.is_multiple_of(2) {
+                Mode::Direct
+            } else {
+                Mode::Relay
+            },
             daemon: i.is_multiple_of(2).then_some(DaemonStatus {
                 pid: 42 + i,
                 epoch: 7,
                 state: DaemonState::Active,
+                mode: Mode::Direct,
             }),
             inflight: 3,
             pending: 4,
@@ -779,6 +916,7 @@ mod tests {
                 pid: 99,
                 epoch: 8,
                 state: DaemonState::Ready,
+                mode: Mode::Relay,
             }),
             handoff: i.is_multiple_of(2).then_some(HandoffProgress {
                 phase: crate::handoff::HandoffPhase::Quiescing,
@@ -816,6 +954,7 @@ mod tests {
             Request::Attach(Attach {
                 export: "vol0".into(),
                 takeover: true,
+                direct: true,
             }),
             Request::Restore,
             Request::Detach,
@@ -843,6 +982,7 @@ mod tests {
                 size: 1 << 30,
                 block: true,
                 ublk: false,
+                direct: true,
             }),
             Request::ExportRemove {
                 name: "vol2".into(),
@@ -867,6 +1007,24 @@ mod tests {
                 slot_size: 1 << 20,
                 epoch: 3,
                 pending: 17,
+                direct: None,
+            }),
+            Reply::Attached(Attached {
+                kind: ExportKind::Volume,
+                size: 1 << 30,
+                block_size: 4096,
+                slot_count: 64,
+                slot_size: 1 << 20,
+                epoch: 4,
+                pending: 0,
+                direct: Some(DirectTerms {
+                    minor: 45,
+                    flags: 1 << 40,
+                    max_io: 1 << 20,
+                    max_background: 64,
+                    started: 1_800_000_000,
+                    conns: 4,
+                }),
             }),
             Reply::Restored { replayed: 5 },
             Reply::Detached,
@@ -996,6 +1154,7 @@ mod tests {
         let mut buf = Request::Attach(Attach {
             export: "v".into(),
             takeover: false,
+            direct: false,
         })
         .encode();
         *buf.last_mut().unwrap() = 2;

@@ -17,8 +17,8 @@ pub mod upgrade;
 pub mod wire;
 
 pub use control::{
-    Attach, Attached, DaemonState, DaemonStatus, ExportAdd, ExportKind, ExportStatus, Hello, Reply,
-    Request,
+    Attach, Attached, DaemonState, DaemonStatus, DirectTerms, ExportAdd, ExportKind, ExportStatus,
+    Hello, MAX_DIRECT_CONNS, Mode, Reply, Request,
 };
 pub use error::{ErrorCode, ErrorReply};
 pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};
@@ -27,7 +27,7 @@ pub use wire::DecodeError;
 
 /// The control protocol version this crate speaks. A broker answers a HELLO
 /// with another version with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Environment variable naming the broker's control socket, read by
 /// `holdfast-daemon` and `holdfastctl` when `--socket` is not given.

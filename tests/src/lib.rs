@@ -227,6 +227,34 @@ pub struct BrokerOpts {
     pub extra: Vec<String>,
 }
 
+/// How daemons get an export's requests: tests that hold in both modes
+/// take one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Through the broker (the export's default).
+    Relay,
+    /// The daemon reads the export's FUSE connection itself.
+    Direct,
+}
+
+impl Mode {
+    /// The `SIZE[,OPTIONS]` of an export of `size` in this mode.
+    pub fn export(self, size: &str) -> String {
+        match self {
+            Self::Relay => size.to_owned(),
+            Self::Direct => format!("{size},direct"),
+        }
+    }
+
+    /// Its name, as status shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Relay => "relay",
+            Self::Direct => "direct",
+        }
+    }
+}
+
 impl BrokerOpts {
     pub fn new(exports: &[(&str, &str)]) -> Self {
         Self {

@@ -97,6 +97,7 @@ fn malformed_control_messages() {
         Request::Attach(Attach {
             export: export.into(),
             takeover: false,
+            direct: false,
         })
         .encode()
     };

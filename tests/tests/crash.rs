@@ -7,16 +7,21 @@
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use holdfast_tests::{Broker, BrokerOpts, Rng, Scratch, check_backing, seed, stop_writer, writer};
+use holdfast_tests::{
+    Broker, BrokerOpts, Mode, Rng, Scratch, check_backing, seed, stop_writer, writer,
+};
 
-/// Runs `kills` SIGKILL/restart cycles of a daemon on `backend` under the
-/// writer; returns the broker's final status of vol0.
-fn crash_loop(name: &str, backend: &str, kills: u32) {
+/// Runs `kills` SIGKILL/restart cycles of a daemon on `backend` in `mode`
+/// under the writer. In direct mode the kernel re-sends what a killed
+/// daemon read (the broker counts those it sees as replayed).
+fn crash_loop(name: &str, backend: &str, kills: u32, mode: Mode) {
     let scratch = Scratch::new(name, Duration::from_secs(300));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "32MiB")]));
+    let size = mode.export("32MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let backend = backend.replace("@", scratch.dir.to_str().unwrap());
     let mut daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
     let (_, mut epoch) = broker.wait_active("vol0", 0, Duration::from_secs(10));
+    assert_eq!(broker.status("vol0")["daemon"]["mode"], mode.name());
 
     let state = scratch.path("gens");
     let seed = seed();
@@ -27,6 +32,7 @@ fn crash_loop(name: &str, backend: &str, kills: u32) {
         std::thread::sleep(Duration::from_millis(rng.range(5, 120)));
         let before = broker.status("vol0");
         daemon.kill();
+        // (Direct mode: the daemon's own; the broker shows none.)
         if before["inflight"].as_u64().unwrap_or(0) > 0 {
             hit_inflight += 1;
         }
@@ -67,12 +73,22 @@ fn crash_loop(name: &str, backend: &str, kills: u32) {
 
 #[test]
 fn crash_loop_file_backend() {
-    crash_loop("crash-file", "file:@/vol0.img", 60);
+    crash_loop("crash-file", "file:@/vol0.img", 60, Mode::Relay);
 }
 
 #[test]
 fn crash_loop_mem_backend() {
-    crash_loop("crash-mem", "mem", 20);
+    crash_loop("crash-mem", "mem", 20, Mode::Relay);
+}
+
+#[test]
+fn direct_crash_loop_file_backend() {
+    crash_loop("direct-crash-file", "file:@/vol0.img", 60, Mode::Direct);
+}
+
+#[test]
+fn direct_crash_loop_mem_backend() {
+    crash_loop("direct-crash-mem", "mem", 20, Mode::Direct);
 }
 
 /// SIGKILL through a pidfd, so a pid the broker reported cannot be confused

@@ -33,11 +33,13 @@ Commands:
                                 unless CMD redirects it (CMD 2>>LOG).
   upgrade EXPORT                handoff to a successor the broker starts with
                                 the command line it supervises the daemon with
-  export add NAME SIZE [--block | --frontend ublk]
+  export add NAME SIZE [--block | --frontend ublk] [--direct]
                                 add an export (SIZE like 1GiB); with --block it
                                 also gets a block device (/dev/loopN), with
                                 --frontend ublk it is a ublk device
-                                (/dev/ublkbN); start a daemon for it:
+                                (/dev/ublkbN); with --direct (FUSE, Linux
+                                6.9+) daemons serve its FUSE connection
+                                themselves; start a daemon for it:
                                 holdfast-daemon --export NAME ...
   export rm NAME [--force]      remove an export; refused while its file or
                                 block device is open, unless --force (its users
@@ -109,7 +111,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
     let (mut json, mut fail_pending, mut dry_run) = (false, false, false);
     let (mut exec, mut ready_ms, mut drain_ms) = (None, 0u32, 0u32);
     let mut handoff_flags = false;
-    let (mut block, mut force, mut ublk) = (false, false, false);
+    let (mut block, mut force, mut ublk, mut direct) = (false, false, false, false);
     let mut parser = lexopt::Parser::from_env();
     let text = |p: &mut lexopt::Parser| -> Result<String, String> {
         p.value()
@@ -123,6 +125,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
             Long("json") => json = true,
             Long("fail-pending") => fail_pending = true,
             Long("block") => block = true,
+            Long("direct") => direct = true,
             Long("frontend") => match text(&mut parser)?.as_str() {
                 "ublk" => ublk = true,
                 "fuse" => ublk = false,
@@ -153,10 +156,16 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        _ if (block || force || ublk) && words.first().map(String::as_str) != Some("export") => {
+        _ if (block || force || ublk || direct)
+            && words.first().map(String::as_str) != Some("export") =>
+        {
             return Err(
-                "--block, --frontend and --force belong to export add and export rm".into(),
+                "--block, --frontend, --direct and --force belong to export add and export rm"
+                    .into(),
             );
+        }
+        ["export", "add", ..] if direct && ublk => {
+            return Err("--direct is for FUSE exports so far; a ublk export is relayed".into());
         }
         ["export", "add", ..] if block && ublk => {
             return Err(
@@ -170,9 +179,12 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
                 size: holdfast_broker::config::parse_size(size)?,
                 block,
                 ublk,
+                direct,
             })
         }
-        ["export", "rm", name] if !json && !fail_pending && !handoff_flags && !block && !ublk => {
+        ["export", "rm", name]
+            if !json && !fail_pending && !handoff_flags && !block && !ublk && !direct =>
+        {
             Command::ExportRemove {
                 name: (*name).to_owned(),
                 force,
@@ -180,7 +192,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         }
         ["export", ..] => {
             return Err(
-                "usage: export add NAME SIZE [--block | --frontend ublk] | export rm NAME [--force]"
+                "usage: export add NAME SIZE [--block | --frontend ublk] [--direct] | export rm NAME [--force]"
                     .into(),
             );
         }
@@ -256,6 +268,7 @@ fn table(exports: &[ExportStatus]) -> String {
         "EXPORT",
         "SIZE",
         "FRONTEND",
+        "MODE",
         "DEVICE",
         "PID",
         "EPOCH",
@@ -283,6 +296,8 @@ fn table(exports: &[ExportStatus]) -> String {
             e.name.clone(),
             human_size(e.size),
             e.frontend.clone(),
+            // The daemon's; without one, what the next one can get.
+            e.daemon.map_or(e.mode, |d| d.mode).name().to_owned(),
             e.device.clone().unwrap_or_else(|| "-".into()),
             pid,
             epoch,
@@ -398,10 +413,11 @@ fn upgrade_json(r: &UpgradeReport) -> String {
 fn daemon_json(d: Option<&DaemonStatus>) -> String {
     d.map_or("null".into(), |d| {
         format!(
-            "{{\"pid\":{},\"epoch\":{},\"state\":{}}}",
+            "{{\"pid\":{},\"epoch\":{},\"state\":{},\"mode\":{}}}",
             d.pid,
             d.epoch,
-            json_str(d.state.name())
+            json_str(d.state.name()),
+            json_str(d.mode.name())
         )
     })
 }
@@ -453,10 +469,11 @@ fn json(exports: &[ExportStatus]) -> String {
                 )
             });
             format!(
-                "{{\"name\":{},\"size\":{},\"frontend\":{},\"device\":{},\"block_size\":{},\"daemon\":{},\"successor\":{},\"handoff\":{handoff},\"last_handoff\":{},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
+                "{{\"name\":{},\"size\":{},\"frontend\":{},\"mode\":{},\"device\":{},\"block_size\":{},\"daemon\":{},\"successor\":{},\"handoff\":{handoff},\"last_handoff\":{},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
                 json_str(&e.name),
                 e.size,
                 json_str(&e.frontend),
+                json_str(e.mode.name()),
                 e.device.as_deref().map_or("null".into(), json_str),
                 e.block_size,
                 daemon_json(e.daemon.as_ref()),

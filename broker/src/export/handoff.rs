@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_proto::{
     DaemonState, ErrorCode, ErrorReply, HandoffOutcome, HandoffPhase, HandoffProgress,
-    HandoffReport,
+    HandoffReport, Mode,
 };
 
 use super::{Export, Grant, Notice, Session, State, millis, request_fence, update_waiting};
@@ -88,6 +88,19 @@ impl Export {
         let mut st = self.state.lock();
         self.check_available(&st)?;
         let (pid, epoch) = match st.session.as_ref() {
+            Some(s) if s.mode == Mode::Direct => {
+                return Err(ErrorReply::new(
+                    ErrorCode::BadState,
+                    format!(
+                        "export {}: its daemon pid {} serves in direct mode, which cannot be \
+                         handed off yet; replace it with `holdfast-daemon --takeover` (its \
+                         requests are re-sent to the new daemon), or serve the export in relay \
+                         mode (`holdfast-daemon --relay`)",
+                        self.name,
+                        s.pidfd.pid()
+                    ),
+                ));
+            }
             Some(s) if s.state == DaemonState::Active => (s.pidfd.pid(), s.epoch),
             other => {
                 let what = other.map_or("no daemon".to_owned(), |s| {
@@ -157,7 +170,7 @@ impl Export {
                 ));
             }
         }
-        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Preparing)?;
+        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Preparing, None)?;
         st.successor = Some(session);
         if let Some(h) = st.handoff.as_mut() {
             h.phase = HandoffPhase::Preparing;
@@ -551,11 +564,14 @@ mod tests {
             slot_count: 8,
             slot_size: 4096,
             heap_limit: 1 << 20,
+            direct: false,
         })
         .unwrap();
         // Every "daemon" here is this test process.
         let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
-        let current = export.attach(me(), false, Duration::from_secs(1)).unwrap();
+        let current = export
+            .attach(me(), false, false, Duration::from_secs(1))
+            .unwrap();
         export.restore(current.epoch).unwrap();
 
         export.begin_handoff(params(true)).unwrap();

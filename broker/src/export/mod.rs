@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use holdfast_proto::shm::{DataLayout, FLAG_REPLAYED, Op, RingLayout};
 use holdfast_proto::{
-    Attached, DaemonState, DaemonStatus, ErrorCode, ErrorReply, ExportKind, ExportStatus,
-    HandoffReport, MAX_NAME_LEN,
+    Attached, DaemonState, DaemonStatus, DirectTerms, ErrorCode, ErrorReply, ExportKind,
+    ExportStatus, HandoffReport, MAX_NAME_LEN, Mode,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::frontends::{Origin, Outcome, Reopen, SlotData, Target};
+use crate::frontends::{Lender, Origin, Outcome, Reopen, SlotData, Target};
 use crate::inflight::{Data, Done, Failed, Inflight, Priority};
 use crate::shm::{RingViolation, Rings, SharedRegion};
 use crate::sys::{self, pidfd::Pidfd};
@@ -43,6 +43,9 @@ pub struct ExportConfig {
     /// Most bytes of write data held in private memory while every slot is
     /// taken; past it, the frontend waits (back-pressure).
     pub heap_limit: usize,
+    /// Daemons that can serve the kernel's queue themselves do
+    /// ([`Mode::Direct`]), where the frontend can lend it.
+    pub direct: bool,
 }
 
 #[derive(Default)]
@@ -112,6 +115,12 @@ struct Session {
     link: Arc<Link>,
     /// Why it was declared lost, for the handoff report.
     lost_why: Option<String>,
+    mode: Mode,
+    /// In direct mode, the broker's references to the descriptors lent to
+    /// the daemon: what the daemon read stays on their processing lists,
+    /// for FUSE_NOTIFY_RESEND, however the daemon ends.
+    #[expect(dead_code, reason = "held open, closed with the session")]
+    lent: Vec<OwnedFd>,
 }
 
 impl Session {
@@ -120,6 +129,7 @@ impl Session {
             pid: self.pidfd.pid(),
             epoch: self.epoch,
             state: self.state,
+            mode: self.mode,
         }
     }
 }
@@ -147,6 +157,9 @@ struct State {
     modified: bool,
     /// What is known of the fd store's past, for a miss in it.
     fd_history: FdHistory,
+    /// A direct-mode daemon serves the kernel's queue: from its RESTORE
+    /// until its session ends, the frontend's own readers are parked.
+    lending: bool,
 }
 
 /// Whether an fd-store name a daemon asks for and the store lacks was
@@ -179,6 +192,9 @@ pub struct Grant {
     /// the broker never holds the daemon's ends.
     pub daemon_kicks: Option<(OwnedFd, OwnedFd)>,
     pub link: Arc<Link>,
+    /// Direct mode: duplicates of the lent descriptors, to send with
+    /// ATTACHED (after the [`attach_fds`](holdfast_proto::control::attach_fds)).
+    pub lent: Vec<OwnedFd>,
 }
 
 /// Why a daemon's session must end with a fence.
@@ -210,6 +226,14 @@ pub struct Export {
     changed: Condvar,
     /// A blob export's frontend: what a new daemon must be told first.
     reopen: Mutex<Option<std::sync::Weak<dyn Reopen>>>,
+    /// Whether daemons that can get direct mode.
+    direct: bool,
+    /// The frontend that lends its queue to direct-mode daemons.
+    lender: Mutex<Option<std::sync::Weak<dyn Lender>>>,
+    /// Taken around handing the queue to a direct-mode daemon and taking
+    /// it back, so that the frontend's readers are parked and unparked in
+    /// order. Taken before `state`.
+    custody: Mutex<()>,
 }
 
 impl Export {
@@ -248,9 +272,13 @@ impl Export {
                 removed: false,
                 modified: false,
                 fd_history: FdHistory::Own,
+                lending: false,
             }),
             changed: Condvar::new(),
             reopen: Mutex::new(None),
+            direct: cfg.direct,
+            lender: Mutex::new(None),
+            custody: Mutex::new(()),
         })
     }
 
@@ -258,6 +286,13 @@ impl Export {
     /// (as OPENs sent before anything else) when it starts serving.
     pub fn set_reopen(&self, frontend: std::sync::Weak<dyn Reopen>) {
         *self.reopen.lock() = Some(frontend);
+    }
+
+    fn lender(&self) -> Option<Arc<dyn Lender>> {
+        self.lender
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
     }
 
     /// Adds a request on a blob of a blob export.
@@ -359,6 +394,10 @@ impl Target for Export {
         update_waiting(&mut st);
     }
 
+    fn set_lender(&self, frontend: std::sync::Weak<dyn Lender>) {
+        *self.lender.lock() = Some(frontend);
+    }
+
     /// Adds a write whose data is in private memory: copied into a free slot
     /// if there is one, else held in private memory (waiting for room under
     /// the heap limit first).
@@ -398,7 +437,11 @@ impl Target for Export {
                 Data::Slot(slot)
             }
             None => {
+                // A direct-mode daemon taking the queue over needs every
+                // reader parked; what this one read is forgotten then, and
+                // re-sent by the kernel.
                 while !st.removed
+                    && !st.lending
                     && st.inflight.heap_bytes() > 0
                     && st.inflight.heap_bytes().saturating_add(bytes.len()) > self.heap_limit
                 {
@@ -427,7 +470,7 @@ impl Export {
         let Some(s) = st.session.as_mut() else {
             return;
         };
-        if s.state != DaemonState::Active {
+        if s.state != DaemonState::Active || s.mode == Mode::Direct {
             return;
         }
         let now = Instant::now();
@@ -466,11 +509,14 @@ impl Export {
 
     /// ATTACH: makes the caller the export's daemon. A busy export is
     /// refused unless `takeover`, or unless its daemon is already gone; then
-    /// the current daemon is fenced first and its requests reclaimed.
+    /// the current daemon is fenced first and its requests reclaimed. A
+    /// daemon that can serve `direct` gets direct mode where the export
+    /// allows it and its frontend can lend the queue now.
     pub fn attach(
         &self,
         pidfd: Arc<Pidfd>,
         takeover: bool,
+        direct: bool,
         fence_timeout: Duration,
     ) -> Result<Grant, ErrorReply> {
         let mut st = self.state.lock();
@@ -526,16 +572,121 @@ impl Export {
                 }
             }
         }
-        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Attached)?;
-        st.session = Some(session);
+        let lent = if direct { self.lend()? } else { None };
+        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Attached, lent)?;
         info!(
-            "{}: daemon pid {} attached, epoch {}, {} requests pending",
+            "{}: daemon pid {} attached in {} mode, epoch {}, {} requests pending",
             self.name,
             grant.pid,
+            session.mode.name(),
             grant.epoch,
             st.inflight.queued()
         );
+        st.session = Some(session);
         Ok(grant)
+    }
+
+    /// Direct mode's terms and descriptors for a daemon that can serve it;
+    /// None where it gets relay mode (the export does not allow direct
+    /// mode, or its frontend cannot lend its queue now).
+    fn lend(&self) -> Result<Option<(DirectTerms, Vec<OwnedFd>)>, ErrorReply> {
+        if !self.direct {
+            return Ok(None);
+        }
+        let Some(lender) = self.lender() else {
+            return Ok(None);
+        };
+        let terms = match lender.terms() {
+            Ok(t) => t,
+            Err(why) => {
+                info!("{}: serving in relay mode: {why}", self.name);
+                return Ok(None);
+            }
+        };
+        let fds = lender.lend().map_err(|e| {
+            ErrorReply::new(
+                ErrorCode::Internal,
+                format!("export {}: cannot lend its FUSE connection: {e}", self.name),
+            )
+        })?;
+        Ok(Some((terms, fds)))
+    }
+
+    /// RESTORE of a direct-mode daemon that is still to get the queue
+    /// (`epoch`, or whichever is attached): parks the frontend's readers,
+    /// has the kernel re-send what they read, and forgets it here, so that
+    /// the daemon gets it. Returns how many requests that was. Called with
+    /// `custody` held, without `state`: a parking reader may be submitting.
+    fn hand_over(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
+        {
+            let mut st = self.state.lock();
+            let due = st.session.as_ref().is_some_and(|s| {
+                s.mode == Mode::Direct
+                    && s.state == DaemonState::Attached
+                    && epoch.is_none_or(|e| e == s.epoch)
+            });
+            if !due || st.lending {
+                return Ok(0);
+            }
+            st.lending = true;
+            // A reader waiting for heap room goes on to park.
+            self.changed.notify_all();
+        }
+        let lender = self.lender();
+        let parked = lender.as_ref().map_or_else(
+            || Err(io::Error::other("the frontend is gone")),
+            |l| l.park(),
+        );
+        let resent = parked.and_then(|()| lender.as_ref().map_or(Ok(()), |l| l.resend()));
+        let mut st = self.state.lock();
+        if let Err(e) = resent {
+            // Nothing was re-sent (a reader did not park), or the
+            // connection is gone: the readers keep what they read.
+            st.lending = false;
+            drop(st);
+            if let Some(l) = lender {
+                l.unpark();
+            }
+            return Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!(
+                    "export {}: cannot hand the FUSE connection to the daemon: {e}",
+                    self.name
+                ),
+            ));
+        }
+        // The kernel re-sends each of these with a new unique: a reply to
+        // the old one would be refused, so none is sent. Those the kernel
+        // had re-sent already were a lost daemon's: replayed.
+        let forgotten = st.inflight.take_queued();
+        let resent = lender.map_or(0, |l| {
+            forgotten
+                .iter()
+                .filter(|f| l.is_resent(f.origin.tag))
+                .count()
+        });
+        st.stats.replayed = st.stats.replayed.saturating_add(resent as u64);
+        update_waiting(&mut st);
+        self.changed.notify_all();
+        Ok(u32::try_from(forgotten.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Ends direct mode's lending: the kernel re-sends what the daemon
+    /// (gone or stopped) read and did not answer, the frontend's readers
+    /// read again, and the next daemon gets it. The lent descriptors are
+    /// closed by the caller afterwards, with nothing left on them.
+    fn take_back(&self, st: &mut State) {
+        if !std::mem::take(&mut st.lending) {
+            return;
+        }
+        let Some(lender) = self.lender() else { return };
+        if let Err(e) = lender.resend() {
+            warn!(
+                "{}: FUSE_NOTIFY_RESEND failed ({e}): what the daemon held is not re-sent",
+                self.name
+            );
+        }
+        lender.unpark();
     }
 
     /// Shared memory, kick pipes and a new epoch for a daemon.
@@ -544,6 +695,7 @@ impl Export {
         st: &mut State,
         pidfd: Arc<Pidfd>,
         state: DaemonState,
+        lent: Option<(DirectTerms, Vec<OwnedFd>)>,
     ) -> Result<(Session, Grant), ErrorReply> {
         let internal = |e: io::Error| {
             ErrorReply::new(
@@ -560,6 +712,13 @@ impl Export {
         let (daemon_submit, submit_kick) = sys::kick_pipe().map_err(internal)?;
         let (complete_kick, daemon_complete) = sys::kick_pipe().map_err(internal)?;
         let link = Arc::new(Link::new().map_err(internal)?);
+        let (terms, lent) = lent.unzip();
+        let lent = lent.unwrap_or_default();
+        let sent = lent
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(internal)?;
         st.last_epoch = st.last_epoch.saturating_add(1);
         let epoch = st.last_epoch;
         let pid = pidfd.pid();
@@ -572,6 +731,12 @@ impl Export {
             submit_kick,
             link: link.clone(),
             lost_why: None,
+            mode: if terms.is_some() {
+                Mode::Direct
+            } else {
+                Mode::Relay
+            },
+            lent,
         };
         let grant = Grant {
             reply: Attached {
@@ -582,6 +747,7 @@ impl Export {
                 slot_size: self.layout.slot_size(),
                 epoch,
                 pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
+                direct: terms,
             },
             epoch,
             pid,
@@ -590,6 +756,7 @@ impl Export {
             complete_kick,
             daemon_kicks: Some((daemon_submit, daemon_complete)),
             link,
+            lent: sent,
         };
         Ok((session, grant))
     }
@@ -620,6 +787,8 @@ impl Export {
     /// RESTORE from the daemon of `epoch`: starts dispatching, replays
     /// first. From an activated successor, this ends its handoff.
     pub fn restore(&self, epoch: u64) -> Result<u32, ErrorReply> {
+        let _custody = self.custody.lock();
+        let resent = self.hand_over(Some(epoch))?;
         let mut st = self.state.lock();
         if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
             return self.promote(&mut st);
@@ -627,7 +796,7 @@ impl Export {
         if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
             return Err(self.no_longer(epoch));
         }
-        let replays = self.activate(&mut st)?;
+        let replays = self.activate(&mut st)?.saturating_add(resent);
         info!(
             "{}: epoch {epoch} restored, replaying {replays} requests",
             self.name
@@ -642,6 +811,11 @@ impl Export {
             return Err(self.not_attached());
         };
         match s.state {
+            // The kernel re-sends what was queued (`hand_over`).
+            DaemonState::Attached if s.mode == Mode::Direct => {
+                s.state = DaemonState::Active;
+                return Ok(0);
+            }
             DaemonState::Attached => {
                 s.state = DaemonState::Active;
                 self.resend_opens(st);
@@ -695,8 +869,10 @@ impl Export {
             fail_all(failed);
             return Ok((0, n));
         }
+        let _custody = self.custody.lock();
+        let resent = self.hand_over(None)?;
         let mut st = self.state.lock();
-        let replays = self.activate(&mut st)?;
+        let replays = self.activate(&mut st)?.saturating_add(resent);
         info!(
             "{}: operator restore, replaying {replays} requests",
             self.name
@@ -808,6 +984,7 @@ impl Export {
     /// Ends the session of `epoch`. When `lost`, the daemon must already be
     /// fenced (gone): its dispatched requests are queued again for replay.
     pub fn end_session(&self, epoch: u64, lost: bool) {
+        let _custody = self.custody.lock();
         let mut st = self.state.lock();
         if lost {
             st.stats.lost = st.stats.lost.saturating_add(1);
@@ -823,6 +1000,9 @@ impl Export {
         }
         let reclaimed = st.inflight.reclaim(epoch);
         let gone = st.session.take();
+        // Before a successor can attach: nothing of the daemon's is left
+        // on the lent descriptors when they close with `gone`.
+        self.take_back(&mut st);
         let failed = if st.removed {
             let f = st.inflight.take_queued();
             st.stats.failed = st.stats.failed.saturating_add(f.len() as u64);
@@ -1102,6 +1282,7 @@ impl Export {
     }
 
     pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {
+        let lendable = self.direct && self.lender().is_some_and(|l| l.terms().is_ok());
         let st = self.state.lock();
         let daemon = st.session.as_ref().map(Session::status);
         let inflight = st
@@ -1114,6 +1295,7 @@ impl Export {
             frontend: frontend.to_owned(),
             device,
             block_size: self.block_size,
+            mode: if lendable { Mode::Direct } else { Mode::Relay },
             daemon,
             inflight: u32::try_from(inflight).unwrap_or(u32::MAX),
             pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
@@ -1237,6 +1419,7 @@ mod tests {
             slot_count: 8,
             slot_size: 4096,
             heap_limit: 1 << 20,
+            direct: false,
         })
         .unwrap();
         let frontend: Arc<dyn Reopen> = Arc::new(OneBlob);
@@ -1251,7 +1434,9 @@ mod tests {
         // Every "daemon" here is this test process.
         let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
         for _ in 0..5 {
-            let grant = export.attach(me(), false, Duration::from_secs(1)).unwrap();
+            let grant = export
+                .attach(me(), false, false, Duration::from_secs(1))
+                .unwrap();
             export.restore(grant.epoch).unwrap();
             let st = export.status("cachefiles", None);
             assert_eq!((st.inflight, st.pending), (2, 0), "{st:?}");
@@ -1276,8 +1461,8 @@ mod tests {
         }
     }
 
-    fn volume(slot_count: u32, heap_limit: usize) -> Export {
-        Export::new(&ExportConfig {
+    fn volume_config(slot_count: u32, heap_limit: usize) -> ExportConfig {
+        ExportConfig {
             name: "vol".into(),
             kind: holdfast_proto::ExportKind::Volume,
             size: 1 << 20,
@@ -1285,8 +1470,151 @@ mod tests {
             slot_count,
             slot_size: 4096,
             heap_limit,
+            direct: false,
+        }
+    }
+
+    fn volume(slot_count: u32, heap_limit: usize) -> Export {
+        Export::new(&volume_config(slot_count, heap_limit)).unwrap()
+    }
+
+    /// A frontend that records what the export asks of it.
+    struct MockLender {
+        calls: Mutex<Vec<&'static str>>,
+        lendable: bool,
+    }
+
+    impl Lender for MockLender {
+        fn terms(&self) -> Result<DirectTerms, String> {
+            self.calls.lock().push("terms");
+            if !self.lendable {
+                return Err("this kernel cannot re-send".into());
+            }
+            Ok(DirectTerms {
+                minor: 45,
+                flags: 0,
+                max_io: 4096,
+                max_background: 8,
+                started: 0,
+                conns: 2,
+            })
+        }
+        fn lend(&self) -> io::Result<Vec<OwnedFd>> {
+            self.calls.lock().push("lend");
+            (0..2).map(|_| sys::eventfd()).collect()
+        }
+        fn park(&self) -> io::Result<()> {
+            self.calls.lock().push("park");
+            Ok(())
+        }
+        fn resend(&self) -> io::Result<()> {
+            self.calls.lock().push("resend");
+            Ok(())
+        }
+        fn unpark(&self) {
+            self.calls.lock().push("unpark");
+        }
+        fn is_resent(&self, tag: u64) -> bool {
+            tag >> 63 == 1
+        }
+    }
+
+    fn direct_volume(lendable: bool) -> (Export, Arc<MockLender>) {
+        let export = Export::new(&ExportConfig {
+            direct: true,
+            ..volume_config(8, 1 << 20)
         })
-        .unwrap()
+        .unwrap();
+        let lender = Arc::new(MockLender {
+            calls: Mutex::new(Vec::new()),
+            lendable,
+        });
+        let weak: std::sync::Weak<dyn Lender> = Arc::downgrade(&lender) as _;
+        export.set_lender(weak);
+        (export, lender)
+    }
+
+    /// Direct mode's states: ATTACH lends the queue; RESTORE parks the
+    /// frontend's readers, has the kernel re-send what they read and
+    /// forgets it unanswered (the kernel re-sends it to the daemon, with a
+    /// new unique); nothing is dispatched through the rings; the session's
+    /// end re-sends what the daemon held and unparks the readers.
+    #[test]
+    fn direct_mode_lends_the_queue_and_takes_it_back() {
+        let (export, lender) = direct_volume(true);
+        let replies = Arc::new(Replies::default());
+        let read = |tag: u64| {
+            let sink: Arc<dyn ReplySink> = replies.clone();
+            export.submit(Op::Read, 0, 4096, Origin { sink, tag }, Data::None);
+        };
+        // Read by the frontend before any daemon: one new, one re-sent (a
+        // lost daemon's).
+        read(1);
+        read(1 << 63 | 2);
+        let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
+        let grant = export
+            .attach(me(), false, true, Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(grant.reply.direct.map(|d| d.conns), Some(2));
+        assert_eq!(grant.lent.len(), 2);
+        assert_eq!(*lender.calls.lock(), ["terms", "lend"]);
+        assert_eq!(export.restore(grant.epoch).unwrap(), 2);
+        assert_eq!(*lender.calls.lock(), ["terms", "lend", "park", "resend"]);
+        let st = export.status("fuse", None);
+        assert_eq!(st.daemon.map(|d| d.mode), Some(Mode::Direct));
+        assert_eq!((st.pending, st.inflight, st.replayed_total), (0, 0, 1));
+        assert!(
+            replies.0.lock().is_empty(),
+            "a forgotten request was answered"
+        );
+        // Nothing goes through the rings in direct mode.
+        read(3);
+        let st = export.status("fuse", None);
+        assert_eq!((st.pending, st.inflight), (1, 0));
+        lender.calls.lock().clear();
+        export.end_session(grant.epoch, true);
+        assert_eq!(*lender.calls.lock(), ["resend", "unpark"]);
+        // A daemon that does not ask for direct mode is relayed.
+        lender.calls.lock().clear();
+        let grant = export
+            .attach(me(), false, false, Duration::from_secs(1))
+            .unwrap();
+        assert!(grant.reply.direct.is_none() && grant.lent.is_empty());
+        assert_eq!(export.restore(grant.epoch).unwrap(), 0);
+        assert!(lender.calls.lock().is_empty());
+        let st = export.status("fuse", None);
+        assert_eq!((st.pending, st.inflight), (0, 1));
+        // Detaching a relay daemon touches no lending.
+        export.end_session(grant.epoch, false);
+        assert!(lender.calls.lock().iter().all(|c| *c == "terms"));
+    }
+
+    /// A daemon that never restores never had the queue: its end re-sends
+    /// nothing (the frontend's readers hold what they read, and a re-send
+    /// under them would make each of those requests twice).
+    #[test]
+    fn direct_mode_without_restore_re_sends_nothing() {
+        let (export, lender) = direct_volume(true);
+        let me = Arc::new(Pidfd::open(std::process::id()).unwrap());
+        let grant = export
+            .attach(me, false, true, Duration::from_secs(1))
+            .unwrap();
+        export.end_session(grant.epoch, true);
+        assert_eq!(*lender.calls.lock(), ["terms", "lend"]);
+    }
+
+    /// Where the frontend cannot lend (a kernel without FUSE_NOTIFY_RESEND),
+    /// a daemon that asks for direct mode gets relay mode.
+    #[test]
+    fn direct_mode_falls_back_to_relay() {
+        let (export, lender) = direct_volume(false);
+        let me = Arc::new(Pidfd::open(std::process::id()).unwrap());
+        let grant = export
+            .attach(me, false, true, Duration::from_secs(1))
+            .unwrap();
+        assert!(grant.reply.direct.is_none() && grant.lent.is_empty());
+        assert_eq!(*lender.calls.lock(), ["terms"]);
+        assert_eq!(export.status("fuse", None).mode, Mode::Relay);
     }
 
     /// `export rm --force` while a writer waits for heap room (no daemon,
@@ -1357,7 +1685,9 @@ mod tests {
         let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
         let memfd = || rustix::fs::memfd_create("test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         let get = |export: &Export, name: &str| {
-            let grant = export.attach(me(), false, Duration::from_secs(1)).unwrap();
+            let grant = export
+                .attach(me(), false, false, Duration::from_secs(1))
+                .unwrap();
             let got = export
                 .fd_get(grant.epoch, name)
                 .map(drop)
@@ -1383,7 +1713,9 @@ mod tests {
         assert_eq!(get(&adopted, "kept"), Ok(()));
         assert_eq!(get(&adopted, "other"), Err(ErrorCode::NotFound));
         // Stored again (an operator's choice): found from then on.
-        let grant = adopted.attach(me(), false, Duration::from_secs(1)).unwrap();
+        let grant = adopted
+            .attach(me(), false, false, Duration::from_secs(1))
+            .unwrap();
         adopted.fd_put(grant.epoch, "mem", memfd(), 4).unwrap();
         adopted.end_session(grant.epoch, false);
         assert_eq!(get(&adopted, "mem"), Ok(()));

@@ -84,6 +84,8 @@ pub trait Target: Send + Sync + 'static {
     fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data);
     /// Adds a write whose data is in the frontend's private memory.
     fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]);
+    /// Names the frontend that can lend its queue to direct-mode daemons.
+    fn set_lender(&self, _lender: std::sync::Weak<dyn Lender>) {}
 }
 
 /// Who holds a block device or an export's file open, in words a person
@@ -193,6 +195,31 @@ fn mount_of(line: &str, dev: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// A frontend whose kernel queue direct-mode daemons read themselves, on
+/// descriptors it lends them, while the broker keeps custody: a reference
+/// to each lent descriptor for as long as its daemon may read (so that
+/// what it read outlives it), and the kernel's re-send of what a daemon
+/// read and did not answer. The export calls these in order: `lend` at
+/// ATTACH; `park`, then `resend`, before the daemon reads; `resend`, then
+/// `unpark`, once it is gone.
+pub trait Lender: Send + Sync {
+    /// What a daemon needs to serve the queue, or why it cannot be lent
+    /// now (the kernel has not initialised it, or cannot re-send).
+    fn terms(&self) -> Result<holdfast_proto::DirectTerms, String>;
+    /// New descriptors of the queue for one daemon.
+    fn lend(&self) -> io::Result<Vec<std::os::fd::OwnedFd>>;
+    /// Stops the frontend's own readers, each after the request it holds;
+    /// returns once none reads.
+    fn park(&self) -> io::Result<()>;
+    /// Has the kernel queue again every request read and not answered.
+    fn resend(&self) -> io::Result<()>;
+    /// Lets the frontend's readers read again.
+    fn unpark(&self);
+    /// Whether the request of origin tag `tag` was re-sent by the kernel
+    /// (a lost daemon, or a previous broker, had read it).
+    fn is_resent(&self, tag: u64) -> bool;
 }
 
 /// A blob frontend (cachefiles), which a new daemon must tell about every

@@ -124,6 +124,7 @@ impl Broker {
                         size: rec.size,
                         block: false,
                         ublk: true,
+                        direct: false,
                     };
                     self.create(&spec, Some((rec, stored))).map(drop)
                 }
@@ -180,8 +181,13 @@ impl Broker {
                 fuse.conns
             );
         }
-        let export =
-            self.new_export(&rec.name, rec.size, ExportKind::Volume, Some((rec, stored)))?;
+        let export = self.new_export(
+            &rec.name,
+            rec.size,
+            ExportKind::Volume,
+            fuse.direct,
+            Some((rec, stored)),
+        )?;
         if let Err(e) = self.frontend.adopt(&export, fuse, devs) {
             // The old connection is gone with its descriptors: what it
             // held failed; the export itself goes on, mounted again.
@@ -190,7 +196,7 @@ impl Broker {
                 rec.name
             );
             self.frontend
-                .add(&export, fuse.device.is_some(), self.next_id())
+                .add(&export, fuse.device.is_some(), fuse.direct, self.next_id())
                 .map_err(|e| format!("export {}: {e}", rec.name))?;
         }
         self.exports.write().push(export);

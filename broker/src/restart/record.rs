@@ -108,6 +108,8 @@ pub struct FuseRecord {
     pub minor: u32,
     /// INIT's flags, flags2 in the high half.
     pub flags: u64,
+    /// Daemons that can get direct mode.
+    pub direct: bool,
 }
 
 /// A supervised daemon, so the next broker supervises it instead of
@@ -266,8 +268,10 @@ impl ExportRecord {
             .u64(self.size)
             .u64(self.last_epoch);
         match &self.frontend {
+            // A FUSE export that allows direct mode has its own tag, so
+            // that records of brokers before direct mode read as they are.
             FrontendRecord::Fuse(f) => {
-                w.u8(1)
+                w.u8(if f.direct { 4 } else { 1 })
                     .u64(f.id)
                     .str(path_str(&f.mount), MAX_TEXT)
                     .u32(f.conns)
@@ -294,7 +298,7 @@ impl ExportRecord {
         let size = r.u64("export.size")?;
         let last_epoch = r.u64("export.last_epoch")?;
         let frontend = match r.u8("export.frontend")? {
-            1 => {
+            tag @ (1 | 4) => {
                 let id = r.u64("fuse.id")?;
                 let mount = PathBuf::from(r.str("fuse.mount", MAX_TEXT)?);
                 let conns = r.u32("fuse.conns")?;
@@ -313,6 +317,7 @@ impl ExportRecord {
                     device: has_device.then_some(device),
                     minor: r.u32("fuse.minor")?,
                     flags: r.u64("fuse.flags")?,
+                    direct: tag == 4,
                 })
             }
             2 => FrontendRecord::Ublk {
@@ -361,8 +366,24 @@ mod tests {
                         device: Some(7),
                         minor: 45,
                         flags: fuse_abi::linux::FUSE_HAS_RESEND | 1,
+                        direct: true,
                     }),
                     stored: vec![("mem".into(), 30)],
+                },
+                ExportRecord {
+                    name: "relay".into(),
+                    size: 1 << 20,
+                    last_epoch: 2,
+                    frontend: FrontendRecord::Fuse(FuseRecord {
+                        id: 4,
+                        mount: "/run/holdfast/mnt/relay".into(),
+                        conns: 1,
+                        device: None,
+                        minor: 39,
+                        flags: 1,
+                        direct: false,
+                    }),
+                    stored: vec![],
                 },
                 ExportRecord {
                     name: "vol1".into(),

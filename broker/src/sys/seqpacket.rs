@@ -12,8 +12,12 @@ use rustix::net::{
     UCred,
 };
 
-/// Most descriptors one message carries (ATTACHED passes four).
+/// Most descriptors a received message carries (FD_PUT passes one).
 pub const MAX_FDS: usize = 4;
+/// Most descriptors a sent message carries: ATTACHED's four, and in
+/// direct mode the lent FUSE descriptors.
+pub const MAX_SEND_FDS: usize =
+    holdfast_proto::control::attach_fds::COUNT + holdfast_proto::MAX_DIRECT_CONNS as usize;
 
 /// A received packet.
 pub struct Packet {
@@ -64,10 +68,10 @@ pub fn peer_cred(sock: BorrowedFd<'_>) -> io::Result<UCred> {
     Ok(rustix::net::sockopt::socket_peercred(sock)?)
 }
 
-/// Sends one packet with up to [`MAX_FDS`] descriptors, without blocking:
+/// Sends one packet with up to [`MAX_SEND_FDS`] descriptors, without blocking:
 /// a peer that does not read its replies gets EAGAIN, not a stuck broker.
 pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SEND_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::new(

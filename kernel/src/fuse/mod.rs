@@ -48,6 +48,20 @@ impl Init {
     }
 }
 
+/// Why FUSE_NOTIFY_RESEND must not be relied on in the kernel of release
+/// `release` (uname -r), if so: 6.9.0 to 6.9.3 put a re-sent request back
+/// on the pending list still marked sent, and an interrupt of it can then
+/// oops the kernel (CVE-2024-38626, fixed in 6.9.4 and 6.10 by "fuse:
+/// clear FR_SENT when re-adding requests into pending list").
+pub fn resend_flaw(release: &str) -> Option<String> {
+    let mut parts = release.split(['.', '-', '+']);
+    let mut num = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    let (major, minor, patch) = (num()?, num()?, num().unwrap_or(0));
+    ((major, minor) == (6, 9) && patch < 4).then(|| {
+        format!("Linux {release} re-sends FUSE requests unsafely (CVE-2024-38626, fixed in 6.9.4)")
+    })
+}
+
 /// How to answer one request of a volume's file system.
 #[derive(Debug, PartialEq)]
 pub enum Answer {
@@ -313,6 +327,26 @@ fn fallocate_op(mode: u32, offset: u64, length: u64, size: u64) -> Result<(Op, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resend_is_refused_where_it_is_unsafe() {
+        for bad in ["6.9.0", "6.9.3-arch1-1", "6.9"] {
+            assert!(
+                resend_flaw(bad).is_some_and(|w| w.contains("CVE-2024-38626")),
+                "{bad}"
+            );
+        }
+        for good in [
+            "6.9.4",
+            "6.10.0",
+            "6.12.57+deb13-amd64",
+            "6.18.0",
+            "7.3.4+deb13-amd64",
+            "x",
+        ] {
+            assert_eq!(resend_flaw(good), None, "{good}");
+        }
+    }
     use fuse_abi::linux::fuse_setattr_in;
 
     fn vol() -> Volume {

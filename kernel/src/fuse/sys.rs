@@ -176,3 +176,38 @@ pub unsafe fn reply(
     }
     Ok(())
 }
+
+/// The signal that interrupts a reader blocked in read(2) on /dev/fuse, so
+/// that it can stop or park: with [`install_interrupt`]'s handler, which
+/// does nothing and is installed without SA_RESTART, the read returns
+/// EINTR. SIGURG is ignored by default and used for nothing else here.
+pub const INTERRUPT_SIGNAL: libc::c_int = libc::SIGURG;
+
+extern "C" fn on_interrupt(_: libc::c_int) {}
+
+/// Installs the handler of [`INTERRUPT_SIGNAL`] (once per process; again
+/// is the same handler).
+pub fn install_interrupt() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with a handler that touches nothing is a
+    // valid argument; no SA_RESTART, so that read(2) returns EINTR.
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&raw mut sa.sa_mask);
+        libc::sigaction(INTERRUPT_SIGNAL, &raw const sa, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Interrupts `thread`'s blocking read (a signal that lands before the
+/// read begins is lost: callers repeat until the thread says it stopped).
+///
+/// # Safety
+/// `thread` must be a live thread of this process (not exited, or joined).
+pub unsafe fn interrupt(thread: libc::pthread_t) {
+    // SAFETY: the caller's contract; the handler does nothing.
+    unsafe { libc::pthread_kill(thread, INTERRUPT_SIGNAL) };
+}

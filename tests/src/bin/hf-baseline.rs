@@ -151,7 +151,7 @@ fn run() -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let frontend = FuseFrontend::new(dir.as_ref(), workers, std::sync::Arc::new(|| {}));
     frontend
-        .add(&target, spec.block, 0)
+        .add(&target, spec.block, false, 0)
         .map_err(|e| format!("cannot mount: {e}"))?;
     let ready = frontend
         .device(&spec.name)

@@ -72,8 +72,8 @@ fn run() -> Result<(), String> {
     holdfast_broker::sys::block_signals(&signals).map_err(|e| e.to_string())?;
     let max_background = 64;
     let volume = Volume::new(size, max_io, max_background, started);
-    let direct =
-        Direct::start(devs, volume, max_io, Arc::new(backend)).map_err(|e| e.to_string())?;
+    let direct = Direct::start(devs, volume, max_io, Arc::new(backend), Duration::ZERO)
+        .map_err(|e| e.to_string())?;
     println!("ready");
     let mut said = String::new();
     while holdfast_broker::sys::wait_signal(&signals, Duration::from_millis(10)).is_none() {

@@ -45,7 +45,7 @@ fn main() {
         }
         att
     } else {
-        conn.attach(&export, false).unwrap()
+        conn.attach(&export, false, false).unwrap()
     };
     if mode != "no-restore" {
         conn.restore().unwrap();

@@ -14,6 +14,10 @@
 //! so a WRITE's data lands in shared memory with no copy. With no slot free,
 //! it reads into private memory and the data is copied once.
 //!
+//! In direct mode (`Lending`) the workers park while a daemon reads the
+//! connection itself, on clones lent to it, and the kernel re-sends what
+//! either side read and did not answer when the queue changes hands.
+//!
 //! The connection outlives the broker process when its descriptors do
 //! (`restart`): a broker that follows adopts them ([`FuseFrontend::adopt`])
 //! without a second INIT (the kernel sends it once per connection) and has
@@ -27,17 +31,17 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuse_abi::linux::fuse_write_out;
 pub use holdfast_kernel::fuse::Init;
 use holdfast_kernel::fuse::request::{self, FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
 use holdfast_kernel::fuse::{Answer, Volume, sys};
 use holdfast_proto::shm::Op;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use zerocopy::{Immutable, IntoBytes};
 
-use super::{Origin, Outcome, ReplySink, Target};
+use super::{Lender, Origin, Outcome, ReplySink, Target};
 use crate::inflight::Data;
 use crate::restart::record::FuseRecord;
 use crate::sys::loopdev::LoopDevice;
@@ -62,9 +66,14 @@ struct Mount {
     device: Option<LoopDevice>,
     /// Names the mount's kept descriptors (`restart::record::names::fuse`).
     id: u64,
+    /// Daemons that can may serve it in direct mode.
+    direct: bool,
     /// The mounted /dev/fuse descriptor first, then its clones.
     channels: Vec<Arc<Channel>>,
     conn: Arc<ConnInfo>,
+    /// Direct mode's side of the connection; the export holds it weakly.
+    #[expect(dead_code, reason = "held for the export's weak reference")]
+    lending: Arc<Lending>,
 }
 
 /// A connection's INIT, and how many re-sent requests it has delivered.
@@ -87,26 +96,41 @@ impl FuseFrontend {
     }
 
     /// Mounts `export` and, for `block`, attaches a loop device over it;
-    /// `id` names the mount's kept descriptors. On failure nothing is left
-    /// mounted.
-    pub fn add<T: Target>(&self, export: &Arc<T>, block: bool, id: u64) -> io::Result<()> {
+    /// `direct`: daemons that can may serve it in direct mode; `id` names
+    /// the mount's kept descriptors. On failure nothing is left mounted.
+    pub fn add<T: Target>(
+        &self,
+        export: &Arc<T>,
+        block: bool,
+        direct: bool,
+        id: u64,
+    ) -> io::Result<()> {
         let path = self.dir.join(export.name());
         let dev = mount_export(&path, export.slot_size()).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot mount {}: {e}", path.display()))
         })?;
         let devs = clone_devs(dev, self.workers);
         let conn = Arc::new(ConnInfo::default());
+        let started = start_workers(devs, export, conn.clone(), self.on_init.clone());
+        let (channels, lending) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = sys::unmount(&path);
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let mut mount = Mount {
             name: export.name().to_owned(),
             path,
             device: None,
             id,
-            channels: Vec::new(),
-            conn: conn.clone(),
+            direct,
+            channels,
+            conn,
+            lending,
         };
-        let started = start_workers(devs, export.clone(), conn, self.on_init.clone());
-        let attached = started.and_then(|channels| {
-            mount.channels = channels;
+        let attached = {
             if block {
                 let d = block::attach(&mount.path, export.block_size())?;
                 info!(
@@ -119,7 +143,7 @@ impl FuseFrontend {
                 mount.device = Some(d);
             }
             Ok(())
-        });
+        };
         if let Err(e) = attached {
             mount.detach();
             return Err(e);
@@ -158,7 +182,7 @@ impl FuseFrontend {
             .map(|n| LoopDevice::existing(n, &rec.mount))
             .transpose()?;
         let n = devs.len();
-        let channels = start_workers(devs, export.clone(), conn.clone(), self.on_init.clone())?;
+        let (channels, lending) = start_workers(devs, export, conn.clone(), self.on_init.clone())?;
         info!(
             "{}: took over its FUSE connection ({n} descriptors{}); the kernel re-sends what was in flight",
             export.name(),
@@ -172,8 +196,10 @@ impl FuseFrontend {
             path: rec.mount.clone(),
             device,
             id: rec.id,
+            direct: rec.direct,
             channels,
             conn,
+            lending,
         });
         Ok(())
     }
@@ -199,6 +225,7 @@ impl FuseFrontend {
             device: m.device.as_ref().map(|d| d.number),
             minor: init.minor,
             flags: init.flags,
+            direct: m.direct,
         };
         (fds.len() == m.channels.len()).then_some((rec, fds))
     }
@@ -312,30 +339,34 @@ fn clone_devs(dev: OwnedFd, workers: usize) -> Vec<OwnedFd> {
     devs
 }
 
-/// Starts a worker thread on each of the connection's descriptors.
+/// Starts a worker thread on each of the connection's descriptors, and
+/// names the connection's [`Lending`] to the export.
 fn start_workers<T: Target>(
     devs: Vec<OwnedFd>,
-    export: Arc<T>,
+    export: &Arc<T>,
     conn: Arc<ConnInfo>,
     on_init: InitHook,
-) -> io::Result<Vec<Arc<Channel>>> {
+) -> io::Result<(Vec<Arc<Channel>>, Arc<Lending>)> {
+    let first = devs
+        .first()
+        .ok_or_else(|| io::Error::other("no FUSE descriptor"))?
+        .try_clone()?;
+    sys::install_interrupt()?;
     let slot_size = export.slot_size();
     let export_slots = export.slot_count();
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let max_background = u16::try_from(export_slots).unwrap_or(u16::MAX);
+    let parking = Arc::new(Parking::default());
     let fs = Arc::new(Fs {
-        volume: Volume::new(
-            export.size(),
-            slot_size,
-            u16::try_from(export_slots).unwrap_or(u16::MAX),
-            started,
-        ),
-        export,
+        volume: Volume::new(export.size(), slot_size, max_background, started),
+        export: export.clone(),
         slot_size,
-        conn,
+        conn: conn.clone(),
         on_init,
         populated: (0..export_slots).map(|_| AtomicBool::new(false)).collect(),
+        parking: parking.clone(),
     });
     let mut channels = Vec::with_capacity(devs.len());
     for (i, dev) in devs.into_iter().enumerate() {
@@ -351,7 +382,173 @@ fn start_workers<T: Target>(
         fs.export.name(),
         channels.len()
     );
-    Ok(channels)
+    let lending = Arc::new(Lending {
+        dev: first,
+        conns: u32::try_from(channels.len()).unwrap_or(1),
+        conn,
+        parking,
+        max_io: slot_size,
+        max_background,
+        started,
+    });
+    let weak: std::sync::Weak<dyn Lender> = Arc::downgrade(&lending) as _;
+    export.set_lender(weak);
+    Ok((channels, lending))
+}
+
+/// How long parking waits for the workers, each finishing the request it
+/// holds: a reply to the kernel and a table insert, never I/O.
+const PARK_WAIT: Duration = Duration::from_secs(10);
+
+/// Parks a connection's workers while a direct-mode daemon reads it.
+#[derive(Default)]
+struct Parking {
+    /// Read by every worker before each read(2); set and cleared under
+    /// `state`.
+    requested: AtomicBool,
+    state: Mutex<Parked>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Parked {
+    /// The workers that read, to interrupt; each leaves before it exits.
+    threads: Vec<libc::pthread_t>,
+    /// How many of them are parked.
+    parked: usize,
+}
+
+impl Parking {
+    fn join(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.state.lock().threads.push(me);
+    }
+
+    fn leave(&self) {
+        // SAFETY: as in `join`.
+        let me = unsafe { libc::pthread_self() };
+        let mut st = self.state.lock();
+        st.threads.retain(|&t| t != me);
+        self.changed.notify_all();
+    }
+
+    /// A worker's stop before each read: waits while parking is asked.
+    fn checkpoint(&self) {
+        if !self.requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = self.state.lock();
+        st.parked += 1;
+        self.changed.notify_all();
+        while self.requested.load(Ordering::Acquire) {
+            self.changed.wait(&mut st);
+        }
+        st.parked -= 1;
+    }
+
+    fn park(&self) -> io::Result<()> {
+        let end = Instant::now() + PARK_WAIT;
+        let mut st = self.state.lock();
+        self.requested.store(true, Ordering::Release);
+        while st.parked < st.threads.len() {
+            // A signal that lands before a worker enters read(2) is lost:
+            // sent again until each is parked.
+            for &t in &st.threads {
+                // SAFETY: a listed thread has not exited (`leave`), and
+                // cannot while the list is locked.
+                unsafe { sys::interrupt(t) };
+            }
+            let _ = self.changed.wait_for(&mut st, Duration::from_millis(1));
+            if Instant::now() >= end && st.parked < st.threads.len() {
+                self.requested.store(false, Ordering::Release);
+                self.changed.notify_all();
+                return Err(io::Error::other(format!(
+                    "{} of {} FUSE workers did not stop within {PARK_WAIT:?}",
+                    st.threads.len() - st.parked,
+                    st.threads.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn unpark(&self) {
+        let _st = self.state.lock();
+        self.requested.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+}
+
+/// A connection's direct mode: what a daemon is lent, and the workers'
+/// parking.
+struct Lending {
+    /// A clone of the connection: to clone for daemons, and to ask the
+    /// kernel to re-send on.
+    dev: OwnedFd,
+    /// Descriptors lent to each daemon: one per worker.
+    conns: u32,
+    conn: Arc<ConnInfo>,
+    parking: Arc<Parking>,
+    max_io: u32,
+    max_background: u16,
+    started: u64,
+}
+
+impl Lender for Lending {
+    fn terms(&self) -> Result<holdfast_proto::DirectTerms, String> {
+        let init = self
+            .conn
+            .init
+            .get()
+            .ok_or("the kernel has not initialised its FUSE connection yet")?;
+        if !init.can_resend() {
+            return Err(format!(
+                "this kernel's FUSE (protocol 7.{}) cannot re-send requests \
+                 (FUSE_NOTIFY_RESEND, Linux 6.9 and later)",
+                init.minor
+            ));
+        }
+        if let Some(why) = kernel_resend_flaw() {
+            return Err(why);
+        }
+        Ok(holdfast_proto::DirectTerms {
+            minor: init.minor,
+            flags: init.flags,
+            max_io: self.max_io,
+            max_background: self.max_background,
+            started: self.started,
+            conns: self.conns,
+        })
+    }
+
+    fn lend(&self) -> io::Result<Vec<OwnedFd>> {
+        (0..self.conns)
+            .map(|_| sys::clone_dev(self.dev.as_fd()))
+            .collect()
+    }
+
+    fn park(&self) -> io::Result<()> {
+        self.parking.park()
+    }
+
+    fn resend(&self) -> io::Result<()> {
+        sys::notify_resend(self.dev.as_fd())
+    }
+
+    fn unpark(&self) {
+        self.parking.unpark();
+    }
+
+    fn is_resent(&self, tag: u64) -> bool {
+        request::is_resent(tag)
+    }
+}
+
+/// Why this kernel's FUSE_NOTIFY_RESEND is not to be used, if so.
+fn kernel_resend_flaw() -> Option<String> {
+    let uname = rustix::system::uname();
+    holdfast_kernel::fuse::resend_flaw(&uname.release().to_string_lossy())
 }
 
 /// One /dev/fuse clone; replies go to the clone the request came from.
@@ -445,6 +642,7 @@ struct Fs<T> {
     on_init: InitHook,
     /// Slots whose pages this process has mapped in (`populate`).
     populated: Box<[AtomicBool]>,
+    parking: Arc<Parking>,
 }
 
 impl<T: Target> Fs<T> {
@@ -452,6 +650,7 @@ impl<T: Target> Fs<T> {
         // A FUSE export is a volume: a loop device over its file, or a
         // guest's page cache, writes back through it.
         crate::sys::set_io_flusher();
+        self.parking.join();
         let mut w = Worker {
             head: [0u8; HEAD_LEN],
             // Written, so that its pages are mapped in (see `populate`).
@@ -459,6 +658,7 @@ impl<T: Target> Fs<T> {
             reserved: None,
         };
         loop {
+            self.parking.checkpoint();
             if w.reserved.is_none() {
                 w.reserved = self.export.take_slot();
             }
@@ -482,6 +682,7 @@ impl<T: Target> Fs<T> {
                 },
             }
         }
+        self.parking.leave();
         if let Some(s) = w.reserved.take() {
             self.export.release_slot(s);
         }
@@ -564,7 +765,8 @@ impl<T: Target> Fs<T> {
         }
         if request::is_resent(h.unique) && self.conn.resent.fetch_add(1, Ordering::Relaxed) == 0 {
             info!(
-                "{}: the kernel re-sends the requests the previous broker held",
+                "{}: the kernel re-sends what was read and not answered (by a previous broker \
+                 or a direct-mode daemon)",
                 self.export.name()
             );
         }
@@ -710,7 +912,7 @@ fn cannot_keep(name: &str, init: Option<&Init>) -> Option<String> {
              would never be answered; upgrade the kernel first",
             i.minor
         )),
-        Some(_) => None,
+        Some(_) => kernel_resend_flaw().map(|why| format!("export {name}: {why}")),
     }
 }
 
