@@ -5,7 +5,9 @@
 //! every descriptor it hands over, and after each SIGKILL waits until the
 //! daemon is gone and writes FUSE_NOTIFY_RESEND, so that the next daemon
 //! gets what the dead one had read. A verified writer must see no error
-//! and no lost write; the backing file must hold every last write.
+//! and no lost write; the backing file must hold every last write. Then
+//! the broker as the holder (`broker_lends_the_connection_where_allowed`);
+//! its crash loops in direct mode are in crash.rs.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -231,4 +233,67 @@ fn a_late_reply_to_a_re_sent_request_is_refused() {
     reply(again, b'B', len).unwrap();
     assert_eq!(reader.join().unwrap().unwrap(), b'B');
     drop(holder);
+}
+
+/// Through the broker: a daemon gets direct mode only where the export
+/// allows it and it does not opt out (`--relay`); both modes serve the same
+/// bytes; a handoff of a direct daemon is refused, saying what to do
+/// instead; `--takeover` replaces one, with the kernel re-sending what it
+/// held.
+#[test]
+fn broker_lends_the_connection_where_allowed() {
+    use holdfast_tests::{Broker, BrokerOpts};
+    let scratch = Scratch::new("direct-broker", Duration::from_secs(60));
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "16MiB,direct"), ("vol1", "16MiB")]),
+    );
+    let img = scratch.path("vol0.img");
+    let backend = format!("file:{}", img.display());
+    let mut relayed = broker.daemon(&scratch, "vol0", &backend, &["--relay"]);
+    broker.wait_active("vol0", 0, Duration::from_secs(10));
+    assert_eq!(broker.status("vol0")["daemon"]["mode"], "relay");
+    assert_eq!(broker.status("vol0")["mode"], "direct");
+    let mut rng = Rng::new(seed());
+    let mut data = vec![0u8; 1 << 20];
+    rng.fill(&mut data);
+    let file = broker.file("vol0");
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&file).unwrap(),
+        &data,
+        0,
+    )
+    .unwrap();
+    relayed.signal(libc::SIGTERM);
+    assert!(relayed.wait_timeout(Duration::from_secs(10)).is_some());
+
+    let direct = broker.daemon(&scratch, "vol0", &backend, &[]);
+    let (_, epoch) = broker.wait_active("vol0", 1, Duration::from_secs(10));
+    assert_eq!(broker.status("vol0")["daemon"]["mode"], "direct");
+    let read = std::fs::read(&file).unwrap();
+    assert!(
+        read[..data.len()] == data[..],
+        "direct mode read other bytes"
+    );
+    let out = broker.ctl(&["handoff", "vol0"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("direct mode"),
+        "{text}"
+    );
+    assert!(text.contains("--takeover"), "{text}");
+
+    // vol1 does not allow direct mode: relayed.
+    let other = format!("file:{}", scratch.path("vol1.img").display());
+    let _relay = broker.daemon(&scratch, "vol1", &other, &[]);
+    broker.wait_active("vol1", 0, Duration::from_secs(10));
+    assert_eq!(broker.status("vol1")["daemon"]["mode"], "relay");
+    assert_eq!(broker.status("vol1")["mode"], "relay");
+
+    let _next = broker.daemon(&scratch, "vol0", &backend, &["--takeover"]);
+    broker.wait_active("vol0", epoch, Duration::from_secs(10));
+    let read = std::fs::read(&file).unwrap();
+    assert!(read[..data.len()] == data[..]);
+    assert_eq!(broker.status("vol0")["daemons_lost"], 1);
+    drop(direct);
 }

@@ -4,6 +4,8 @@
 //!   export's loop device;
 //! * broker-poll: the same with `holdfast-daemon --poll-us 100`, which
 //!   polls for the next request after a lone one instead of sleeping;
+//! * direct: the same daemon in direct mode (`--export NAME=SIZE,direct`):
+//!   it reads the export's FUSE connection itself, no broker hop;
 //! * baseline: `hf-baseline`, the same FUSE frontend and loop device with
 //!   the same file backend called in place (no broker hop): the limit of
 //!   this design;
@@ -28,7 +30,8 @@ use holdfast_tests::s3::{Moto, s3_env};
 use holdfast_tests::{Broker, BrokerOpts, Proc, Scratch, bin};
 
 const USAGE: &str = "\
-hf-bench-block: broker vs in-process baseline vs kernel loop, with fio.
+hf-bench-block: broker (relay and direct mode) vs in-process baseline vs kernel
+loop, with fio.
 
 Usage: hf-bench-block [--runtime SECS] [--size SIZE] [--out PATH] [--markdown PATH]
 
@@ -51,7 +54,14 @@ const WORKLOADS: [(&str, &str, &str, u32); 6] = [
     ("1m write qd4", "write", "1m", 4),
 ];
 
-const PATHS: [&str; 5] = ["broker", "broker-poll", "baseline", "kernel", "s3"];
+const PATHS: [&str; 6] = [
+    "broker",
+    "broker-poll",
+    "direct",
+    "baseline",
+    "kernel",
+    "s3",
+];
 
 #[derive(Clone, Copy, Default)]
 struct Result {
@@ -189,17 +199,26 @@ fn main() {
     let scratch = Scratch::new("bench-block", Duration::from_secs(3600));
 
     // vol0 is served by a daemon as started by default, vol1 by one that
-    // polls (--poll-us).
+    // polls (--poll-us), vol3 by one in direct mode.
     let export = format!("{size},block");
+    let direct = format!("{size},block,direct");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", &export), ("vol1", &export), ("vol2", &export)]),
+        BrokerOpts::new(&[
+            ("vol0", &export),
+            ("vol1", &export),
+            ("vol2", &export),
+            ("vol3", &direct),
+        ]),
     );
     let backend = |name: &str| format!("file:{}", scratch.path(&format!("{name}.img")).display());
     let _daemon = broker.daemon(&scratch, "vol0", &backend("vol0"), &[]);
     let _polling = broker.daemon(&scratch, "vol1", &backend("vol1"), &["--poll-us", "100"]);
+    let _direct = broker.daemon(&scratch, "vol3", &backend("vol3"), &[]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
     broker.wait_active("vol1", 0, Duration::from_secs(10));
+    broker.wait_active("vol3", 0, Duration::from_secs(10));
+    assert_eq!(broker.status("vol3")["daemon"]["mode"], "direct");
     // vol2 on S3, with a read cache that holds the whole device.
     let moto = Moto::start(&scratch);
     moto.create_bucket("bench");
@@ -230,6 +249,7 @@ fn main() {
     let devices = [
         broker.device("vol0"),
         broker.device("vol1"),
+        broker.device("vol3"),
         baseline.device.0.clone(),
         kernel.0.clone(),
         broker.device("vol2"),
@@ -264,10 +284,12 @@ fn main() {
                 parse(&r, rw)
             })
             .collect();
-        eprintln!(
-            "{name}: broker {:.0} IOPS, broker-poll {:.0}, baseline {:.0}, kernel {:.0}, s3 {:.0}",
-            row[0].iops, row[1].iops, row[2].iops, row[3].iops, row[4].iops
-        );
+        let line: Vec<String> = PATHS
+            .iter()
+            .zip(&row)
+            .map(|(p, r)| format!("{p} {:.0}", r.iops))
+            .collect();
+        eprintln!("{name}: IOPS {}", line.join(", "));
         results.push((name, row));
     }
     drop(kernel);
@@ -302,18 +324,19 @@ fn report(results: &[(&str, Vec<Result>)], runtime: u64, size: &str) -> (String,
     }
     let _ = writeln!(
         t,
-        "\n| workload | broker/baseline IOPS | p50 added by the broker, µs | broker-poll/baseline IOPS | p50 added by broker-poll, µs | s3/broker IOPS |\n|---|---|---|---|---|---|"
+        "\n| workload | broker/baseline IOPS | p50 added by the broker, µs | broker-poll/baseline IOPS | p50 added by broker-poll, µs | direct/baseline IOPS | p50 added in direct mode, µs | s3/broker IOPS |\n|---|---|---|---|---|---|---|---|"
     );
     let mut json_rows = Vec::new();
     for (name, row) in results {
-        let (a, p, b) = (row[0], row[1], row[2]);
-        let ratio = a.iops / b.iops.max(f64::MIN_POSITIVE);
-        let added = a.p50_us - b.p50_us;
-        let s3 = row[4].iops / a.iops.max(f64::MIN_POSITIVE);
+        let (a, p, d, b) = (row[0], row[1], row[2], row[3]);
+        let over = |x: Result| x.iops / b.iops.max(f64::MIN_POSITIVE);
+        let (ratio, added) = (over(a), a.p50_us - b.p50_us);
+        let (direct, direct_added) = (over(d), d.p50_us - b.p50_us);
+        let s3 = row[5].iops / a.iops.max(f64::MIN_POSITIVE);
         let _ = writeln!(
             t,
-            "| {name} | {ratio:.3} | {added:+.1} | {:.3} | {:+.1} | {s3:.3} |",
-            p.iops / b.iops.max(f64::MIN_POSITIVE),
+            "| {name} | {ratio:.3} | {added:+.1} | {:.3} | {:+.1} | {direct:.3} | {direct_added:+.1} | {s3:.3} |",
+            over(p),
             p.p50_us - b.p50_us
         );
         let paths: Vec<String> = PATHS
@@ -327,9 +350,9 @@ fn report(results: &[(&str, Vec<Result>)], runtime: u64, size: &str) -> (String,
             })
             .collect();
         json_rows.push(format!(
-            "{{\"workload\":\"{name}\",{},\"broker_over_baseline_iops\":{ratio:.4},\"p50_added_us\":{added:.2},\"broker_poll_over_baseline_iops\":{:.4},\"poll_p50_added_us\":{:.2},\"s3_over_broker_iops\":{s3:.4}}}",
+            "{{\"workload\":\"{name}\",{},\"broker_over_baseline_iops\":{ratio:.4},\"p50_added_us\":{added:.2},\"broker_poll_over_baseline_iops\":{:.4},\"poll_p50_added_us\":{:.2},\"direct_over_baseline_iops\":{direct:.4},\"direct_p50_added_us\":{direct_added:.2},\"s3_over_broker_iops\":{s3:.4}}}",
             paths.join(","),
-            p.iops / b.iops.max(f64::MIN_POSITIVE),
+            over(p),
             p.p50_us - b.p50_us
         ));
     }
