@@ -135,7 +135,7 @@ enum Join {
     /// ATTACH, fencing a current daemon first with `takeover`.
     Attach { takeover: bool, direct: bool },
     /// PREPARE: as a handoff's successor.
-    Successor,
+    Successor { direct: bool },
 }
 
 /// How a daemon session ended.
@@ -289,10 +289,12 @@ impl<'a> Connection<'a> {
                         Err(reply) => reply,
                     }
                 }
-                Request::Prepare { export } => match self.attach(&export, Join::Successor) {
-                    Ok(()) => return,
-                    Err(reply) => reply,
-                },
+                Request::Prepare { export, direct } => {
+                    match self.attach(&export, Join::Successor { direct }) {
+                        Ok(()) => return,
+                        Err(reply) => reply,
+                    }
+                }
                 Request::Handoff(h) => {
                     let reply = self.operator_handoff(h);
                     if self.broken {
@@ -402,7 +404,7 @@ impl<'a> Connection<'a> {
             Join::Attach { takeover, direct } => {
                 export.attach(pidfd.clone(), takeover, direct, self.broker.fence_timeout)
             }
-            Join::Successor => export.prepare(pidfd.clone()),
+            Join::Successor { direct } => export.prepare(pidfd.clone(), direct),
         };
         let mut grant = granted.map_err(Reply::Error)?;
         if export.kind == holdfast_proto::ExportKind::Volume {

@@ -503,9 +503,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
             Box::new(move || {
                 loop {
                     std::thread::sleep(WATCHDOG_TICK);
-                    let now = Instant::now();
+                    let (now, mono_ns) = (Instant::now(), restart::monotonic_ns());
                     for e in broker.exports() {
-                        e.check_bounds(now, req, wait);
+                        e.check_bounds(now, mono_ns, req, wait);
                     }
                 }
             }),

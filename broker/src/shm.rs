@@ -140,6 +140,11 @@ impl Rings {
         self.region.atomic(offset)
     }
 
+    /// Direct mode: what the daemon's reader `i` published (untrusted).
+    pub fn reader_progress(&self, i: usize) -> Option<holdfast_proto::shm::ReaderProgress> {
+        self.region.read(holdfast_proto::shm::direct::reader(i)?)
+    }
+
     /// Sets or clears NEED_WAKEUP on the completion ring (the broker is about
     /// to sleep / is awake).
     pub fn set_completion_wakeup(&self, on: bool) {

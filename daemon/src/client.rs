@@ -146,10 +146,12 @@ impl Connection {
         }
     }
 
-    /// PREPARE: attach to `export` as the successor in a handoff.
-    pub fn prepare(&mut self, export: &str) -> Result<Attachment, Error> {
+    /// PREPARE: attach to `export` as the successor in a handoff;
+    /// `direct` as for [`Self::attach`].
+    pub fn prepare(&mut self, export: &str, direct: bool) -> Result<Attachment, Error> {
         let req = Request::Prepare {
             export: export.to_owned(),
+            direct,
         };
         match self.call(&req, &[])? {
             (Reply::Attached(a), fds) => Attachment::new(a, fds),

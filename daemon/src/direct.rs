@@ -12,8 +12,10 @@
 
 use std::borrow::Cow;
 use std::io;
+use std::mem::offset_of;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -21,50 +23,138 @@ use std::time::{Duration, Instant};
 
 use holdfast_kernel::fuse::request::{self, FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
 use holdfast_kernel::fuse::{Answer, Volume, sys};
-use holdfast_proto::shm::Op;
+use holdfast_proto::shm::{Op, ReaderProgress};
 
 use crate::backends::{self, Backend};
+use crate::rings::Attachment;
 
 /// How long `stop` waits for the readers to finish what they hold.
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
-/// What the readers did, for status and tests.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Requests answered (with success or an error).
-    pub answered: AtomicU64,
-    /// Of those, requests the kernel re-sent (a dead server had read them).
-    pub resent: AtomicU64,
-    /// Replies the kernel refused (the request was re-sent meanwhile, or
-    /// interrupted).
-    pub refused: AtomicU64,
+/// The u64 words of a [`ReaderProgress`].
+const WORDS: usize = size_of::<ReaderProgress>() / 8;
+const BUSY: usize = offset_of!(ReaderProgress, busy_since_ns) / 8;
+const ANSWERED: usize = offset_of!(ReaderProgress, answered) / 8;
+const RESENT: usize = offset_of!(ReaderProgress, resent) / 8;
+const REFUSED: usize = offset_of!(ReaderProgress, refused) / 8;
+
+/// Where one reader publishes its [`ReaderProgress`]: its record in the
+/// rings memfd the broker lent with the descriptors (which the broker reads
+/// for status and to see a hung daemon), or private memory.
+#[derive(Clone)]
+pub struct Meter {
+    words: NonNull<AtomicU64>,
+    /// Keeps the memory mapped while a reader may write to it.
+    _memory: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: only atomics are reached through `words`, and the memory stays
+// mapped as long as `_memory`.
+unsafe impl Send for Meter {}
+// SAFETY: as for Send.
+unsafe impl Sync for Meter {}
+
+impl Meter {
+    /// A record nobody else reads.
+    pub fn private() -> Self {
+        let memory: Arc<[AtomicU64; WORDS]> = Arc::new(Default::default());
+        Self {
+            words: NonNull::from(&memory[0]),
+            _memory: memory,
+        }
+    }
+
+    /// Reader `i`'s record in `att`'s rings memfd (direct mode's layout,
+    /// `holdfast_proto::shm::direct`).
+    pub fn shared(att: &Arc<Attachment>, i: usize) -> Option<Self> {
+        Some(Self {
+            words: NonNull::new(att.direct_progress(i)?.cast::<AtomicU64>())?,
+            _memory: att.clone(),
+        })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < WORDS);
+        // SAFETY: `words` points at WORDS aligned u64s that live as long
+        // as `self` (`private`, `shared`).
+        unsafe { &*self.words.as_ptr().add(i) }
+    }
+
+    fn busy(&self, since: Option<u64>) {
+        self.word(BUSY).store(since.unwrap_or(0), Ordering::Release);
+    }
+
+    fn count(&self, word: usize) {
+        self.word(word).fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> ReaderProgress {
+        let w = |i| self.word(i).load(Ordering::Relaxed);
+        ReaderProgress {
+            busy_since_ns: w(BUSY),
+            answered: w(ANSWERED),
+            resent: w(RESENT),
+            refused: w(REFUSED),
+        }
+    }
+}
+
+/// The sum of the readers' progress (busy: the earliest).
+pub fn total(meters: &[Meter]) -> ReaderProgress {
+    meters
+        .iter()
+        .map(Meter::read)
+        .fold(ReaderProgress::default(), |a, p| {
+            let busy = [a.busy_since_ns, p.busy_since_ns]
+                .into_iter()
+                .filter(|&t| t != 0)
+                .min();
+            ReaderProgress {
+                busy_since_ns: busy.unwrap_or(0),
+                answered: a.answered.saturating_add(p.answered),
+                resent: a.resent.saturating_add(p.resent),
+                refused: a.refused.saturating_add(p.refused),
+            }
+        })
+}
+
+/// CLOCK_MONOTONIC in ns, never 0.
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let ns = u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0));
+    ns.max(1)
 }
 
 /// A FUSE connection served in direct mode.
 pub struct Direct {
-    readers: Vec<JoinHandle<()>>,
+    /// Each reader gives its descriptor back when it stops.
+    readers: Vec<JoinHandle<OwnedFd>>,
     stopping: Arc<AtomicBool>,
-    counters: Arc<Counters>,
+    meters: Vec<Meter>,
 }
 
 impl Direct {
     /// Serves the connection through `devs`, one reader each, answering
     /// from `volume` and `backend`; each request's data is at most
-    /// `max_io` bytes (INIT's max_write and max_readahead).
+    /// `max_io` bytes (INIT's max_write and max_readahead). Reader `i`
+    /// publishes its progress to `meters[i]` (private where missing).
     pub fn start(
         devs: Vec<OwnedFd>,
         volume: Volume,
         max_io: u32,
         backend: Arc<dyn Backend>,
         read_delay: Duration,
+        mut meters: Vec<Meter>,
     ) -> io::Result<Self> {
         sys::install_interrupt()?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let counters = Arc::new(Counters::default());
+        meters.resize_with(devs.len(), Meter::private);
         let mut direct = Self {
             readers: Vec::with_capacity(devs.len()),
-            stopping,
-            counters,
+            stopping: Arc::new(AtomicBool::new(false)),
+            meters,
         };
         for (i, dev) in devs.into_iter().enumerate() {
             let r = Reader {
@@ -72,7 +162,7 @@ impl Direct {
                 volume,
                 body: vec![0u8; max_io as usize],
                 backend: backend.clone(),
-                counters: direct.counters.clone(),
+                meter: direct.meters[i].clone(),
                 read_delay,
             };
             let stopping = direct.stopping.clone();
@@ -90,27 +180,24 @@ impl Direct {
         Ok(direct)
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
-    /// The counters, to read after `stop`.
-    pub fn counters_handle(&self) -> Arc<Counters> {
-        self.counters.clone()
+    /// The readers' meters (to read after `stop` too).
+    pub fn meters(&self) -> Vec<Meter> {
+        self.meters.clone()
     }
 
     /// Stops reading: each reader answers the request it holds and exits.
     /// What the kernel has not handed out stays queued for the next
-    /// server. Returns false if a reader was still busy after a bound
-    /// (its backend call hangs); it is left running.
-    pub fn stop(mut self) -> bool {
+    /// server. Returns the descriptors of the readers that stopped (to
+    /// serve again); a reader still busy after a bound (its backend call
+    /// hangs) is left running, with its descriptor.
+    pub fn stop(mut self) -> Vec<OwnedFd> {
         self.stop_readers()
     }
 
-    fn stop_readers(&mut self) -> bool {
+    fn stop_readers(&mut self) -> Vec<OwnedFd> {
         self.stopping.store(true, Ordering::SeqCst);
         let end = Instant::now() + STOP_WAIT;
-        let mut all = true;
+        let mut devs = Vec::with_capacity(self.readers.len());
         for t in std::mem::take(&mut self.readers) {
             // A signal that lands before the reader enters read(2) is
             // lost: send it until the reader is gone.
@@ -121,12 +208,15 @@ impl Direct {
                 std::thread::sleep(Duration::from_millis(1));
             }
             if t.is_finished() {
-                let _ = t.join();
+                devs.extend(t.join().ok());
             } else {
-                all = false;
+                crate::log(&format!(
+                    "direct: a reader is still busy with its backend after {STOP_WAIT:?}; left \
+                     running"
+                ));
             }
         }
-        all
+        devs
     }
 }
 
@@ -146,13 +236,13 @@ struct Reader {
     /// request with EIO instead of leaving it to be re-sent.
     body: Vec<u8>,
     backend: Arc<dyn Backend>,
-    counters: Arc<Counters>,
+    meter: Meter,
     /// `--read-delay-ms`: a test's way to have reads in flight.
     read_delay: Duration,
 }
 
 impl Reader {
-    fn run(mut self, stopping: &AtomicBool) {
+    fn run(mut self, stopping: &AtomicBool) -> OwnedFd {
         self.body.fill(1);
         let mut head = [0u8; HEAD_LEN];
         while !stopping.load(Ordering::SeqCst) {
@@ -162,7 +252,11 @@ impl Reader {
                 sys::read_request(self.dev.as_fd(), &mut head, self.body.as_mut_ptr(), len)
             };
             match n {
-                Ok(n) => self.serve(&head, n),
+                Ok(n) => {
+                    self.meter.busy(Some(monotonic_ns()));
+                    self.serve(&head, n);
+                    self.meter.busy(None);
+                }
                 Err(e) => match e.raw_os_error() {
                     // A signal (to stop?), or a request interrupted before
                     // it was read.
@@ -178,6 +272,7 @@ impl Reader {
                 },
             }
         }
+        self.dev
     }
 
     /// Serves one request of `n` bytes: its head in `head`, the rest at the
@@ -188,7 +283,7 @@ impl Reader {
         };
         let unique = h.unique;
         if request::is_resent(unique) {
-            self.counters.resent.fetch_add(1, Ordering::Relaxed);
+            self.meter.count(RESENT);
         }
         let body_len = n.saturating_sub(HEAD_LEN);
         if h.len as usize != n {
@@ -256,7 +351,7 @@ impl Reader {
             }
             (Ok(done), Op::Read) => {
                 let data = self.body.get(..done).unwrap_or_default();
-                send(self.dev.as_fd(), unique, 0, data, &self.counters);
+                send(self.dev.as_fd(), unique, 0, data, &self.meter);
             }
             (Ok(done), Op::Write) => {
                 self.reply(unique, &Answer::wrote(u32::try_from(done).unwrap_or(0)));
@@ -267,13 +362,13 @@ impl Reader {
 
     fn reply(&self, unique: u64, answer: &Answer) {
         if let Some((errno, body)) = answer.reply() {
-            send(self.dev.as_fd(), unique, errno, body, &self.counters);
+            send(self.dev.as_fd(), unique, errno, body, &self.meter);
         }
     }
 }
 
 /// Writes a reply and counts it.
-fn send(dev: BorrowedFd<'_>, unique: u64, errno: i32, body: &[u8], counters: &Counters) {
+fn send(dev: BorrowedFd<'_>, unique: u64, errno: i32, body: &[u8], meter: &Meter) {
     let iov = [libc::iovec {
         iov_base: body.as_ptr().cast_mut().cast(),
         iov_len: body.len(),
@@ -281,12 +376,8 @@ fn send(dev: BorrowedFd<'_>, unique: u64, errno: i32, body: &[u8], counters: &Co
     let pieces = if body.is_empty() { &[][..] } else { &iov[..] };
     // SAFETY: `body` is borrowed for the call.
     match unsafe { sys::reply(dev, unique, errno, pieces) } {
-        Ok(()) => {
-            counters.answered.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT)) => {
-            counters.refused.fetch_add(1, Ordering::Relaxed);
-        }
+        Ok(()) => meter.count(ANSWERED),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT)) => meter.count(REFUSED),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV)) => {}
         Err(e) => crate::log(&format!(
             "direct: FUSE reply to request {unique} failed: {e}"

@@ -114,7 +114,7 @@ pub fn run_with(
     let mut conn = client::Connection::connect(&opts.socket)?;
     conn.hello()?;
     let att = if opts.successor {
-        conn.prepare(&opts.export)?
+        conn.prepare(&opts.export, !opts.relay)?
     } else {
         conn.attach(&opts.export, opts.takeover, !opts.relay)?
     };

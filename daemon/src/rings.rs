@@ -97,6 +97,16 @@ impl Attachment {
         unsafe { AtomicU32::from_ptr(self.rings.as_mut_ptr().add(offset).cast()) }
     }
 
+    /// Direct mode: where reader `i` publishes its progress in the rings
+    /// memfd (`holdfast_proto::shm::direct`), 64-byte aligned, inside the
+    /// mapping, which lives as long as `self`.
+    pub fn direct_progress(&self, i: usize) -> Option<*mut u8> {
+        let off = holdfast_proto::shm::direct::reader(i)?;
+        let end = off.checked_add(holdfast_proto::shm::direct::READER_SIZE)?;
+        // SAFETY: `off` is inside the mapping (checked just above).
+        (end <= self.rings.len()).then(|| unsafe { self.rings.as_mut_ptr().add(off) })
+    }
+
     /// The pipe the broker writes to when it submits.
     pub fn submit_kick(&self) -> BorrowedFd<'_> {
         self.submit_kick.as_fd()

@@ -17,6 +17,7 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::backends::{Ask, Backend};
 use crate::client::Connection;
+use crate::direct::{Direct, Meter};
 use crate::fault::{self, Point};
 use crate::rings::Attachment;
 use crate::{Error, Options, log};
@@ -361,13 +362,7 @@ pub fn serve(
                     Signal::Stop => Ok(()),
                     Signal::Upgrade => {
                         log("SIGHUP: asking the broker to hand this export off to a fresh daemon");
-                        conn.send(&Request::Handoff(HandoffRequest {
-                            export: opts.export.clone(),
-                            dry_run: false,
-                            spawn: true,
-                            ready_timeout_ms: 0,
-                            drain_timeout_ms: 0,
-                        }))
+                        conn.send(&upgrade_request(opts))
                     }
                 };
                 if let Err(e) = sent {
@@ -447,7 +442,7 @@ pub fn serve_attachment(
     match att.geometry.direct {
         Some(terms) => {
             let lent = att.take_lent();
-            serve_direct(conn, terms, att.geometry.size, lent, backend, opts, signals)
+            serve_direct(conn, terms, Arc::new(att), lent, backend, opts, signals)
         }
         None => serve(conn, att, backend, opts, signals),
     }
@@ -455,78 +450,139 @@ pub fn serve_attachment(
 
 /// Direct mode: reads the export's FUSE connection on the descriptors the
 /// broker lent, one reader each, and watches the control socket and the
-/// signals. Whenever it stops (a signal, the export's removal, the broker
-/// gone), the readers stop first, each after answering what it holds, so
-/// that nothing of this attachment runs on once the broker acts.
+/// signals. Whenever it stops reading (a signal, QUIESCE, the export's
+/// removal, the broker gone), the readers stop first, each after answering
+/// what it holds, so that nothing of this attachment runs on once the
+/// broker acts; after a QUIESCE the same descriptors serve again on REVIVE.
 fn serve_direct(
     conn: &mut Connection,
     terms: holdfast_proto::DirectTerms,
-    size: u64,
+    att: Arc<Attachment>,
     lent: Vec<OwnedFd>,
     backend: Arc<dyn Backend>,
     opts: &Options,
     signals: &Signals,
 ) -> Result<Served, Error> {
+    let size = att.geometry.size;
     let volume =
         holdfast_kernel::fuse::Volume::new(size, terms.max_io, terms.max_background, terms.started);
-    let n = lent.len();
-    let direct = crate::direct::Direct::start(lent, volume, terms.max_io, backend, opts.read_delay)
+    // Each reader's progress where the broker reads it.
+    let meters: Vec<_> = (0..lent.len())
+        .map(|i| Meter::shared(&att, i).unwrap_or_else(Meter::private))
+        .collect();
+    let start = |devs: Vec<OwnedFd>| {
+        let n = devs.len();
+        let d = Direct::start(
+            devs,
+            volume,
+            terms.max_io,
+            backend.clone(),
+            opts.read_delay,
+            meters.clone(),
+        )
         .map_err(|e| Error::io("cannot start the direct-mode readers", e))?;
-    log(&format!(
-        "direct mode: reading the FUSE connection on {n} descriptors (kernel protocol 7.{})",
-        terms.minor
-    ));
-    let counters = direct.counters_handle();
-    let stop = |direct: crate::direct::Direct| {
-        if !direct.stop() {
-            log("direct mode: a reader is still busy with its backend; leaving it");
-        }
         log(&format!(
-            "direct mode: stopped after {} answers ({} re-sent requests, {} late replies refused)",
-            counters.answered.load(Ordering::Relaxed),
-            counters.resent.load(Ordering::Relaxed),
-            counters.refused.load(Ordering::Relaxed)
+            "direct mode: reading the FUSE connection on {n} descriptors (kernel protocol 7.{})",
+            terms.minor
         ));
+        Ok::<_, Error>(d)
     };
-    loop {
+    let mut reading = Some(start(lent)?);
+    // The descriptors while quiesced.
+    let mut idle = Vec::new();
+    let mut phase = Phase::Serving;
+    let outcome = loop {
         let ready = poll(&[conn.socket(), signals.fd.as_fd()], Some(IDLE_POLL));
         if ready[1] {
             for sig in signals.take() {
                 match sig {
-                    Signal::Stop => {
+                    Signal::Stop if phase == Phase::Serving => {
                         log("signal received: detaching (answering what the readers hold)");
-                        stop(direct);
+                        stop_reading(&mut reading);
                         return detach(conn);
                     }
+                    Signal::Stop => log("signal received while handed off: leaving once released"),
                     Signal::Upgrade => {
-                        log("SIGHUP: a daemon in direct mode cannot be handed off yet; \
-                         replace it with --takeover")
+                        log("SIGHUP: asking the broker to hand this export off to a fresh daemon");
+                        // A broker gone is seen on the socket next.
+                        let _ = conn.send(&upgrade_request(opts));
                     }
                 }
             }
         }
-        if ready[0] {
-            match conn.recv() {
-                Ok((Reply::Detached, _)) => {
-                    log("detached by the broker (the export was removed)");
-                    stop(direct);
-                    return Ok(Served::Detached);
+        if !ready[0] {
+            continue;
+        }
+        let msg = match conn.recv() {
+            Ok((msg, _)) => msg,
+            Err(Error::Protocol(e)) => break Err(Error::Protocol(e)),
+            Err(_) => break Ok(gone(phase, false)),
+        };
+        match msg {
+            Reply::Detached if phase == Phase::Quiesced => {
+                log("handed off to the successor; exiting");
+                break Ok(Served::HandedOff);
+            }
+            Reply::Detached => {
+                log("detached by the broker (the export was removed)");
+                break Ok(Served::Detached);
+            }
+            Reply::Quiesce => {
+                fault::inject(Point::PredecessorDuringQuiesce);
+                log("QUIESCE: a successor is taking over; answering what the readers hold");
+                idle = stop_reading(&mut reading);
+                backend.release_lease()?;
+                phase = Phase::Quiesced;
+                if conn.send(&Request::Quiesced).is_err() {
+                    break Ok(gone(phase, false));
                 }
-                Ok((Reply::Error(e), _)) => log(&format!("broker: {e}")),
-                Ok((other, _)) => log(&format!("unexpected message from the broker: {other:?}")),
-                Err(Error::Protocol(e)) => {
-                    stop(direct);
-                    return Err(Error::Protocol(e));
+                log("quiesced: every request answered, lease released");
+            }
+            Reply::Revive => {
+                if phase == Phase::Quiesced {
+                    backend.acquire_lease(opts.lease_timeout)?;
+                    reading = Some(start(std::mem::take(&mut idle))?);
                 }
-                Err(_) => {
-                    stop(direct);
-                    return Ok(Served::BrokerGone {
-                        lease_released: false,
-                    });
+                phase = Phase::Serving;
+                log("REVIVE: the successor failed; serving again");
+                if conn.send(&Request::Restore).is_err() {
+                    break Ok(gone(phase, false));
                 }
             }
+            Reply::Restored { replayed } => log(&format!("restored; {replayed} requests replayed")),
+            Reply::HandoffArmed { .. } => log("the broker is starting a successor"),
+            Reply::Error(e) => log(&format!("broker: {e}")),
+            other => log(&format!("unexpected message from the broker: {other:?}")),
         }
-    }
+    };
+    stop_reading(&mut reading);
+    outcome
+}
+
+/// Stops direct mode's readers, if they run; returns their descriptors.
+fn stop_reading(reading: &mut Option<Direct>) -> Vec<OwnedFd> {
+    let Some(direct) = reading.take() else {
+        return Vec::new();
+    };
+    let meters = direct.meters();
+    let devs = direct.stop();
+    let t = crate::direct::total(&meters);
+    log(&format!(
+        "direct mode: stopped after {} answers ({} re-sent requests, {} late replies refused)",
+        t.answered, t.resent, t.refused
+    ));
+    devs
+}
+
+/// SIGHUP's request: a handoff to a fresh copy of this daemon.
+fn upgrade_request(opts: &Options) -> Request {
+    Request::Handoff(HandoffRequest {
+        export: opts.export.clone(),
+        dry_run: false,
+        spawn: true,
+        ready_timeout_ms: 0,
+        drain_timeout_ms: 0,
+    })
 }
 
 /// DETACH once nothing of this daemon's runs, and waits for DETACHED.

@@ -190,8 +190,10 @@ pub enum Request {
     },
     /// Attach as the successor of the export's daemon in a handoff: the
     /// broker answers ATTACHED; the successor warms up without the lease.
+    /// `direct` as in [`Attach`].
     Prepare {
         export: String,
+        direct: bool,
     },
     /// The successor has warmed up and can take over.
     Ready,
@@ -478,9 +480,9 @@ impl Request {
                 w.str(name, MAX_NAME_LEN);
                 w
             }
-            Self::Prepare { export } => {
+            Self::Prepare { export, direct } => {
                 let mut w = header(kind::PREPARE);
-                w.str(export, MAX_NAME_LEN);
+                w.str(export, MAX_NAME_LEN).bool(*direct);
                 w
             }
             Self::Ready => header(kind::READY),
@@ -537,6 +539,7 @@ impl Request {
             },
             kind::PREPARE => Self::Prepare {
                 export: r.str("prepare.export", MAX_NAME_LEN)?,
+                direct: r.bool("prepare.direct")?,
             },
             kind::READY => Self::Ready,
             kind::QUIESCED => Self::Quiesced,
@@ -967,6 +970,7 @@ mod tests {
             Request::FdGet { name: "mem".into() },
             Request::Prepare {
                 export: "vol0".into(),
+                direct: true,
             },
             Request::Ready,
             Request::Quiesced,

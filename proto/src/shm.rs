@@ -45,6 +45,45 @@ pub mod offsets {
 /// Ring flag: the consumer is about to sleep on its kick pipe.
 pub const NEED_WAKEUP: u32 = 1;
 
+/// Direct mode's use of the rings memfd, whose rings it does not use: from
+/// [`offsets::ENTRIES`], one [`ReaderProgress`] per lent FUSE descriptor,
+/// written by the daemon's reader on it, read by the broker for status and
+/// to see a hung daemon. Every ring layout has room for them
+/// ([`RingLayout::byte_len`]).
+pub mod direct {
+    use super::offsets;
+
+    /// Offset of reader `i`'s progress.
+    pub fn reader(i: usize) -> Option<usize> {
+        (i < crate::MAX_DIRECT_CONNS as usize)
+            .then(|| offsets::ENTRIES.saturating_add(i.saturating_mul(READER_SIZE)))
+    }
+
+    /// Bytes of one reader's progress (its own cache line).
+    pub const READER_SIZE: usize = 64;
+    /// End of the last reader's progress.
+    pub const END: usize = offsets::ENTRIES + crate::MAX_DIRECT_CONNS as usize * READER_SIZE;
+}
+
+/// One direct-mode reader's progress: u64 words, each written by the
+/// reader alone. Untrusted by the broker: figures for status, and a
+/// timestamp that can only make it declare the daemon lost sooner.
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct ReaderProgress {
+    /// CLOCK_MONOTONIC in ns when the reader took the request it holds; 0
+    /// while it holds none.
+    pub busy_since_ns: u64,
+    /// Requests answered.
+    pub answered: u64,
+    /// Of those, requests the kernel had re-sent.
+    pub resent: u64,
+    /// Replies the kernel refused (the request had been re-sent meanwhile).
+    pub refused: u64,
+}
+
 /// Most slots an export can have.
 pub const MAX_SLOTS: u32 = 4096;
 /// Largest slot buffer, in bytes.
@@ -245,7 +284,8 @@ impl RingLayout {
     pub fn byte_len(self) -> usize {
         let end = self
             .cq_base()
-            .saturating_add(self.entries_usize().saturating_mul(COMPLETION_SIZE));
+            .saturating_add(self.entries_usize().saturating_mul(COMPLETION_SIZE))
+            .max(direct::END);
         end.div_ceil(4096).saturating_mul(4096)
     }
 }

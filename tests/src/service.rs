@@ -80,7 +80,7 @@ impl ServiceManager {
     /// Starts the service (again): with every stored descriptor passed on
     /// as systemd passes them.
     pub fn start(&mut self, scratch: &Scratch) -> Proc {
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
         let raw: Vec<RawFd> = st.store.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         let names: Vec<&str> = st.store.iter().map(|(n, _)| n.as_str()).collect();
         let mut cmd = Command::new("/bin/sh");
@@ -119,11 +119,15 @@ impl ServiceManager {
                 Ok(())
             });
         }
-        drop(st);
         let log = format!("broker-{}.log", self.starts);
         self.starts += 1;
+        // Under the lock until the pid is known: a quick service says
+        // READY=1 before `spawn` returns, and a message applied before its
+        // pid is listed would be refused as another process's. (The lock
+        // also keeps the store's descriptors open until they are passed.)
         let proc = scratch.spawn(&mut cmd, &log);
-        self.state.lock().unwrap().mains.push(proc.pid());
+        st.mains.push(proc.pid());
+        drop(st);
         proc
     }
 

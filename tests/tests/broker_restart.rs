@@ -62,6 +62,14 @@ fn under_writers(
         Some(&scratch.path("gens")),
     );
     let running = AtomicBool::new(true);
+    // A round that panics ends the fio passes too (the scope waits for
+    // them before the panic goes on).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
     let passes = std::thread::scope(|s| {
         let fio_passes = s.spawn(|| {
             let mut pass = 0u64;
@@ -77,6 +85,7 @@ fn under_writers(
             }
             pass
         });
+        let stop = Stop(&running);
         let mut rng = Rng::new(seed);
         let mut now = first;
         for i in 0..rounds {
@@ -94,7 +103,7 @@ fn under_writers(
             }
             now = next;
         }
-        running.store(false, Ordering::SeqCst);
+        drop(stop);
         fio_passes.join().unwrap()
     });
     let report = stop_writer(&mut w);

@@ -237,9 +237,8 @@ fn a_late_reply_to_a_re_sent_request_is_refused() {
 
 /// Through the broker: a daemon gets direct mode only where the export
 /// allows it and it does not opt out (`--relay`); both modes serve the same
-/// bytes; a handoff of a direct daemon is refused, saying what to do
-/// instead; `--takeover` replaces one, with the kernel re-sending what it
-/// held.
+/// bytes; handoffs between the modes, both ways; `--takeover` replaces a
+/// direct daemon, with the kernel re-sending what it held.
 #[test]
 fn broker_lends_the_connection_where_allowed() {
     use holdfast_tests::{Broker, BrokerOpts};
@@ -267,21 +266,38 @@ fn broker_lends_the_connection_where_allowed() {
     relayed.signal(libc::SIGTERM);
     assert!(relayed.wait_timeout(Duration::from_secs(10)).is_some());
 
-    let direct = broker.daemon(&scratch, "vol0", &backend, &[]);
-    let (_, epoch) = broker.wait_active("vol0", 1, Duration::from_secs(10));
+    let mut old = broker.daemon(&scratch, "vol0", &backend, &[]);
+    broker.wait_active("vol0", 1, Duration::from_secs(10));
     assert_eq!(broker.status("vol0")["daemon"]["mode"], "direct");
     let read = std::fs::read(&file).unwrap();
     assert!(
         read[..data.len()] == data[..],
         "direct mode read other bytes"
     );
-    let out = broker.ctl(&["handoff", "vol0"]);
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && text.contains("direct mode"),
-        "{text}"
-    );
-    assert!(text.contains("--takeover"), "{text}");
+    // Direct to relay and back, by handoff.
+    for (extra, want) in [
+        (&["--successor", "--relay"][..], "relay"),
+        (&["--successor"][..], "direct"),
+    ] {
+        let (mut conn, _) = broker.arm_handoff("vol0", false, 0);
+        let next = broker.daemon(&scratch, "vol0", &backend, extra);
+        let r = holdfast_tests::handoff_report(&mut conn);
+        assert_eq!(
+            r.outcome,
+            holdfast_proto::HandoffOutcome::Completed,
+            "{r:?}"
+        );
+        assert_eq!(broker.status("vol0")["daemon"]["mode"], want);
+        let read = std::fs::read(&file).unwrap();
+        assert!(
+            read[..data.len()] == data[..],
+            "{want} mode read other bytes"
+        );
+        let status = old.wait_timeout(Duration::from_secs(10));
+        assert!(status.is_some_and(|s| s.success()), "{}", old.log_text());
+        old = next;
+    }
+    let epoch = broker.status("vol0")["daemon"]["epoch"].as_u64().unwrap();
 
     // vol1 does not allow direct mode: relayed.
     let other = format!("file:{}", scratch.path("vol1.img").display());
@@ -295,5 +311,5 @@ fn broker_lends_the_connection_where_allowed() {
     let read = std::fs::read(&file).unwrap();
     assert!(read[..data.len()] == data[..]);
     assert_eq!(broker.status("vol0")["daemons_lost"], 1);
-    drop(direct);
+    drop(old);
 }

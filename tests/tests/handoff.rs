@@ -14,8 +14,8 @@ use std::time::Duration;
 use holdfast_daemon::fault::Point;
 use holdfast_proto::{HandoffOutcome, HandoffReport};
 use holdfast_tests::{
-    AlignedBuf, Broker, BrokerOpts, Proc, Scratch, bin, check_backing, handoff_report, open_direct,
-    seed, stop_writer, write_in_thread, writer,
+    AlignedBuf, Broker, BrokerOpts, Mode, Proc, Scratch, bin, check_backing, handoff_report,
+    open_direct, seed, stop_writer, write_in_thread, writer,
 };
 
 /// A daemon started as a successor, with `HOLDFAST_FAULT=fault` if given.
@@ -74,9 +74,10 @@ fn detach_and_check(daemon: &mut Proc, scratch: &Scratch, img: &Path, state: &Pa
     check_backing(scratch, img, state, seed);
 }
 
-fn sequential_handoffs(name: &str, backend: &str, count: u32) {
+fn sequential_handoffs(name: &str, backend: &str, count: u32, mode: Mode) {
     let scratch = Scratch::new(name, Duration::from_secs(300));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "32MiB")]));
+    let size = mode.export("32MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let backend = backend.replace('@', scratch.dir.to_str().unwrap());
     let mut daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
@@ -106,6 +107,7 @@ fn sequential_handoffs(name: &str, backend: &str, count: u32) {
         stalls[stalls.len() - 1]
     );
     assert_eq!(status["daemon"]["pid"], daemon.pid());
+    assert_eq!(status["daemon"]["mode"], mode.name());
     assert_eq!(status["daemons_lost"], 0);
     assert_eq!(status["failed"], 0);
     assert_eq!(status["rejected_completions"], 0);
@@ -118,20 +120,43 @@ fn sequential_handoffs(name: &str, backend: &str, count: u32) {
 
 #[test]
 fn fifty_handoffs_under_verified_writes_file() {
-    sequential_handoffs("handoff-file", "file:@/vol0.img", 50);
+    sequential_handoffs("handoff-file", "file:@/vol0.img", 50, Mode::Relay);
 }
 
 #[test]
 fn handoffs_under_verified_writes_mem() {
-    sequential_handoffs("handoff-mem", "mem", 20);
+    sequential_handoffs("handoff-mem", "mem", 20, Mode::Relay);
+}
+
+#[test]
+fn direct_fifty_handoffs_under_verified_writes_file() {
+    sequential_handoffs("direct-handoff-file", "file:@/vol0.img", 50, Mode::Direct);
+}
+
+#[test]
+fn direct_handoffs_under_verified_writes_mem() {
+    sequential_handoffs("direct-handoff-mem", "mem", 20, Mode::Direct);
+}
+
+#[test]
+fn fault_grid() {
+    fault_grid_in(Mode::Relay);
+}
+
+#[test]
+fn direct_fault_grid() {
+    fault_grid_in(Mode::Direct);
 }
 
 /// Every injection point, each followed by verified I/O and a further
 /// successful handoff.
-#[test]
-fn fault_grid() {
-    let scratch = Scratch::new("handoff-faults", Duration::from_secs(300));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "32MiB")]));
+fn fault_grid_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("handoff-faults-{}", mode.name()),
+        Duration::from_secs(300),
+    );
+    let size = mode.export("32MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let backend = format!("file:{}", scratch.path("vol0.img").display());
     let mut daemon = broker.daemon(&scratch, "vol0", &backend, &[]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
@@ -206,14 +231,28 @@ fn fault_grid() {
     );
 }
 
-/// A hung old daemon is fenced at the drain bound and its requests are
-/// replayed to the successor; meanwhile another export keeps serving.
 #[test]
 fn drain_bound_fences_and_other_export_keeps_going() {
-    let scratch = Scratch::new("handoff-drain", Duration::from_secs(120));
+    drain_bound_in(Mode::Relay);
+}
+
+#[test]
+fn direct_drain_bound_fences_and_other_export_keeps_going() {
+    drain_bound_in(Mode::Direct);
+}
+
+/// A hung old daemon is fenced at the drain bound and its requests are
+/// replayed to the successor (in direct mode, re-sent by the kernel);
+/// meanwhile another export keeps serving.
+fn drain_bound_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("handoff-drain-{}", mode.name()),
+        Duration::from_secs(120),
+    );
+    let size = mode.export("32MiB");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "32MiB"), ("vol1", "32MiB")]),
+        BrokerOpts::new(&[("vol0", &size), ("vol1", &size)]),
     );
     let b0 = format!("file:{}", scratch.path("vol0.img").display());
     let b1 = format!("file:{}", scratch.path("vol1.img").display());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_proto::{
     DaemonState, ErrorCode, ErrorReply, HandoffOutcome, HandoffPhase, HandoffProgress,
-    HandoffReport, Mode,
+    HandoffReport,
 };
 
 use super::{Export, Grant, Notice, Session, State, millis, request_fence, update_waiting};
@@ -88,19 +88,6 @@ impl Export {
         let mut st = self.state.lock();
         self.check_available(&st)?;
         let (pid, epoch) = match st.session.as_ref() {
-            Some(s) if s.mode == Mode::Direct => {
-                return Err(ErrorReply::new(
-                    ErrorCode::BadState,
-                    format!(
-                        "export {}: its daemon pid {} serves in direct mode, which cannot be \
-                         handed off yet; replace it with `holdfast-daemon --takeover` (its \
-                         requests are re-sent to the new daemon), or serve the export in relay \
-                         mode (`holdfast-daemon --relay`)",
-                        self.name,
-                        s.pidfd.pid()
-                    ),
-                ));
-            }
             Some(s) if s.state == DaemonState::Active => (s.pidfd.pid(), s.epoch),
             other => {
                 let what = other.map_or("no daemon".to_owned(), |s| {
@@ -144,8 +131,9 @@ impl Export {
         Ok((id, pid, epoch))
     }
 
-    /// PREPARE: attaches `pidfd` as the successor of the armed handoff.
-    pub fn prepare(&self, pidfd: Arc<Pidfd>) -> Result<Grant, ErrorReply> {
+    /// PREPARE: attaches `pidfd` as the successor of the armed handoff,
+    /// in direct mode if it can (`direct`) and the export allows it.
+    pub fn prepare(&self, pidfd: Arc<Pidfd>, direct: bool) -> Result<Grant, ErrorReply> {
         let mut st = self.state.lock();
         match st.handoff.as_ref().map(|h| h.phase) {
             Some(HandoffPhase::Waiting) => {}
@@ -170,7 +158,8 @@ impl Export {
                 ));
             }
         }
-        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Preparing, None)?;
+        let lent = if direct { self.lend()? } else { None };
+        let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Preparing, lent)?;
         st.successor = Some(session);
         if let Some(h) = st.handoff.as_mut() {
             h.phase = HandoffPhase::Preparing;
@@ -262,8 +251,9 @@ impl Export {
     }
 
     /// RESTORE from the activated successor: it becomes the export's daemon
-    /// and the old one is released.
-    pub(super) fn promote(&self, st: &mut State) -> Result<u32, ErrorReply> {
+    /// and the old one is released. `resent`: replays the kernel re-sent
+    /// for a direct successor (`hand_over`).
+    pub(super) fn promote(&self, st: &mut State, resent: u32) -> Result<u32, ErrorReply> {
         let activated = st
             .successor
             .as_ref()
@@ -276,11 +266,20 @@ impl Export {
         };
         new.state = DaemonState::Active;
         let (pid, epoch) = (new.pidfd.pid(), new.epoch);
+        // A direct daemon answered all it read before QUIESCED: its lent
+        // descriptors close here, empty.
         if let Some(old) = st.session.replace(new) {
+            st.stats.retire(&old);
             old.link.notify(Notice::Release);
         }
+        self.settle_lending(st);
         self.resend_opens(st);
-        let replays = u32::try_from(st.inflight.queued_replays()).unwrap_or(u32::MAX);
+        let replays = u32::try_from(st.inflight.queued_replays())
+            .unwrap_or(u32::MAX)
+            .saturating_add(resent);
+        if let Some(h) = st.handoff.as_mut() {
+            h.replayed = h.replayed.saturating_add(resent);
+        }
         self.finish(st, HandoffOutcome::Completed, String::new());
         info!("{}: daemon pid {pid} (epoch {epoch}) took over", self.name);
         self.dispatch(st);
@@ -575,7 +574,7 @@ mod tests {
         export.restore(current.epoch).unwrap();
 
         export.begin_handoff(params(true)).unwrap();
-        let released = export.prepare(me()).unwrap();
+        let released = export.prepare(me(), false).unwrap();
         export.ready(released.epoch).unwrap();
         assert!(
             export.status("fuse", None).handoff.is_none(),

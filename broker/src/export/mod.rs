@@ -48,6 +48,26 @@ pub struct ExportConfig {
     pub direct: bool,
 }
 
+impl Stats {
+    /// Counts what a direct-mode daemon whose session ends did.
+    fn retire(&mut self, s: &Session) {
+        if s.mode == Mode::Direct {
+            let p = s.progress();
+            self.completed = self.completed.saturating_add(p.answered);
+            self.rejected = self.rejected.saturating_add(p.refused);
+        }
+    }
+}
+
+/// A direct-mode daemon's progress (`Session::progress`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Progress {
+    busy: u64,
+    oldest: u64,
+    answered: u64,
+    refused: u64,
+}
+
 #[derive(Default)]
 struct Stats {
     replayed: u64,
@@ -119,11 +139,52 @@ struct Session {
     /// In direct mode, the broker's references to the descriptors lent to
     /// the daemon: what the daemon read stays on their processing lists,
     /// for FUSE_NOTIFY_RESEND, however the daemon ends.
-    #[expect(dead_code, reason = "held open, closed with the session")]
     lent: Vec<OwnedFd>,
+    /// Direct mode: the daemon's answers when last seen to change, or the
+    /// kernel to wait on nothing, and when (`direct_age`).
+    watch: Option<(u64, Instant)>,
 }
 
 impl Session {
+    /// How long a direct-mode daemon has kept a request: the oldest one a
+    /// reader holds, or, while the kernel waits on `waiting` requests, how
+    /// long it has answered none (a daemon that stopped reading holds
+    /// nothing).
+    fn direct_age(&mut self, now: Instant, mono_ns: u64, waiting: Option<u64>) -> Option<Duration> {
+        let p = self.progress();
+        let held = (p.oldest != 0).then(|| Duration::from_nanos(mono_ns.saturating_sub(p.oldest)));
+        let idle = waiting.is_some_and(|w| w == 0);
+        match self.watch {
+            Some((answered, _)) if answered == p.answered && !idle => {}
+            _ => self.watch = Some((p.answered, now)),
+        }
+        let stalled = self
+            .watch
+            .filter(|_| waiting.is_some_and(|w| w > 0))
+            .map(|(_, since)| now.saturating_duration_since(since));
+        held.max(stalled)
+    }
+
+    /// Direct mode: what the daemon's readers published, summed; `busy` is
+    /// how many hold a request and `oldest` the earliest time one took its
+    /// request (CLOCK_MONOTONIC ns, 0 for none). Untrusted: status figures,
+    /// and an age that can only have the daemon declared lost sooner.
+    fn progress(&self) -> Progress {
+        let mut p = Progress::default();
+        for r in (0..self.lent.len()).filter_map(|i| self.rings.reader_progress(i)) {
+            if r.busy_since_ns != 0 {
+                p.busy = p.busy.saturating_add(1);
+                p.oldest = match p.oldest {
+                    0 => r.busy_since_ns,
+                    o => o.min(r.busy_since_ns),
+                };
+            }
+            p.answered = p.answered.saturating_add(r.answered);
+            p.refused = p.refused.saturating_add(r.refused);
+        }
+        p
+    }
+
     fn status(&self) -> DaemonStatus {
         DaemonStatus {
             pid: self.pidfd.pid(),
@@ -615,16 +676,25 @@ impl Export {
     /// RESTORE of a direct-mode daemon that is still to get the queue
     /// (`epoch`, or whichever is attached): parks the frontend's readers,
     /// has the kernel re-send what they read, and forgets it here, so that
-    /// the daemon gets it. Returns how many requests that was. Called with
-    /// `custody` held, without `state`: a parking reader may be submitting.
+    /// the daemon gets it. Returns how many of those a lost daemon had had
+    /// (replays). Called with `custody` held, without `state`: a parking
+    /// reader may be submitting.
     fn hand_over(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
         {
             let mut st = self.state.lock();
-            let due = st.session.as_ref().is_some_and(|s| {
-                s.mode == Mode::Direct
-                    && s.state == DaemonState::Attached
-                    && epoch.is_none_or(|e| e == s.epoch)
-            });
+            // The attached daemon, or an activated handoff successor (whose
+            // predecessor, if direct, had the queue: then lending goes on).
+            let attached = st
+                .session
+                .as_ref()
+                .filter(|s| s.state == DaemonState::Attached);
+            let successor = st
+                .successor
+                .as_ref()
+                .filter(|s| s.state == DaemonState::Activating);
+            let due = attached
+                .or(successor)
+                .is_some_and(|s| s.mode == Mode::Direct && epoch.is_none_or(|e| e == s.epoch));
             if !due || st.lending {
                 return Ok(0);
             }
@@ -668,7 +738,20 @@ impl Export {
         st.stats.replayed = st.stats.replayed.saturating_add(resent as u64);
         update_waiting(&mut st);
         self.changed.notify_all();
-        Ok(u32::try_from(forgotten.len()).unwrap_or(u32::MAX))
+        Ok(u32::try_from(resent).unwrap_or(u32::MAX))
+    }
+
+    /// Ends lending where the export's daemon does not read the queue
+    /// (any more): a RESTORE that did not go through after `hand_over`, or
+    /// a relay successor after a direct daemon.
+    fn settle_lending(&self, st: &mut State) {
+        let reads = st
+            .session
+            .as_ref()
+            .is_some_and(|s| s.mode == Mode::Direct && s.state != DaemonState::Attached);
+        if !reads {
+            self.take_back(st);
+        }
     }
 
     /// Ends direct mode's lending: the kernel re-sends what the daemon
@@ -737,6 +820,7 @@ impl Export {
                 Mode::Relay
             },
             lent,
+            watch: None,
         };
         let grant = Grant {
             reply: Attached {
@@ -790,13 +874,18 @@ impl Export {
         let _custody = self.custody.lock();
         let resent = self.hand_over(Some(epoch))?;
         let mut st = self.state.lock();
-        if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
-            return self.promote(&mut st);
+        let restored = if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
+            self.promote(&mut st, resent)
+        } else if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
+            Err(self.no_longer(epoch))
+        } else {
+            self.activate(&mut st).map(|n| n.saturating_add(resent))
+        };
+        if restored.is_err() {
+            // What `hand_over` parked, if no daemon reads now.
+            self.settle_lending(&mut st);
         }
-        if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
-            return Err(self.no_longer(epoch));
-        }
-        let replays = self.activate(&mut st)?.saturating_add(resent);
+        let replays = restored?;
         info!(
             "{}: epoch {epoch} restored, replaying {replays} requests",
             self.name
@@ -872,7 +961,11 @@ impl Export {
         let _custody = self.custody.lock();
         let resent = self.hand_over(None)?;
         let mut st = self.state.lock();
-        let replays = self.activate(&mut st)?.saturating_add(resent);
+        let activated = self.activate(&mut st);
+        if activated.is_err() {
+            self.settle_lending(&mut st);
+        }
+        let replays = activated?.saturating_add(resent);
         info!(
             "{}: operator restore, replaying {replays} requests",
             self.name
@@ -1000,6 +1093,9 @@ impl Export {
         }
         let reclaimed = st.inflight.reclaim(epoch);
         let gone = st.session.take();
+        if let Some(s) = &gone {
+            st.stats.retire(s);
+        }
         // Before a successor can attach: nothing of the daemon's is left
         // on the lent descriptors when they close with `gone`.
         self.take_back(&mut st);
@@ -1092,39 +1188,54 @@ impl Export {
         }
     }
 
-    /// Applies the request-age and daemon-wait bounds (called periodically).
+    /// Applies the request-age and daemon-wait bounds (called periodically;
+    /// `mono_ns` is `now` as CLOCK_MONOTONIC ns, the clock of a direct-mode
+    /// daemon's progress).
     pub fn check_bounds(
         &self,
         now: Instant,
+        mono_ns: u64,
         request_timeout: Option<Duration>,
         daemon_wait: Option<Duration>,
     ) {
         let mut failed = Vec::new();
+        // Read before the lock: a file of the kernel's.
+        let waiting = self.direct.then(|| self.lender()?.waiting()).flatten();
         {
             let mut st = self.state.lock();
             self.check_handoff(&mut st, now);
-            let oldest = st.inflight.oldest_dispatch();
-            if let (Some(limit), Some(at), Some(s)) = (request_timeout, oldest, st.session.as_mut())
-            {
-                let age = now.saturating_duration_since(at);
-                if age > limit && s.state != DaemonState::Fencing {
-                    warn!(
-                        "{}: daemon pid {} (epoch {}) declared lost: a request has waited {:.1}s (bound {:?})",
-                        self.name,
-                        s.pidfd.pid(),
-                        s.epoch,
-                        age.as_secs_f64(),
-                        limit
-                    );
-                    request_fence(s);
+            let st = &mut *st;
+            let age = match st.session.as_mut() {
+                Some(s) if s.mode == Mode::Direct && s.state == DaemonState::Active => {
+                    s.direct_age(now, mono_ns, waiting)
                 }
+                Some(s) if s.mode == Mode::Direct => None,
+                Some(_) => st
+                    .inflight
+                    .oldest_dispatch()
+                    .map(|at| now.saturating_duration_since(at)),
+                None => None,
+            };
+            if let (Some(limit), Some(age), Some(s)) = (request_timeout, age, st.session.as_mut())
+                && age > limit
+                && s.state != DaemonState::Fencing
+            {
+                warn!(
+                    "{}: daemon pid {} (epoch {}) declared lost: a request has waited {:.1}s (bound {:?})",
+                    self.name,
+                    s.pidfd.pid(),
+                    s.epoch,
+                    age.as_secs_f64(),
+                    limit
+                );
+                request_fence(s);
             }
             if let (Some(limit), Some(since)) = (daemon_wait, st.waiting_since)
                 && now.saturating_duration_since(since) > limit
             {
                 failed = st.inflight.take_queued();
                 st.stats.failed = st.stats.failed.saturating_add(failed.len() as u64);
-                update_waiting(&mut st);
+                update_waiting(st);
                 self.changed.notify_all();
                 warn!(
                     "{}: no daemon within the wait bound ({limit:?}): failing {} pending requests with EIO",
@@ -1282,13 +1393,23 @@ impl Export {
     }
 
     pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {
-        let lendable = self.direct && self.lender().is_some_and(|l| l.terms().is_ok());
+        let lender = self.lender().filter(|_| self.direct);
+        let lendable = lender.as_ref().is_some_and(|l| l.terms().is_ok());
+        let waiting = lender.and_then(|l| l.waiting());
         let st = self.state.lock();
         let daemon = st.session.as_ref().map(Session::status);
-        let inflight = st
-            .session
-            .as_ref()
-            .map_or(0, |s| st.inflight.dispatched(s.epoch));
+        // A direct-mode daemon's requests are its own: what the kernel
+        // waits on it for, or else what its readers hold.
+        let session = st.session.as_ref();
+        let direct = session
+            .filter(|s| s.mode == Mode::Direct)
+            .map(Session::progress);
+        let inflight = match (session, direct) {
+            (Some(_), Some(p)) => waiting.unwrap_or(p.busy),
+            (Some(s), None) => st.inflight.dispatched(s.epoch) as u64,
+            (None, _) => 0,
+        };
+        let direct = direct.unwrap_or_default();
         ExportStatus {
             name: self.name.clone(),
             size: self.size,
@@ -1300,10 +1421,10 @@ impl Export {
             inflight: u32::try_from(inflight).unwrap_or(u32::MAX),
             pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
             replayed_total: st.stats.replayed,
-            completed_total: st.stats.completed,
+            completed_total: st.stats.completed.saturating_add(direct.answered),
             failed_total: st.stats.failed,
             daemons_lost: st.stats.lost,
-            rejected_completions: st.stats.rejected,
+            rejected_completions: st.stats.rejected.saturating_add(direct.refused),
             waiting_ms: st.waiting_since.map(|t| millis(t.elapsed())),
             successor: st.successor.as_ref().map(Session::status),
             handoff: st.handoff.as_ref().map(handoff::Handoff::progress),
@@ -1517,6 +1638,9 @@ mod tests {
         fn is_resent(&self, tag: u64) -> bool {
             tag >> 63 == 1
         }
+        fn waiting(&self) -> Option<u64> {
+            None
+        }
     }
 
     fn direct_volume(lendable: bool) -> (Export, Arc<MockLender>) {
@@ -1558,7 +1682,7 @@ mod tests {
         assert_eq!(grant.reply.direct.map(|d| d.conns), Some(2));
         assert_eq!(grant.lent.len(), 2);
         assert_eq!(*lender.calls.lock(), ["terms", "lend"]);
-        assert_eq!(export.restore(grant.epoch).unwrap(), 2);
+        assert_eq!(export.restore(grant.epoch).unwrap(), 1);
         assert_eq!(*lender.calls.lock(), ["terms", "lend", "park", "resend"]);
         let st = export.status("fuse", None);
         assert_eq!(st.daemon.map(|d| d.mode), Some(Mode::Direct));

@@ -169,7 +169,7 @@ pub fn sync_above(device: &Path) -> io::Result<usize> {
 /// The mount point of a /proc/self/mountinfo line whose device (its third
 /// field, MAJOR:MINOR) is `dev`, with the kernel's octal escapes (`\040`
 /// for a space) undone.
-fn mount_of(line: &str, dev: &str) -> Option<String> {
+pub(crate) fn mount_of(line: &str, dev: &str) -> Option<String> {
     let mut fields = line.split(' ');
     if fields.nth(2)? != dev {
         return None;
@@ -220,6 +220,10 @@ pub trait Lender: Send + Sync {
     /// Whether the request of origin tag `tag` was re-sent by the kernel
     /// (a lost daemon, or a previous broker, had read it).
     fn is_resent(&self, tag: u64) -> bool;
+    /// Requests the kernel waits on the queue's readers for, where it says
+    /// (FUSE: /sys/fs/fuse/connections/N/waiting): a direct-mode daemon
+    /// that answers none of them while there are some is hung.
+    fn waiting(&self) -> Option<u64>;
 }
 
 /// A blob frontend (cachefiles), which a new daemon must tell about every

@@ -211,3 +211,46 @@ pub unsafe fn interrupt(thread: libc::pthread_t) {
     // SAFETY: the caller's contract; the handler does nothing.
     unsafe { libc::pthread_kill(thread, INTERRUPT_SIGNAL) };
 }
+
+/// The FUSE control file system (fs/fuse/control.c): a directory per
+/// connection, named by its device number, with the count of requests the
+/// kernel waits on the server for in `waiting`.
+pub const CONNECTIONS: &str = "/sys/fs/fuse/connections";
+
+/// Requests connection `id` waits on its server for (sent and not
+/// answered, or queued to be read), mounting the control file system first
+/// if it is not.
+pub fn waiting(id: u32) -> io::Result<u64> {
+    let path = Path::new(CONNECTIONS).join(id.to_string()).join("waiting");
+    let text = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            mount_connections()?;
+            std::fs::read_to_string(&path)?
+        }
+        r => r?,
+    };
+    text.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {text:?}", path.display()),
+        )
+    })
+}
+
+/// Mounts the control file system on [`CONNECTIONS`] (mount(2), type
+/// "fusectl"), where it is not.
+fn mount_connections() -> io::Result<()> {
+    let dir = Path::new(CONNECTIONS);
+    // Mounted already when it lists a connection (one is: ours).
+    if std::fs::read_dir(dir)?.next().is_some() {
+        return Ok(());
+    }
+    rustix::mount::mount(
+        "fusectl",
+        dir,
+        "fusectl",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )?;
+    Ok(())
+}

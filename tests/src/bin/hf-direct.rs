@@ -12,19 +12,17 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use holdfast_daemon::backends::{self, BackendSpec};
-use holdfast_daemon::direct::{Counters, Direct};
+use holdfast_daemon::direct::{self, Direct, Meter};
 use holdfast_kernel::fuse::Volume;
 
-fn counters(c: &Counters) -> String {
+fn counters(meters: &[Meter]) -> String {
+    let c = direct::total(meters);
     format!(
         r#"{{"answered":{},"resent":{},"refused":{}}}"#,
-        c.answered.load(Ordering::Relaxed),
-        c.resent.load(Ordering::Relaxed),
-        c.refused.load(Ordering::Relaxed)
+        c.answered, c.resent, c.refused
     )
 }
 
@@ -72,22 +70,29 @@ fn run() -> Result<(), String> {
     holdfast_broker::sys::block_signals(&signals).map_err(|e| e.to_string())?;
     let max_background = 64;
     let volume = Volume::new(size, max_io, max_background, started);
-    let direct = Direct::start(devs, volume, max_io, Arc::new(backend), Duration::ZERO)
-        .map_err(|e| e.to_string())?;
+    let direct = Direct::start(
+        devs,
+        volume,
+        max_io,
+        Arc::new(backend),
+        Duration::ZERO,
+        Vec::new(),
+    )
+    .map_err(|e| e.to_string())?;
     println!("ready");
     let mut said = String::new();
     while holdfast_broker::sys::wait_signal(&signals, Duration::from_millis(10)).is_none() {
-        let now = counters(direct.counters());
+        let now = counters(&direct.meters());
         if now != said {
             println!("{now}");
             said = now;
         }
     }
-    let counters = direct.counters_handle();
-    if !direct.stop() {
+    let meters = direct.meters();
+    if direct.stop().len() != fds.len() {
         return Err("a reader did not finish".into());
     }
-    println!("{}", self::counters(&counters));
+    println!("{}", counters(&meters));
     Ok(())
 }
 

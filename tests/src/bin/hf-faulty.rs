@@ -37,7 +37,7 @@ fn main() {
     conn.hello().unwrap();
     let export = export.unwrap();
     let att = if successor {
-        let att = conn.prepare(&export).unwrap();
+        let att = conn.prepare(&export, false).unwrap();
         conn.send(&Request::Ready).unwrap();
         match conn.recv().unwrap() {
             (Reply::Activate, _) => {}

@@ -111,7 +111,8 @@ impl FuseFrontend {
         })?;
         let devs = clone_devs(dev, self.workers);
         let conn = Arc::new(ConnInfo::default());
-        let started = start_workers(devs, export, conn.clone(), self.on_init.clone());
+        let cid = conn_id(&path);
+        let started = start_workers(devs, export, (conn.clone(), cid), self.on_init.clone());
         let (channels, lending) = match started {
             Ok(s) => s,
             Err(e) => {
@@ -182,7 +183,9 @@ impl FuseFrontend {
             .map(|n| LoopDevice::existing(n, &rec.mount))
             .transpose()?;
         let n = devs.len();
-        let (channels, lending) = start_workers(devs, export, conn.clone(), self.on_init.clone())?;
+        let cid = conn_id(&rec.mount);
+        let (channels, lending) =
+            start_workers(devs, export, (conn.clone(), cid), self.on_init.clone())?;
         info!(
             "{}: took over its FUSE connection ({n} descriptors{}); the kernel re-sends what was in flight",
             export.name(),
@@ -344,7 +347,7 @@ fn clone_devs(dev: OwnedFd, workers: usize) -> Vec<OwnedFd> {
 fn start_workers<T: Target>(
     devs: Vec<OwnedFd>,
     export: &Arc<T>,
-    conn: Arc<ConnInfo>,
+    (conn, conn_id): (Arc<ConnInfo>, Option<u32>),
     on_init: InitHook,
 ) -> io::Result<(Vec<Arc<Channel>>, Arc<Lending>)> {
     let first = devs
@@ -383,6 +386,8 @@ fn start_workers<T: Target>(
         channels.len()
     );
     let lending = Arc::new(Lending {
+        conn_id,
+        waiting_failed: AtomicBool::new(false),
         dev: first,
         conns: u32::try_from(channels.len()).unwrap_or(1),
         conn,
@@ -483,6 +488,10 @@ impl Parking {
 /// A connection's direct mode: what a daemon is lent, and the workers'
 /// parking.
 struct Lending {
+    /// Names the connection under /sys/fs/fuse/connections.
+    conn_id: Option<u32>,
+    /// Reading its `waiting` failed once: not tried again.
+    waiting_failed: AtomicBool,
     /// A clone of the connection: to clone for daemons, and to ask the
     /// kernel to re-send on.
     dev: OwnedFd,
@@ -542,6 +551,40 @@ impl Lender for Lending {
 
     fn is_resent(&self, tag: u64) -> bool {
         request::is_resent(tag)
+    }
+
+    fn waiting(&self) -> Option<u64> {
+        let id = self.conn_id?;
+        if self.waiting_failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        sys::waiting(id)
+            .inspect_err(|e| {
+                self.waiting_failed.store(true, Ordering::Relaxed);
+                warn!(
+                    "cannot read how many requests FUSE connection {id} waits on ({e}): a \
+                     direct-mode daemon that stops reading is not detected"
+                );
+            })
+            .ok()
+    }
+}
+
+/// The FUSE connection mounted on `mountpoint`: its device number's minor
+/// (major 0, an anonymous device), the name of its directory under
+/// /sys/fs/fuse/connections. From /proc/self/mountinfo, not stat(2), which
+/// would wait on the connection's server.
+fn conn_id(mountpoint: &Path) -> Option<u32> {
+    let want = mountpoint.to_str()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last mount on the path is the one in use.
+    let dev = info.lines().rev().find_map(|l| {
+        let dev = l.split(' ').nth(2)?;
+        (super::mount_of(l, dev)? == want).then_some(dev)
+    })?;
+    match dev.split_once(':')? {
+        ("0", minor) => minor.parse().ok(),
+        _ => None,
     }
 }
 
