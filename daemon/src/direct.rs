@@ -30,6 +30,8 @@ use crate::rings::Attachment;
 
 /// How long `stop` waits for the readers to finish what they hold.
 const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How often `stop` looks, and signals the readers again.
+const STOP_POLL: Duration = Duration::from_micros(50);
 
 /// The u64 words of a [`ReaderProgress`].
 const WORDS: usize = size_of::<ReaderProgress>() / 8;
@@ -197,16 +199,19 @@ impl Direct {
     fn stop_readers(&mut self) -> Vec<OwnedFd> {
         self.stopping.store(true, Ordering::SeqCst);
         let end = Instant::now() + STOP_WAIT;
-        let mut devs = Vec::with_capacity(self.readers.len());
-        for t in std::mem::take(&mut self.readers) {
-            // A signal that lands before the reader enters read(2) is
-            // lost: send it until the reader is gone.
-            while !t.is_finished() && Instant::now() < end {
+        // All at once: a handoff's stall is the slowest reader's answer,
+        // not their sum. A signal that lands before a reader enters
+        // read(2) is lost: sent again until each is gone.
+        while Instant::now() < end && self.readers.iter().any(|t| !t.is_finished()) {
+            for t in self.readers.iter().filter(|t| !t.is_finished()) {
                 // SAFETY: the thread has not been joined, so its pthread_t
                 // is valid.
                 unsafe { sys::interrupt(t.as_pthread_t()) };
-                std::thread::sleep(Duration::from_millis(1));
             }
+            std::thread::sleep(STOP_POLL);
+        }
+        let mut devs = Vec::with_capacity(self.readers.len());
+        for t in std::mem::take(&mut self.readers) {
             if t.is_finished() {
                 devs.extend(t.join().ok());
             } else {

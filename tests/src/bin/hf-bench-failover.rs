@@ -1,6 +1,6 @@
 //! hf-bench-failover: what a planned handoff and a crash restore cost a
 //! workload, measured side by side in one run for the file and mem
-//! backends.
+//! backends, each in relay and in direct mode.
 //!
 //! Under load (threads doing 4 KiB O_DIRECT random writes, one at a time
 //! each) it runs `holdfastctl handoff vol0 --exec CMD` repeatedly and then
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_daemon::client::Connection;
 use holdfast_proto::{Reply, Request};
-use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Rng, Scratch, bin, open_direct};
+use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Mode, Rng, Scratch, bin, open_direct};
 use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions};
 
 const USAGE: &str = "\
@@ -151,9 +151,13 @@ fn worst_overlap(ops: &[Op], w: (u64, u64)) -> u64 {
         .unwrap_or(0)
 }
 
-fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
-    let scratch = Scratch::new(&format!("bench-{name}"), Duration::from_secs(900));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "256MiB")]));
+fn run_backend(name: &str, mode: Mode, rounds: u32, threads: u32) -> serde_json::Value {
+    let scratch = Scratch::new(
+        &format!("bench-{name}-{}", mode.name()),
+        Duration::from_secs(900),
+    );
+    let size = mode.export("256MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let backend = match name {
         "file" => format!("file:{}", scratch.path("vol0.img").display()),
         _ => "mem".to_owned(),
@@ -323,6 +327,7 @@ fn run_backend(name: &str, rounds: u32, threads: u32) -> serde_json::Value {
     };
     serde_json::json!({
         "backend": name,
+        "mode": mode.name(),
         "rounds": rounds,
         "threads": threads,
         "writes": ops.len(),
@@ -370,19 +375,21 @@ fn main() {
     // Old daemons orphaned by holdfastctl are reaped here, not left to init.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let results: Vec<serde_json::Value> = ["file", "mem"]
-        .iter()
-        .map(|b| run_backend(b, rounds, threads))
+    let results: Vec<serde_json::Value> = [Mode::Relay, Mode::Direct]
+        .into_iter()
+        .flat_map(|m| ["file", "mem"].map(|b| (b, m)))
+        .map(|(b, m)| run_backend(b, m, rounds, threads))
         .collect();
     let mut md = String::from(
-        "| backend | steady write p50 / p99 | handoff: worst write | dry run: worst write | handoff: command to old daemon's exit | handoff: broker stall | crash: SIGKILL to caught writes done | crash: daemon start-up | broker upgrade: worst write | broker upgrade: without dispatch |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | mode | steady write p50 / p99 | handoff: worst write | dry run: worst write | handoff: command to old daemon's exit | handoff: broker stall | crash: SIGKILL to caught writes done | crash: daemon start-up | broker upgrade: worst write | broker upgrade: without dispatch |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &results {
         let s = &r["steady_write_us"];
         let _ = writeln!(
             md,
-            "| {} | {:.2} / {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.2} / {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["backend"].as_str().unwrap(),
+            r["mode"].as_str().unwrap(),
             s["p50"].as_u64().unwrap() as f64 / 1000.0,
             s["p99"].as_u64().unwrap() as f64 / 1000.0,
             ms(&r["handoff_worst_write_us"]),
