@@ -13,8 +13,8 @@ use holdfast_tests::block::{
     Mounted, check_fio_device, fio, fio_crc32c, fio_verify_args, require_tool,
 };
 use holdfast_tests::{
-    AlignedBuf, Broker, BrokerOpts, Proc, Rng, Scratch, handoff_report, open_direct, read_text,
-    seed,
+    AlignedBuf, Broker, BrokerOpts, Mode, Proc, Rng, Scratch, handoff_report, open_direct,
+    read_text, seed,
 };
 
 fn sysfs(dev: &Path, attr: &str) -> String {
@@ -198,13 +198,15 @@ fn daemon(broker: &Broker, scratch: &Scratch, img: &Path) -> Proc {
 /// the next one in its place.
 fn fio_across(
     name: &str,
+    mode: Mode,
     rounds: u32,
     replace: impl Fn(&Broker, &Scratch, &mut Proc),
 ) -> serde_json::Value {
     require_tool("fio", "fio");
-    let scratch = Scratch::new(name, Duration::from_secs(600));
+    let scratch = Scratch::new(&format!("{name}-{}", mode.name()), Duration::from_secs(600));
     let size: u64 = 64 << 20;
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "64MiB,block")]));
+    let export = mode.export("64MiB,block");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &export)]));
     let img = scratch.path("vol0.img");
     let mut current = daemon(&broker, &scratch, &img);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
@@ -249,7 +251,26 @@ fn fio_across(
 
 #[test]
 fn fio_verify_across_daemon_kills() {
-    let status = fio_across("fio-kills", 20, |broker, scratch, current| {
+    fio_across_kills(Mode::Relay);
+}
+
+#[test]
+fn direct_fio_verify_across_daemon_kills() {
+    fio_across_kills(Mode::Direct);
+}
+
+#[test]
+fn fio_verify_across_handoffs() {
+    fio_across_handoffs(Mode::Relay, 20);
+}
+
+#[test]
+fn direct_fio_verify_across_handoffs() {
+    fio_across_handoffs(Mode::Direct, 10);
+}
+
+fn fio_across_kills(mode: Mode) {
+    let status = fio_across("fio-kills", mode, 20, |broker, scratch, current| {
         let before = broker.status("vol0");
         let epoch = before["daemon"]["epoch"].as_u64().unwrap();
         current.kill();
@@ -264,9 +285,8 @@ fn fio_verify_across_daemon_kills() {
     );
 }
 
-#[test]
-fn fio_verify_across_handoffs() {
-    fio_across("fio-handoffs", 20, |broker, scratch, current| {
+fn fio_across_handoffs(mode: Mode, rounds: u32) {
+    fio_across("fio-handoffs", mode, rounds, |broker, scratch, current| {
         let (mut conn, _) = broker.arm_handoff("vol0", false, 0);
         let backend = format!("file:{}", scratch.path("vol0.img").display());
         let cmd = broker.daemon_cmd("vol0", &backend, &["--successor"]);

@@ -6,7 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct, write_in_thread};
+use holdfast_tests::{
+    AlignedBuf, Broker, BrokerOpts, Mode, Scratch, bin, open_direct, write_in_thread,
+};
 
 #[test]
 fn status_table_and_json() {
@@ -119,8 +121,23 @@ fn daemon_wait_bound_fails_pending_requests() {
 
 #[test]
 fn requests_wait_for_a_daemon_by_default() {
-    let scratch = Scratch::new("ctl-forever", Duration::from_secs(60));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
+    wait_for_a_daemon(Mode::Relay);
+}
+
+/// The broker holds what the kernel sent before a direct-mode daemon came,
+/// and hands it over (the kernel re-sends it to the daemon).
+#[test]
+fn direct_requests_wait_for_a_daemon_by_default() {
+    wait_for_a_daemon(Mode::Direct);
+}
+
+fn wait_for_a_daemon(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("ctl-forever-{}", mode.name()),
+        Duration::from_secs(60),
+    );
+    let size = mode.export("4MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let write = write_in_thread(&broker, "vol0", 0, 9);
     std::thread::sleep(Duration::from_secs(2));
     assert!(!write.is_finished(), "the write did not wait for a daemon");
@@ -136,6 +153,7 @@ fn requests_wait_for_a_daemon_by_default() {
 
     let _d = broker.daemon(&scratch, "vol0", "mem", &[]);
     write.join().unwrap().unwrap();
+    assert_eq!(broker.status("vol0")["daemon"]["mode"], mode.name());
     let f = open_direct(&broker.file("vol0"));
     let mut b = AlignedBuf::new(4096);
     f.read_exact_at(&mut b, 0).unwrap();
@@ -164,12 +182,27 @@ fn operator_restore_starts_a_daemon_that_never_restores() {
 
 #[test]
 fn an_export_without_a_daemon_does_not_stall_another() {
+    without_a_daemon_no_stall(Mode::Relay);
+}
+
+/// The same, and a direct-mode daemon then gets the 64 requests the broker
+/// held.
+#[test]
+fn direct_an_export_without_a_daemon_does_not_stall_another() {
+    without_a_daemon_no_stall(Mode::Direct);
+}
+
+fn without_a_daemon_no_stall(mode: Mode) {
     // The kernel limits background requests (with FUSE_ASYNC_DIO, every
     // O_DIRECT request) per FUSE connection; each export has its own.
-    let scratch = Scratch::new("ctl-isolation", Duration::from_secs(90));
+    let scratch = Scratch::new(
+        &format!("ctl-isolation-{}", mode.name()),
+        Duration::from_secs(90),
+    );
+    let size = mode.export("4MiB");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "4MiB"), ("vol1", "4MiB")]),
+        BrokerOpts::new(&[("vol0", &size), ("vol1", &size)]),
     );
     let _d1 = broker.daemon(&scratch, "vol1", "mem", &[]);
     broker.wait_active("vol1", 0, Duration::from_secs(10));

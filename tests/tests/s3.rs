@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use holdfast_tests::s3::{Fault, FaultProxy, Moto, s3_env};
 use holdfast_tests::{
-    AlignedBuf, Broker, BrokerOpts, Proc, Rng, Scratch, check_backing, handoff_report, open_direct,
-    seed, stop_writer, write_in_thread, writer,
+    AlignedBuf, Broker, BrokerOpts, Mode, Proc, Rng, Scratch, check_backing, handoff_report,
+    open_direct, seed, stop_writer, write_in_thread, writer,
 };
 
 const BUCKET: &str = "holdfast-test";
@@ -234,7 +234,17 @@ const BUSY: [&str; 6] = [
 
 #[test]
 fn twenty_kills_under_verified_writer() {
-    let (scratch, moto, broker) = setup("s3-kills", "32MiB");
+    kills_under_verified_writer(Mode::Relay);
+}
+
+#[test]
+fn direct_twenty_kills_under_verified_writer() {
+    kills_under_verified_writer(Mode::Direct);
+}
+
+fn kills_under_verified_writer(mode: Mode) {
+    let name = format!("s3-kills-{}", mode.name());
+    let (scratch, moto, broker) = setup(&name, &mode.export("32MiB"));
     let mut daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
     let (_, mut epoch) = broker.wait_active("vol0", 0, Duration::from_secs(30));
     let state = scratch.path("gens");
@@ -265,7 +275,17 @@ fn twenty_kills_under_verified_writer() {
 
 #[test]
 fn ten_handoffs_under_verified_writer() {
-    let (scratch, moto, broker) = setup("s3-handoffs", "32MiB");
+    handoffs_under_verified_writer(Mode::Relay);
+}
+
+#[test]
+fn direct_ten_handoffs_under_verified_writer() {
+    handoffs_under_verified_writer(Mode::Direct);
+}
+
+fn handoffs_under_verified_writer(mode: Mode) {
+    let name = format!("s3-handoffs-{}", mode.name());
+    let (scratch, moto, broker) = setup(&name, &mode.export("32MiB"));
     let mut daemon = start(&broker, &scratch, &moto, "cache", &BUSY);
     broker.wait_active("vol0", 0, Duration::from_secs(30));
     let state = scratch.path("gens");

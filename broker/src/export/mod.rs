@@ -993,9 +993,15 @@ impl Export {
         })
     }
 
-    /// Whether the daemon of `epoch` has no request in flight.
+    /// Whether the daemon of `epoch` has no request in flight (in direct
+    /// mode: none that its readers say they hold).
     pub fn drained(&self, epoch: u64) -> bool {
-        self.state.lock().inflight.dispatched(epoch) == 0
+        let st = self.state.lock();
+        let holds = st
+            .daemon(epoch)
+            .filter(|s| s.mode == Mode::Direct)
+            .is_some_and(|s| s.progress().busy > 0);
+        st.inflight.dispatched(epoch) == 0 && !holds
     }
 
     /// Whether something (the watchdog, a takeover) asked to fence `epoch`.
