@@ -728,3 +728,20 @@ pub fn seed() -> u64 {
     eprintln!("seed: {s} (set HOLDFAST_SEED={s} to replay)");
     s
 }
+
+/// Two tests of one body that takes a [`Mode`]: `$relay` runs it in relay
+/// mode, `$direct` in direct mode.
+#[macro_export]
+macro_rules! both_modes {
+    ($relay:ident, $direct:ident, $body:path) => {
+        #[test]
+        fn $relay() {
+            $body($crate::Mode::Relay);
+        }
+
+        #[test]
+        fn $direct() {
+            $body($crate::Mode::Direct);
+        }
+    };
+}

@@ -17,8 +17,8 @@ use holdfast_daemon::Error;
 use holdfast_daemon::client::Connection;
 use holdfast_proto::{Attach, ErrorCode, Hello, PROTOCOL_VERSION, Reply, Request};
 use holdfast_tests::{
-    AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct, seed, stop_writer, write_in_thread,
-    writer,
+    AlignedBuf, Broker, BrokerOpts, Mode, Scratch, bin, open_direct, seed, stop_writer,
+    write_in_thread, writer,
 };
 
 fn error_of(conn: &mut Connection, bytes: &[u8]) -> ErrorCode {
@@ -41,12 +41,21 @@ fn hello(version: u16) -> Vec<u8> {
     .encode()
 }
 
-#[test]
-fn malformed_control_messages() {
-    let scratch = Scratch::new("bad-control", Duration::from_secs(60));
+holdfast_tests::both_modes!(
+    malformed_control_messages,
+    direct_malformed_control_messages,
+    malformed_control_messages_in
+);
+
+fn malformed_control_messages_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("bad-control-{}", mode.name()),
+        Duration::from_secs(60),
+    );
+    let size = mode.export("4MiB");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "4MiB"), ("vol1", "4MiB")]),
+        BrokerOpts::new(&[("vol0", &size), ("vol1", &size)]),
     );
     let img = |n: &str| format!("file:{}", scratch.path(n).display());
     let _d0 = broker.daemon(&scratch, "vol0", &img("vol0.img"), &[]);
@@ -214,12 +223,23 @@ fn peers_with_other_uids_are_refused() {
     );
 }
 
-#[test]
-fn faulty_daemons_are_fenced_and_their_requests_replayed() {
-    let scratch = Scratch::new("bad-shm", Duration::from_secs(180));
+// In direct mode the faulty daemons (relay-only) are relayed; the good
+// ones serve in direct mode around them.
+holdfast_tests::both_modes!(
+    faulty_daemons_are_fenced_and_their_requests_replayed,
+    direct_faulty_daemons_are_fenced_and_their_requests_replayed,
+    faulty_daemons_in
+);
+
+fn faulty_daemons_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("bad-shm-{}", mode.name()),
+        Duration::from_secs(180),
+    );
+    let (vol0, vol1) = (mode.export("4MiB"), mode.export("16MiB"));
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "4MiB"), ("vol1", "16MiB")]),
+        BrokerOpts::new(&[("vol0", &vol0), ("vol1", &vol1)]),
     );
     let img0 = format!("file:{}", scratch.path("vol0.img").display());
     let img1 = format!("file:{}", scratch.path("vol1.img").display());

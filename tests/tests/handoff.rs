@@ -359,11 +359,20 @@ fn completion_from_the_previous_epoch_is_rejected() {
     assert_exits_cleanly(&mut d);
 }
 
-/// `holdfastctl handoff`: --exec, --dry-run, and the errors a user meets.
-#[test]
-fn holdfastctl_handoff() {
-    let scratch = Scratch::new("handoff-ctl", Duration::from_secs(120));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "32MiB")]));
+// `holdfastctl handoff`: --exec, --dry-run, and the errors a user meets.
+holdfast_tests::both_modes!(
+    holdfastctl_handoff,
+    direct_holdfastctl_handoff,
+    holdfastctl_handoff_in
+);
+
+fn holdfastctl_handoff_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("handoff-ctl-{}", mode.name()),
+        Duration::from_secs(120),
+    );
+    let size = mode.export("32MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let img = scratch.path("vol0.img");
     let backend = format!("file:{}", img.display());
     let mut d0 = broker.daemon(&scratch, "vol0", &backend, &[]);
@@ -456,11 +465,20 @@ fn holdfastctl_handoff() {
     // broker goes away.
 }
 
-/// In supervise mode, `holdfastctl upgrade` and SIGHUP to the daemon hand
-/// the export off to a fresh copy of the supervised command line.
-#[test]
-fn supervised_upgrade_and_sighup() {
-    let scratch = Scratch::new("handoff-supervised", Duration::from_secs(120));
+// In supervise mode, `holdfastctl upgrade` and SIGHUP to the daemon hand
+// the export off to a fresh copy of the supervised command line.
+holdfast_tests::both_modes!(
+    supervised_upgrade_and_sighup,
+    direct_supervised_upgrade_and_sighup,
+    supervised_upgrade_in
+);
+
+fn supervised_upgrade_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("handoff-supervised-{}", mode.name()),
+        Duration::from_secs(120),
+    );
+    let size = mode.export("32MiB");
     let img = scratch.path("vol0.img");
     let socket = scratch.path("broker.sock");
     let cmd = format!(
@@ -472,7 +490,7 @@ fn supervised_upgrade_and_sighup() {
     );
     let mut broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "32MiB")])
+        BrokerOpts::new(&[("vol0", &size)])
             .arg("--supervise")
             .arg(&cmd),
     );

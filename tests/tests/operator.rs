@@ -10,12 +10,21 @@ use holdfast_tests::{
     AlignedBuf, Broker, BrokerOpts, Mode, Scratch, bin, open_direct, write_in_thread,
 };
 
-#[test]
-fn status_table_and_json() {
-    let scratch = Scratch::new("ctl-status", Duration::from_secs(60));
+holdfast_tests::both_modes!(
+    status_table_and_json,
+    direct_status_table_and_json,
+    status_in
+);
+
+fn status_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("ctl-status-{}", mode.name()),
+        Duration::from_secs(60),
+    );
+    let (vol0, vol1) = (mode.export("256MiB"), mode.export("1GiB"));
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "256MiB"), ("vol1", "1GiB")]),
+        BrokerOpts::new(&[("vol0", &vol0), ("vol1", &vol1)]),
     );
     let d = broker.daemon(&scratch, "vol0", "mem", &[]);
     let (pid, epoch) = broker.wait_active("vol0", 0, Duration::from_secs(10));
@@ -28,9 +37,11 @@ fn status_table_and_json() {
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines[0].starts_with("EXPORT")
+            && lines[0].contains("MODE")
             && lines[0].contains("PENDING")
             && lines[0].contains("REPLAYED")
     );
+    assert!(lines[1].contains(mode.name()) && lines[2].contains(mode.name()));
     assert!(
         lines[1].starts_with("vol0") && lines[1].contains("256MiB") && lines[1].contains("active")
     );
@@ -43,6 +54,10 @@ fn status_table_and_json() {
     assert_eq!(s["size"], 256u64 << 20);
     assert_eq!(s["frontend"], "fuse");
     assert_eq!(s["daemon"]["state"], "active");
+    assert_eq!(
+        (&s["mode"], &s["daemon"]["mode"]),
+        (&mode.name().into(), &mode.name().into())
+    );
     for k in [
         "inflight",
         "pending",
@@ -69,10 +84,19 @@ fn status_table_and_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to /nonexistent/socket"));
 }
 
-#[test]
-fn restore_fail_pending_fails_waiting_requests() {
-    let scratch = Scratch::new("ctl-fail", Duration::from_secs(60));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
+holdfast_tests::both_modes!(
+    restore_fail_pending_fails_waiting_requests,
+    direct_restore_fail_pending_fails_waiting_requests,
+    fail_pending_in
+);
+
+fn fail_pending_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("ctl-fail-{}", mode.name()),
+        Duration::from_secs(60),
+    );
+    let size = mode.export("4MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let write = write_in_thread(&broker, "vol0", 0, 1);
     broker.wait_status("vol0", Duration::from_secs(10), "a pending request", |s| {
         s["pending"] == 1
@@ -100,12 +124,21 @@ fn restore_fail_pending_fails_waiting_requests() {
     );
 }
 
-#[test]
-fn daemon_wait_bound_fails_pending_requests() {
-    let scratch = Scratch::new("ctl-wait", Duration::from_secs(60));
+holdfast_tests::both_modes!(
+    daemon_wait_bound_fails_pending_requests,
+    direct_daemon_wait_bound_fails_pending_requests,
+    daemon_wait_in
+);
+
+fn daemon_wait_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("ctl-wait-{}", mode.name()),
+        Duration::from_secs(60),
+    );
+    let size = mode.export("4MiB");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "4MiB")])
+        BrokerOpts::new(&[("vol0", &size)])
             .arg("--daemon-wait")
             .arg("500ms"),
     );
@@ -119,17 +152,13 @@ fn daemon_wait_bound_fails_pending_requests() {
     assert_eq!(broker.status("vol0")["failed"], 1);
 }
 
-#[test]
-fn requests_wait_for_a_daemon_by_default() {
-    wait_for_a_daemon(Mode::Relay);
-}
-
-/// The broker holds what the kernel sent before a direct-mode daemon came,
-/// and hands it over (the kernel re-sends it to the daemon).
-#[test]
-fn direct_requests_wait_for_a_daemon_by_default() {
-    wait_for_a_daemon(Mode::Direct);
-}
+// In direct mode the broker holds what the kernel sent before the daemon
+// came, and hands it over (the kernel re-sends it to the daemon).
+holdfast_tests::both_modes!(
+    requests_wait_for_a_daemon_by_default,
+    direct_requests_wait_for_a_daemon_by_default,
+    wait_for_a_daemon
+);
 
 fn wait_for_a_daemon(mode: Mode) {
     let scratch = Scratch::new(
@@ -160,10 +189,20 @@ fn wait_for_a_daemon(mode: Mode) {
     assert!(b.iter().all(|&x| x == 9));
 }
 
-#[test]
-fn operator_restore_starts_a_daemon_that_never_restores() {
-    let scratch = Scratch::new("ctl-restore", Duration::from_secs(60));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "4MiB")]));
+// In direct mode, the export serves this relay-only daemon in relay mode.
+holdfast_tests::both_modes!(
+    operator_restore_starts_a_daemon_that_never_restores,
+    direct_operator_restore_starts_a_daemon_that_never_restores,
+    operator_restore_in
+);
+
+fn operator_restore_in(mode: Mode) {
+    let scratch = Scratch::new(
+        &format!("ctl-restore-{}", mode.name()),
+        Duration::from_secs(60),
+    );
+    let size = mode.export("4MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let _faulty = broker.faulty(&scratch, "vol0", "no-restore", &[]);
     broker.wait_status("vol0", Duration::from_secs(10), "an attached daemon", |s| {
         s["daemon"]["state"] == "attached"
@@ -180,17 +219,12 @@ fn operator_restore_starts_a_daemon_that_never_restores() {
     assert_eq!(broker.status("vol0")["daemon"]["state"], "active");
 }
 
-#[test]
-fn an_export_without_a_daemon_does_not_stall_another() {
-    without_a_daemon_no_stall(Mode::Relay);
-}
-
-/// The same, and a direct-mode daemon then gets the 64 requests the broker
-/// held.
-#[test]
-fn direct_an_export_without_a_daemon_does_not_stall_another() {
-    without_a_daemon_no_stall(Mode::Direct);
-}
+// In direct mode the daemon then gets the 64 requests the broker held.
+holdfast_tests::both_modes!(
+    an_export_without_a_daemon_does_not_stall_another,
+    direct_an_export_without_a_daemon_does_not_stall_another,
+    without_a_daemon_no_stall
+);
 
 fn without_a_daemon_no_stall(mode: Mode) {
     // The kernel limits background requests (with FUSE_ASYNC_DIO, every
