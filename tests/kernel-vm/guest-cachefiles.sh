@@ -138,7 +138,7 @@ while [ $i -lt 5 ]; do
 done
 if ! wait $reader; then cat $W/reader.log; echo "reads across 5 handoffs: FAILED"; exit 1; fi
 reader=
-daemon=$($B/holdfastctl status | awk '$1 == "images" { print $5 }')
+daemon=$($B/holdfastctl status | awk '$1 == "images" { print $6 }')
 echo "erofs reads across 5 handoffs: every file correct"
 
 # 3. The broker's upgrade with /dev/cachefiles inherited. The daemon is
@@ -161,7 +161,7 @@ kill -0 $broker || { echo "the broker's pid is gone after the re-exec"; exit 1; 
 if ! wait $reader; then cat $W/check-reexec.log; echo "reads across the broker's upgrade: FAILED"; exit 1; fi
 reader=
 umount $W/m-reexec
-[ "$($B/holdfastctl status | awk '$1 == "images" { print $5 }')" = "$daemon" ] ||
+[ "$($B/holdfastctl status | awk '$1 == "images" { print $6 }')" = "$daemon" ] ||
     { $B/holdfastctl status; echo "the daemon was restarted"; exit 1; }
 grep -E "upgrading|took over" $W/broker.log
 $B/holdfastctl status

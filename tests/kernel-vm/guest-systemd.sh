@@ -39,19 +39,19 @@ main_pid() { systemctl show -p MainPID --value holdfast; }
 # Both exports served by an active daemon, with epochs above $1 and $2.
 served() {
     [ "$(ctl status | awk -v a="$1" -v b="$2" '
-        $1 == "vol0" && $7 == "active" && $6 > a { n++ }
-        $1 == "vol1" && $7 == "active" && $6 > b { n++ }
+        $1 == "vol0" && $8 == "active" && $7 > a { n++ }
+        $1 == "vol1" && $8 == "active" && $7 > b { n++ }
         END { print n + 0 }')" = 2 ]
 }
-epoch() { ctl status | awk -v e="$1" '$1 == e { print $6 }'; }
-daemon_pid() { ctl status | awk -v e="$1" '$1 == e { print $5 }'; }
+epoch() { ctl status | awk -v e="$1" '$1 == e { print $7 }'; }
+daemon_pid() { ctl status | awk -v e="$1" '$1 == e { print $6 }'; }
 
 systemctl start holdfast   # Type=notify: returns at READY=1
 systemctl is-active holdfast
 systemctl show -p StatusText --value holdfast
 wait_for 120 served 0 0
 ctl status
-dev=$(ctl status | awk '$1 == "vol1" { print $4 }')
+dev=$(ctl status | awk '$1 == "vol1" { print $5 }')
 d0=$(daemon_pid vol0); d1=$(daemon_pid vol1)
 
 $B/hf-verify --file /run/holdfast/mnt/vol0 --seconds 900 --threads 1 --seed 7 \

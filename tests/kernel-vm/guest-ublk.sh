@@ -64,7 +64,7 @@ fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
 # a daemon killed while it is still starting (the debug build with the S3
 # SDK takes seconds to load over 9p) never held a request, and 20 such
 # kills once left nothing to replay.
-attached() { [ "$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')" = "$daemon" ]; }
+attached() { [ "$($B/holdfastctl status | awk '$1 == "vol0" { print $6 }')" = "$daemon" ]; }
 fio_verify kills &
 fio=$!
 i=0
@@ -106,7 +106,7 @@ echo "device and backing file: identical"
 # with the same options (it takes the device over from its record) and a
 # new daemon: the kernel re-issues the reader's requests to the new broker
 # and the reader finishes.
-daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')
+daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $6 }')
 kill -STOP "$daemon"
 dd if=$dev of=$W/rb bs=1M count=8 iflag=direct status=none &
 reader=$!
@@ -141,7 +141,7 @@ echo "mem daemon on a recovered device: refused"
 
 # Upgrades in place under fio: the device is recovered by the new broker
 # in the same process, and the daemon attaches to it again by itself.
-daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')
+daemon=$($B/holdfastctl status | awk '$1 == "vol0" { print $6 }')
 fio_verify upgrades &
 fio=$!
 i=0
@@ -152,7 +152,7 @@ while [ $i -lt 5 ]; do
     i=$((i + 1))
 done
 if ! wait $fio; then cat $W/fio-upgrades.log; echo "fio across broker upgrades: FAILED"; exit 1; fi
-[ "$($B/holdfastctl status | awk '$1 == "vol0" { print $5 }')" = "$daemon" ] ||
+[ "$($B/holdfastctl status | awk '$1 == "vol0" { print $6 }')" = "$daemon" ] ||
     { $B/holdfastctl status; echo "the daemon was restarted"; exit 1; }
 kill -0 $broker
 cmp $dev $W/vol0.img

@@ -343,3 +343,85 @@ fn removal_drains_or_fences_the_daemon_first() {
         broker.proc.log_text()
     );
 }
+
+/// `export rm --force` of an export a direct-mode daemon serves: a daemon
+/// that holds nothing (stopped in read(2): the write waits in the kernel's
+/// queue) is released at once and the write fails; one whose reader holds
+/// a request and does not finish is fenced first, and only then does the
+/// kernel re-send the request, to the broker, which fails it.
+#[test]
+fn direct_removal_releases_or_fences_the_daemon_first() {
+    use std::os::unix::fs::FileExt;
+    let scratch = Scratch::new("ctl-rm-direct", Duration::from_secs(90));
+    let size = Mode::Direct.export("4MiB");
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", &size), ("vol1", &size)]),
+    );
+    let waiting = |name: &str| {
+        broker.wait_status(name, Duration::from_secs(10), "a request in flight", |s| {
+            s["inflight"] == 1
+        })
+    };
+    let rm = |name: &str| {
+        let out = broker.ctl(&["export", "rm", name, "--force"]);
+        assert!(out.status.success(), "{out:?}");
+    };
+
+    // Holds nothing: released, the write fails, the daemon exits 0.
+    let backend = format!("file:{}", scratch.path("vol0.img").display());
+    let mut d0 = broker.daemon(&scratch, "vol0", &backend, &[]);
+    broker.wait_active("vol0", 0, Duration::from_secs(10));
+    // Opened first: in direct mode the daemon answers OPEN too.
+    let f = open_direct(&broker.file("vol0"));
+    d0.signal(libc::SIGSTOP);
+    let write = std::thread::spawn(move || {
+        let mut b = AlignedBuf::new(4096);
+        b.fill(7);
+        f.write_all_at(&b, 0)
+    });
+    waiting("vol0");
+    rm("vol0");
+    let e = write.join().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    d0.signal(libc::SIGCONT);
+    let status = d0
+        .wait_timeout(Duration::from_secs(10))
+        .expect("daemon exits");
+    assert!(status.success(), "{status}:\n{}", d0.log_text());
+
+    // Holds a read it takes 20 s over: fenced at the release bound, then
+    // the read fails.
+    let backend = format!("file:{}", scratch.path("vol1.img").display());
+    let mut d1 = broker.daemon(&scratch, "vol1", &backend, &["--read-delay-ms", "20000"]);
+    broker.wait_active("vol1", 0, Duration::from_secs(10));
+    let f = open_direct(&broker.file("vol1"));
+    let read = std::thread::spawn(move || {
+        let mut b = AlignedBuf::new(4096);
+        f.read_exact_at(&mut b, 0)
+    });
+    broker.wait_status("vol1", Duration::from_secs(10), "a read held", |s| {
+        s["inflight"] == 1
+    });
+    let started = Instant::now();
+    rm("vol1");
+    let e = read.join().unwrap().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !d1.is_running(),
+        "the read failed before its daemon was fenced"
+    );
+    assert!(
+        broker
+            .proc
+            .log_text()
+            .contains("released with requests it did not finish"),
+        "{}",
+        broker.proc.log_text()
+    );
+}

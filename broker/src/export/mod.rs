@@ -290,7 +290,7 @@ pub struct Export {
     /// Whether daemons that can get direct mode.
     direct: bool,
     /// The frontend that lends its queue to direct-mode daemons.
-    lender: Mutex<Option<std::sync::Weak<dyn Lender>>>,
+    lender: Mutex<Option<Arc<dyn Lender>>>,
     /// Taken around handing the queue to a direct-mode daemon and taking
     /// it back, so that the frontend's readers are parked and unparked in
     /// order. Taken before `state`.
@@ -350,10 +350,7 @@ impl Export {
     }
 
     fn lender(&self) -> Option<Arc<dyn Lender>> {
-        self.lender
-            .lock()
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade)
+        self.lender.lock().clone()
     }
 
     /// Adds a request on a blob of a blob export.
@@ -455,7 +452,7 @@ impl Target for Export {
         update_waiting(&mut st);
     }
 
-    fn set_lender(&self, frontend: std::sync::Weak<dyn Lender>) {
+    fn set_lender(&self, frontend: Arc<dyn Lender>) {
         *self.lender.lock() = Some(frontend);
     }
 
@@ -1659,8 +1656,7 @@ mod tests {
             calls: Mutex::new(Vec::new()),
             lendable,
         });
-        let weak: std::sync::Weak<dyn Lender> = Arc::downgrade(&lender) as _;
-        export.set_lender(weak);
+        export.set_lender(lender.clone());
         (export, lender)
     }
 

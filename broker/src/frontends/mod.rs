@@ -84,8 +84,10 @@ pub trait Target: Send + Sync + 'static {
     fn submit(&self, op: Op, offset: u64, len: u64, origin: Origin, data: Data);
     /// Adds a write whose data is in the frontend's private memory.
     fn submit_write(&self, offset: u64, origin: Origin, bytes: &[u8]);
-    /// Names the frontend that can lend its queue to direct-mode daemons.
-    fn set_lender(&self, _lender: std::sync::Weak<dyn Lender>) {}
+    /// Names the frontend that can lend its queue to direct-mode daemons
+    /// (kept as long as the target: a removed export's lent descriptors
+    /// are still taken back through it).
+    fn set_lender(&self, _lender: Arc<dyn Lender>) {}
 }
 
 /// Who holds a block device or an export's file open, in words a person

@@ -71,9 +71,6 @@ struct Mount {
     /// The mounted /dev/fuse descriptor first, then its clones.
     channels: Vec<Arc<Channel>>,
     conn: Arc<ConnInfo>,
-    /// Direct mode's side of the connection; the export holds it weakly.
-    #[expect(dead_code, reason = "held for the export's weak reference")]
-    lending: Arc<Lending>,
 }
 
 /// A connection's INIT, and how many re-sent requests it has delivered.
@@ -113,7 +110,7 @@ impl FuseFrontend {
         let conn = Arc::new(ConnInfo::default());
         let cid = conn_id(&path);
         let started = start_workers(devs, export, (conn.clone(), cid), self.on_init.clone());
-        let (channels, lending) = match started {
+        let channels = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = sys::unmount(&path);
@@ -129,7 +126,6 @@ impl FuseFrontend {
             direct,
             channels,
             conn,
-            lending,
         };
         let attached = {
             if block {
@@ -184,8 +180,7 @@ impl FuseFrontend {
             .transpose()?;
         let n = devs.len();
         let cid = conn_id(&rec.mount);
-        let (channels, lending) =
-            start_workers(devs, export, (conn.clone(), cid), self.on_init.clone())?;
+        let channels = start_workers(devs, export, (conn.clone(), cid), self.on_init.clone())?;
         info!(
             "{}: took over its FUSE connection ({n} descriptors{}); the kernel re-sends what was in flight",
             export.name(),
@@ -202,7 +197,6 @@ impl FuseFrontend {
             direct: rec.direct,
             channels,
             conn,
-            lending,
         });
         Ok(())
     }
@@ -349,7 +343,7 @@ fn start_workers<T: Target>(
     export: &Arc<T>,
     (conn, conn_id): (Arc<ConnInfo>, Option<u32>),
     on_init: InitHook,
-) -> io::Result<(Vec<Arc<Channel>>, Arc<Lending>)> {
+) -> io::Result<Vec<Arc<Channel>>> {
     let first = devs
         .first()
         .ok_or_else(|| io::Error::other("no FUSE descriptor"))?
@@ -396,9 +390,8 @@ fn start_workers<T: Target>(
         max_background,
         started,
     });
-    let weak: std::sync::Weak<dyn Lender> = Arc::downgrade(&lending) as _;
-    export.set_lender(weak);
-    Ok((channels, lending))
+    export.set_lender(lending);
+    Ok(channels)
 }
 
 /// How long parking waits for the workers, each finishing the request it
