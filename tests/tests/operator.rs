@@ -344,6 +344,27 @@ fn removal_drains_or_fences_the_daemon_first() {
     );
 }
 
+/// Waits until every thread of `pid` is stopped (SIGSTOP is delivered
+/// asynchronously: a thread may run on for a moment).
+fn wait_stopped(pid: u32) {
+    let end = Instant::now() + Duration::from_secs(10);
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // The state follows the name's closing parenthesis.
+                stat.rsplit_once(") ")
+                    .is_none_or(|(_, rest)| rest.starts_with('T'))
+            })
+    };
+    while !stopped() {
+        assert!(Instant::now() < end, "pid {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// `export rm --force` of an export a direct-mode daemon serves: a daemon
 /// that holds nothing (stopped in read(2): the write waits in the kernel's
 /// queue) is released at once and the write fails; one whose reader holds
@@ -372,9 +393,14 @@ fn direct_removal_releases_or_fences_the_daemon_first() {
     let backend = format!("file:{}", scratch.path("vol0.img").display());
     let mut d0 = broker.daemon(&scratch, "vol0", &backend, &[]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
-    // Opened first: in direct mode the daemon answers OPEN too.
+    // Opened first (in direct mode the daemon answers OPEN too), and
+    // stopped with nothing in flight.
     let f = open_direct(&broker.file("vol0"));
+    broker.wait_status("vol0", Duration::from_secs(10), "nothing in flight", |s| {
+        s["inflight"] == 0
+    });
     d0.signal(libc::SIGSTOP);
+    wait_stopped(d0.pid());
     let write = std::thread::spawn(move || {
         let mut b = AlignedBuf::new(4096);
         b.fill(7);
