@@ -446,7 +446,11 @@ impl Parking {
     }
 
     fn park(&self) -> io::Result<()> {
-        let end = Instant::now() + PARK_WAIT;
+        self.park_within(PARK_WAIT)
+    }
+
+    fn park_within(&self, bound: Duration) -> io::Result<()> {
+        let end = Instant::now() + bound;
         let mut st = self.state.lock();
         self.requested.store(true, Ordering::Release);
         while st.parked < st.threads.len() {
@@ -462,7 +466,7 @@ impl Parking {
                 self.requested.store(false, Ordering::Release);
                 self.changed.notify_all();
                 return Err(io::Error::other(format!(
-                    "{} of {} FUSE workers did not stop within {PARK_WAIT:?}",
+                    "{} of {} FUSE workers did not stop within {bound:?}",
                     st.threads.len() - st.parked,
                     st.threads.len()
                 )));
@@ -956,6 +960,83 @@ fn cannot_keep(name: &str, init: Option<&Init>) -> Option<String> {
 mod tests {
     use super::*;
     use fuse_abi::linux::{FUSE_ASYNC_READ, FUSE_HAS_RESEND};
+
+    /// A worker as `Fs::worker` is to parking: a checkpoint before each
+    /// blocking call (here a sleep the interrupt signal cuts short).
+    fn worker(parking: Arc<Parking>, stop: Arc<AtomicBool>, rounds: Arc<AtomicU64>) {
+        parking.join();
+        while !stop.load(Ordering::SeqCst) {
+            parking.checkpoint();
+            rounds.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        parking.leave();
+    }
+
+    #[test]
+    fn workers_park_and_unpark() {
+        sys::install_interrupt().unwrap();
+        let parking = Arc::new(Parking::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (p, s, r) = (parking.clone(), stop.clone(), rounds.clone());
+                std::thread::spawn(move || worker(p, s, r))
+            })
+            .collect();
+        while parking.state.lock().threads.len() < 3 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        parking.park().unwrap();
+        // Parked: none goes round any more.
+        let at = rounds.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(rounds.load(Ordering::SeqCst), at);
+        assert_eq!(parking.state.lock().parked, 3);
+        parking.unpark();
+        let end = Instant::now() + Duration::from_secs(5);
+        while rounds.load(Ordering::SeqCst) == at {
+            assert!(Instant::now() < end, "the workers did not read again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Workers that left are not waited for.
+        assert!(parking.state.lock().threads.is_empty());
+        parking.park().unwrap();
+        parking.unpark();
+    }
+
+    /// A worker that does not reach its checkpoint (stuck in a call that
+    /// the signal does not end) fails the park within its bound, and the
+    /// others are let go.
+    #[test]
+    fn a_worker_that_does_not_park_fails_the_park() {
+        sys::install_interrupt().unwrap();
+        let parking = Arc::new(Parking::default());
+        let release = Arc::new(AtomicBool::new(false));
+        let stuck = {
+            let (p, r) = (parking.clone(), release.clone());
+            std::thread::spawn(move || {
+                p.join();
+                while !r.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                p.leave();
+            })
+        };
+        while parking.state.lock().threads.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let e = parking.park_within(Duration::from_millis(50)).unwrap_err();
+        assert!(e.to_string().contains("1 of 1 FUSE workers"), "{e}");
+        assert!(!parking.requested.load(Ordering::SeqCst));
+        release.store(true, Ordering::SeqCst);
+        stuck.join().unwrap();
+    }
 
     #[test]
     fn a_connection_is_kept_only_where_the_kernel_re_sends() {
