@@ -10,7 +10,6 @@
 //! The holder answers INIT before it hands the connection over; a reader
 //! that sees one refuses it.
 
-use std::borrow::Cow;
 use std::io;
 use std::mem::offset_of;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -21,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use holdfast_kernel::fuse::request::{self, FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
+use holdfast_kernel::fuse::request::{self, Decoded, FuseOp, HEAD_LEN};
 use holdfast_kernel::fuse::{Answer, Volume, sys};
 use holdfast_proto::shm::{Op, ReaderProgress};
 
@@ -165,6 +164,7 @@ impl Direct {
                 body: vec![0u8; max_io as usize],
                 backend: backend.clone(),
                 meter: direct.meters[i].clone(),
+                args: Vec::new(),
                 read_delay,
             };
             let stopping = direct.stopping.clone();
@@ -242,6 +242,8 @@ struct Reader {
     body: Vec<u8>,
     backend: Arc<dyn Backend>,
     meter: Meter,
+    /// Where a request's arguments past the head are gathered.
+    args: Vec<u8>,
     /// `--read-delay-ms`: a test's way to have reads in flight.
     read_delay: Duration,
 }
@@ -283,53 +285,45 @@ impl Reader {
     /// Serves one request of `n` bytes: its head in `head`, the rest at the
     /// start of `self.body`.
     fn serve(&mut self, head: &[u8; HEAD_LEN], n: usize) {
-        let Some(h) = request::header(head) else {
-            return;
-        };
-        let unique = h.unique;
-        if request::is_resent(unique) {
+        let mut args = std::mem::take(&mut self.args);
+        let body = &self.body;
+        let decoded = request::decode(head, n, &mut args, |len, out| {
+            out.extend_from_slice(body.get(..len).unwrap_or_default());
+        });
+        if decoded
+            .header()
+            .is_some_and(|h| request::is_resent(h.unique))
+        {
             self.meter.count(RESENT);
         }
-        let body_len = n.saturating_sub(HEAD_LEN);
-        if h.len as usize != n {
-            return self.reply(unique, &Answer::Error(libc::EIO));
-        }
-        if request::is_write(h.opcode) {
-            let args = head.get(IN_HEADER_LEN..).unwrap_or_default();
-            let answer = match request::parse(h.opcode, args) {
-                Ok(FuseOp::Write { offset, size }) if size as usize == body_len => {
-                    self.volume.write(h.nodeid, offset, size)
-                }
-                _ => Answer::Error(libc::EINVAL),
-            };
-            return self.data(unique, answer);
-        }
-        let args_len = n.saturating_sub(IN_HEADER_LEN);
-        if args_len > MAX_ARGS_LEN {
-            if !request::is_no_reply(h.opcode) {
-                self.reply(unique, &Answer::Error(libc::ENOSYS));
+        let (unique, answer) = match decoded {
+            Decoded::Runt { .. } => (None, Answer::Silent),
+            Decoded::Refused { header, errno, .. } => (
+                Some(header.unique),
+                errno.map_or(Answer::Silent, Answer::Error),
+            ),
+            Decoded::Write {
+                header,
+                offset,
+                size,
+            } => (
+                Some(header.unique),
+                self.volume.write(header.nodeid, offset, size),
+            ),
+            Decoded::Op { header, op } => {
+                let answer = match op {
+                    // INIT is the holder's, answered before the connection
+                    // was handed over.
+                    FuseOp::Init { .. } => Answer::Error(libc::EPROTO),
+                    op => self.volume.answer(header.nodeid, &op),
+                };
+                (Some(header.unique), answer)
             }
-            return;
+        };
+        self.args = args;
+        if let Some(unique) = unique {
+            self.data(unique, answer);
         }
-        // Arguments past the head (names, INIT) follow in the body: copied
-        // together only then, not for every READ.
-        let in_head = head.get(IN_HEADER_LEN..n.min(HEAD_LEN)).unwrap_or_default();
-        let args: Cow<'_, [u8]> = if body_len == 0 {
-            Cow::Borrowed(in_head)
-        } else {
-            let mut v = in_head.to_vec();
-            v.extend_from_slice(self.body.get(..body_len).unwrap_or_default());
-            Cow::Owned(v)
-        };
-        let answer = match request::parse(h.opcode, &args) {
-            // INIT is the holder's, answered before the connection was
-            // handed over.
-            Ok(FuseOp::Init { .. }) => Answer::Error(libc::EPROTO),
-            Ok(op) => self.volume.answer(h.nodeid, &op),
-            Err(_) if request::is_no_reply(h.opcode) => Answer::Silent,
-            Err(_) => Answer::Error(libc::EINVAL),
-        };
-        self.data(unique, answer)
     }
 
     /// Runs a data request on the backend and replies; replies to any

@@ -234,10 +234,212 @@ pub fn is_no_reply(opcode: u32) -> bool {
         || opcode == fuse_opcode::FUSE_INTERRUPT as u32
 }
 
+/// What a request read with [`sys::read_request`](super::sys::read_request)
+/// is: `n` bytes, the first [`HEAD_LEN`] in the head, the rest at the start
+/// of the body buffer.
+#[derive(Debug)]
+pub enum Decoded<'a> {
+    /// Shorter than a header: there is nothing to answer.
+    Runt { n: usize },
+    /// Not to be served: answer `errno` (None: the kernel expects no
+    /// answer), for the reason `why`.
+    Refused {
+        header: fuse_in_header,
+        errno: Option<i32>,
+        why: String,
+    },
+    /// A WRITE of `size` bytes at `offset`: its data is the body.
+    Write {
+        header: fuse_in_header,
+        offset: u64,
+        size: u32,
+    },
+    /// Any other request, with its arguments parsed.
+    Op {
+        header: fuse_in_header,
+        op: FuseOp<'a>,
+    },
+}
+
+impl Decoded<'_> {
+    /// The request's header, where it has one.
+    pub fn header(&self) -> Option<&fuse_in_header> {
+        match self {
+            Self::Runt { .. } => None,
+            Self::Refused { header, .. } | Self::Write { header, .. } | Self::Op { header, .. } => {
+                Some(header)
+            }
+        }
+    }
+}
+
+/// Decodes a request of `n` bytes whose head is `head`. Arguments that go
+/// past the head (names, INIT's) are gathered in `args`, the head's part
+/// first and then `rest(len, args)`, which appends the body's first `len`
+/// bytes: a caller whose body buffer another process can write copies them
+/// out there, so that they cannot change while parsed. Written once for
+/// the broker's relay mode and the daemon's direct mode.
+pub fn decode<'a>(
+    head: &'a [u8; HEAD_LEN],
+    n: usize,
+    args: &'a mut Vec<u8>,
+    rest: impl FnOnce(usize, &mut Vec<u8>),
+) -> Decoded<'a> {
+    // Only what was read: the head may hold an earlier request's bytes.
+    let Some(header) = header(head.get(..n.min(HEAD_LEN)).unwrap_or_default()) else {
+        return Decoded::Runt { n };
+    };
+    let refuse = |errno: i32, why: String| Decoded::Refused {
+        header,
+        errno: (!is_no_reply(header.opcode)).then_some(errno),
+        why,
+    };
+    if header.len as usize != n {
+        return refuse(
+            libc::EIO,
+            format!(
+                "FUSE request {} says {} bytes, {n} were read",
+                header.unique, header.len
+            ),
+        );
+    }
+    let body_len = n.saturating_sub(HEAD_LEN);
+    if is_write(header.opcode) {
+        let write_in = head.get(IN_HEADER_LEN..).unwrap_or_default();
+        return match parse(header.opcode, write_in) {
+            Ok(FuseOp::Write { offset, size }) if size as usize == body_len => Decoded::Write {
+                header,
+                offset,
+                size,
+            },
+            _ => refuse(
+                libc::EINVAL,
+                format!("FUSE WRITE {} does not carry its data", header.unique),
+            ),
+        };
+    }
+    if n.saturating_sub(IN_HEADER_LEN) > MAX_ARGS_LEN {
+        return refuse(
+            libc::ENOSYS,
+            format!(
+                "FUSE opcode {}: arguments past {MAX_ARGS_LEN} bytes",
+                header.opcode
+            ),
+        );
+    }
+    let in_head = head.get(IN_HEADER_LEN..n.min(HEAD_LEN)).unwrap_or_default();
+    let payload: &'a [u8] = if body_len == 0 {
+        in_head
+    } else {
+        args.clear();
+        args.extend_from_slice(in_head);
+        rest(body_len, args);
+        args.as_slice()
+    };
+    match parse(header.opcode, payload) {
+        Ok(op) => Decoded::Op { header, op },
+        Err(e) => refuse(libc::EINVAL, e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use zerocopy::IntoBytes;
+
+    /// A head for a request of `len` bytes in all, with `args` after the
+    /// header (as much as fits the head).
+    fn head(opcode: fuse_opcode, len: usize, args: &[u8]) -> [u8; HEAD_LEN] {
+        let h = fuse_in_header {
+            len: len as u32,
+            opcode: opcode as u32,
+            unique: 7,
+            nodeid: 1,
+            ..Default::default()
+        };
+        let mut head = [0u8; HEAD_LEN];
+        head[..IN_HEADER_LEN].copy_from_slice(h.as_bytes());
+        let n = args.len().min(HEAD_LEN - IN_HEADER_LEN);
+        head[IN_HEADER_LEN..IN_HEADER_LEN + n].copy_from_slice(&args[..n]);
+        head
+    }
+
+    #[test]
+    fn decoding_requests() {
+        let mut args = Vec::new();
+        let none = |_: usize, _: &mut Vec<u8>| panic!("nothing past the head");
+        // Shorter than a header.
+        let h = [0u8; HEAD_LEN];
+        assert!(matches!(
+            decode(&h, 10, &mut args, none),
+            Decoded::Runt { n: 10 }
+        ));
+        // A length that is not what was read: EIO.
+        let r = fuse_read_in {
+            offset: 0,
+            size: 4096,
+            ..Default::default()
+        };
+        let h = head(fuse_opcode::FUSE_READ, 80, r.as_bytes());
+        assert!(matches!(
+            decode(&h, 72, &mut args, none),
+            Decoded::Refused {
+                errno: Some(libc::EIO),
+                ..
+            }
+        ));
+        // A WRITE whose data is the body, and one whose size is not.
+        let w = fuse_write_in {
+            offset: 8192,
+            size: 4096,
+            ..Default::default()
+        };
+        let h = head(fuse_opcode::FUSE_WRITE, HEAD_LEN + 4096, w.as_bytes());
+        assert!(matches!(
+            decode(&h, HEAD_LEN + 4096, &mut args, none),
+            Decoded::Write {
+                offset: 8192,
+                size: 4096,
+                ..
+            }
+        ));
+        let h = head(fuse_opcode::FUSE_WRITE, HEAD_LEN + 512, w.as_bytes());
+        assert!(matches!(
+            decode(&h, HEAD_LEN + 512, &mut args, none),
+            Decoded::Refused {
+                errno: Some(libc::EINVAL),
+                ..
+            }
+        ));
+        // A name past the head comes from the body.
+        let name = [b'x'; 60];
+        let len = IN_HEADER_LEN + name.len();
+        let h = head(fuse_opcode::FUSE_LOOKUP, len, &name);
+        let rest = |n: usize, out: &mut Vec<u8>| out.extend_from_slice(&name[name.len() - n..]);
+        match decode(&h, len, &mut args, rest) {
+            Decoded::Op {
+                op: FuseOp::Lookup { name: got },
+                ..
+            } => assert_eq!(got, &name[..]),
+            other => panic!("{other:?}"),
+        }
+        // Arguments past the limit: ENOSYS; a FORGET of the wrong length:
+        // refused, with no answer (the kernel expects none).
+        let big = IN_HEADER_LEN + MAX_ARGS_LEN + 1;
+        let h = head(fuse_opcode::FUSE_SETXATTR, big, &[]);
+        assert!(matches!(
+            decode(&h, big, &mut args, none),
+            Decoded::Refused {
+                errno: Some(libc::ENOSYS),
+                ..
+            }
+        ));
+        let h = head(fuse_opcode::FUSE_FORGET, IN_HEADER_LEN + 8, &[1; 8]);
+        assert!(matches!(
+            decode(&h, IN_HEADER_LEN + 4, &mut args, none),
+            Decoded::Refused { errno: None, .. }
+        ));
+    }
 
     #[test]
     fn head_len_matches_abi() {

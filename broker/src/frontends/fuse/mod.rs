@@ -25,7 +25,6 @@
 
 mod block;
 
-use std::borrow::Cow;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -35,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuse_abi::linux::fuse_write_out;
 pub use holdfast_kernel::fuse::Init;
-use holdfast_kernel::fuse::request::{self, FuseOp, HEAD_LEN, IN_HEADER_LEN, MAX_ARGS_LEN};
+use holdfast_kernel::fuse::request::{self, Decoded, FuseOp, HEAD_LEN};
 use holdfast_kernel::fuse::{Answer, Volume, sys};
 use holdfast_proto::shm::Op;
 use parking_lot::{Condvar, Mutex};
@@ -670,6 +669,8 @@ struct Worker {
     head: [u8; HEAD_LEN],
     private: Vec<u8>,
     reserved: Option<u32>,
+    /// Where a request's arguments past the head are gathered.
+    args: Vec<u8>,
 }
 
 /// One export's FUSE file system.
@@ -696,6 +697,7 @@ impl<T: Target> Fs<T> {
             // Written, so that its pages are mapped in (see `populate`).
             private: vec![1u8; self.slot_size as usize],
             reserved: None,
+            args: Vec::new(),
         };
         loop {
             self.parking.checkpoint();
@@ -791,64 +793,45 @@ impl<T: Target> Fs<T> {
     }
 
     fn handle(&self, chan: &Arc<Channel>, w: &mut Worker, n: usize) {
-        let Some(h) = request::header(&w.head) else {
-            warn!("FUSE request of {n} bytes is shorter than its header; ignored");
-            return;
-        };
-        if h.len as usize != n {
-            warn!(
-                "FUSE request {} says {} bytes, {n} were read; failing it",
-                h.unique, h.len
-            );
-            chan.error(h.unique, libc::EIO);
-            return;
-        }
-        if request::is_resent(h.unique) && self.conn.resent.fetch_add(1, Ordering::Relaxed) == 0 {
+        let mut args = std::mem::take(&mut w.args);
+        // Arguments past the head are in the body buffer, which the daemon
+        // can write too: copied to private memory before parsing.
+        let decoded = request::decode(&w.head, n, &mut args, |len, out| {
+            out.extend_from_slice(&self.body_copy(w, len));
+        });
+        if let Some(h) = decoded.header()
+            && request::is_resent(h.unique)
+            && self.conn.resent.fetch_add(1, Ordering::Relaxed) == 0
+        {
             info!(
                 "{}: the kernel re-sends what was read and not answered (by a previous broker \
                  or a direct-mode daemon)",
                 self.export.name()
             );
         }
-        let body_len = n.saturating_sub(HEAD_LEN);
-        if request::is_write(h.opcode) {
-            let args = w.head.get(IN_HEADER_LEN..).unwrap_or_default();
-            return match request::parse(h.opcode, args) {
-                Ok(FuseOp::Write { offset, size }) if size as usize == body_len => {
-                    self.write(chan, w, h.nodeid, h.unique, offset, size);
-                }
-                _ => chan.error(h.unique, libc::EINVAL),
-            };
-        }
-        let args_len = n.saturating_sub(IN_HEADER_LEN);
-        if args_len > MAX_ARGS_LEN {
-            if !request::is_no_reply(h.opcode) {
-                chan.error(h.unique, libc::ENOSYS);
+        match decoded {
+            Decoded::Runt { n } => {
+                warn!("FUSE request of {n} bytes is shorter than its header; ignored");
             }
-            return;
-        }
-        // Arguments past the head are in the body buffer, which the daemon
-        // can write too: copy them to private memory before parsing.
-        let in_head = w
-            .head
-            .get(IN_HEADER_LEN..n.min(HEAD_LEN))
-            .unwrap_or_default();
-        let args: Cow<'_, [u8]> = if body_len == 0 {
-            Cow::Borrowed(in_head)
-        } else {
-            let mut v = in_head.to_vec();
-            v.extend_from_slice(&self.body_copy(w, body_len));
-            Cow::Owned(v)
-        };
-        match request::parse(h.opcode, &args) {
-            Ok(op) => self.op(chan, &mut w.reserved, h.nodeid, h.unique, op),
-            Err(e) => {
-                warn!("{e}");
-                if !request::is_no_reply(h.opcode) {
-                    chan.error(h.unique, libc::EINVAL);
+            Decoded::Refused { header, errno, why } => {
+                // Unsupported large requests are common enough to stay quiet.
+                if errno != Some(libc::ENOSYS) {
+                    warn!("{why}; refused");
+                }
+                if let Some(errno) = errno {
+                    chan.error(header.unique, errno);
                 }
             }
+            Decoded::Write {
+                header,
+                offset,
+                size,
+            } => self.write(chan, w, header.nodeid, header.unique, offset, size),
+            Decoded::Op { header, op } => {
+                self.op(chan, &mut w.reserved, header.nodeid, header.unique, op);
+            }
         }
+        w.args = args;
     }
 
     fn write(
