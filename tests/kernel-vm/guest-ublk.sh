@@ -82,7 +82,10 @@ echo "requests replayed after kills: $replayed"
 [ "$replayed" -gt 0 ] || { echo "no kill hit a request in flight"; exit 1; }
 echo "fio across 20 daemon kills: ok"
 
-# Handoffs under fio.
+# Handoffs under fio, from the last daemon once it has restored (a handoff
+# of a daemon still starting is refused: nothing to hand off).
+active() { [ "$($B/holdfastctl status | awk '$1 == "vol0" { print $8 }')" = active ]; }
+wait_for 60 active
 fio_verify handoffs &
 fio=$!
 i=0
