@@ -272,6 +272,18 @@ impl BrokerOpts {
     }
 }
 
+/// Whether `path` is a mount point, from /proc/self/mountinfo (a stat of
+/// a FUSE mount would wait on its server).
+fn is_mount(path: &Path) -> bool {
+    let Some(want) = path.to_str() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want))
+}
+
 /// A running broker with its own socket and mount point.
 pub struct Broker {
     pub socket: PathBuf,
@@ -314,7 +326,9 @@ impl Broker {
         let first = opts.exports.first().map(|(n, _)| n.clone());
         let end = Instant::now() + Duration::from_secs(15);
         loop {
-            let mounted = first.as_ref().is_none_or(|n| mountpoint.join(n).exists());
+            // Mounted, not just the file it mounts on created: a test that
+            // opened that file would write to it, past the broker.
+            let mounted = first.as_ref().is_none_or(|n| is_mount(&mountpoint.join(n)));
             if socket.exists() && mounted {
                 break;
             }
