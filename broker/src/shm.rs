@@ -89,11 +89,23 @@ impl SharedRegion {
 
     /// Copies `len` bytes at `offset` out of the mapping.
     pub fn copy_out(&self, offset: usize, len: usize) -> Option<Vec<u8>> {
-        let p = self.ptr(offset, len)?;
-        let mut v = vec![0u8; len];
-        // SAFETY: source in range; destination is a fresh private buffer.
-        unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), len) };
+        let mut v = Vec::new();
+        self.append_to(offset, len, &mut v)?;
         Some(v)
+    }
+
+    /// Appends `len` bytes from `offset` to `out` (private memory).
+    pub fn append_to(&self, offset: usize, len: usize, out: &mut Vec<u8>) -> Option<()> {
+        let p = self.ptr(offset, len)?;
+        out.reserve(len);
+        // SAFETY: source in range; the destination is `out`'s spare
+        // capacity, just reserved, which is initialised before the length
+        // covers it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(p, out.as_mut_ptr().add(out.len()), len);
+            out.set_len(out.len() + len);
+        }
+        Some(())
     }
 }
 

@@ -266,17 +266,6 @@ pub struct Attached {
     pub direct: Option<DirectTerms>,
 }
 
-impl Attached {
-    /// The mode the daemon serves in.
-    pub fn mode(&self) -> Mode {
-        if self.direct.is_some() {
-            Mode::Direct
-        } else {
-            Mode::Relay
-        }
-    }
-}
-
 /// What the daemon attached to an export is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

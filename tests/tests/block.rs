@@ -249,15 +249,11 @@ fn fio_across(
     status
 }
 
-#[test]
-fn fio_verify_across_daemon_kills() {
-    fio_across_kills(Mode::Relay);
-}
-
-#[test]
-fn direct_fio_verify_across_daemon_kills() {
-    fio_across_kills(Mode::Direct);
-}
+holdfast_tests::both_modes!(
+    fio_verify_across_daemon_kills,
+    direct_fio_verify_across_daemon_kills,
+    fio_across_kills
+);
 
 #[test]
 fn fio_verify_across_handoffs() {

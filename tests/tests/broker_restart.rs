@@ -125,17 +125,13 @@ fn put(file: &Path, bytes: &[u8]) {
     f.write_all_at(bytes, 0).unwrap();
 }
 
-#[test]
-fn upgrades_under_verified_writers() {
-    upgrades_in(Mode::Relay);
-}
-
-/// Direct-mode daemons stop reading when the broker goes, and attach to
-/// the next one; the new broker re-sends what they had not answered.
-#[test]
-fn direct_upgrades_under_verified_writers() {
-    upgrades_in(Mode::Direct);
-}
+// Direct-mode daemons stop reading when the broker goes, and attach to
+// the next one; the new broker re-sends what they had not answered.
+holdfast_tests::both_modes!(
+    upgrades_under_verified_writers,
+    direct_upgrades_under_verified_writers,
+    upgrades_in
+);
 
 fn upgrades_in(mode: Mode) {
     let scratch = Scratch::new(

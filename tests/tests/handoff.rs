@@ -138,15 +138,7 @@ fn direct_handoffs_under_verified_writes_mem() {
     sequential_handoffs("direct-handoff-mem", "mem", 20, Mode::Direct);
 }
 
-#[test]
-fn fault_grid() {
-    fault_grid_in(Mode::Relay);
-}
-
-#[test]
-fn direct_fault_grid() {
-    fault_grid_in(Mode::Direct);
-}
+holdfast_tests::both_modes!(fault_grid, direct_fault_grid, fault_grid_in);
 
 /// Every injection point, each followed by verified I/O and a further
 /// successful handoff.
@@ -231,15 +223,11 @@ fn fault_grid_in(mode: Mode) {
     );
 }
 
-#[test]
-fn drain_bound_fences_and_other_export_keeps_going() {
-    drain_bound_in(Mode::Relay);
-}
-
-#[test]
-fn direct_drain_bound_fences_and_other_export_keeps_going() {
-    drain_bound_in(Mode::Direct);
-}
+holdfast_tests::both_modes!(
+    drain_bound_fences_and_other_export_keeps_going,
+    direct_drain_bound_fences_and_other_export_keeps_going,
+    drain_bound_in
+);
 
 /// A hung old daemon is fenced at the drain bound and its requests are
 /// replayed to the successor (in direct mode, re-sent by the kernel);

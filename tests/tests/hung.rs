@@ -70,25 +70,17 @@ fn hung(
     check_backing(&scratch, &img, &state, seed);
 }
 
-#[test]
-fn hung_daemon_declared_lost_by_request_age() {
-    declared_lost_by_request_age(Mode::Relay);
-}
+holdfast_tests::both_modes!(
+    hung_daemon_declared_lost_by_request_age,
+    direct_hung_daemon_declared_lost_by_request_age,
+    declared_lost_by_request_age
+);
 
-#[test]
-fn direct_hung_daemon_declared_lost_by_request_age() {
-    declared_lost_by_request_age(Mode::Direct);
-}
-
-#[test]
-fn hung_daemon_replaced_by_takeover() {
-    replaced_by_takeover(Mode::Relay);
-}
-
-#[test]
-fn direct_hung_daemon_replaced_by_takeover() {
-    replaced_by_takeover(Mode::Direct);
-}
+holdfast_tests::both_modes!(
+    hung_daemon_replaced_by_takeover,
+    direct_hung_daemon_replaced_by_takeover,
+    replaced_by_takeover
+);
 
 fn declared_lost_by_request_age(mode: Mode) {
     hung(

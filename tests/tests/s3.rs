@@ -232,15 +232,11 @@ const BUSY: [&str; 6] = [
     "4MiB",
 ];
 
-#[test]
-fn twenty_kills_under_verified_writer() {
-    kills_under_verified_writer(Mode::Relay);
-}
-
-#[test]
-fn direct_twenty_kills_under_verified_writer() {
-    kills_under_verified_writer(Mode::Direct);
-}
+holdfast_tests::both_modes!(
+    twenty_kills_under_verified_writer,
+    direct_twenty_kills_under_verified_writer,
+    kills_under_verified_writer
+);
 
 fn kills_under_verified_writer(mode: Mode) {
     let name = format!("s3-kills-{}", mode.name());
@@ -273,15 +269,11 @@ fn kills_under_verified_writer(mode: Mode) {
     check_from_s3(&broker, &scratch, &moto, &mut daemon, &state, seed);
 }
 
-#[test]
-fn ten_handoffs_under_verified_writer() {
-    handoffs_under_verified_writer(Mode::Relay);
-}
-
-#[test]
-fn direct_ten_handoffs_under_verified_writer() {
-    handoffs_under_verified_writer(Mode::Direct);
-}
+holdfast_tests::both_modes!(
+    ten_handoffs_under_verified_writer,
+    direct_ten_handoffs_under_verified_writer,
+    handoffs_under_verified_writer
+);
 
 fn handoffs_under_verified_writer(mode: Mode) {
     let name = format!("s3-handoffs-{}", mode.name());

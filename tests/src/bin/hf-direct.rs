@@ -1,8 +1,8 @@
 //! hf-direct: the daemon library's direct mode (`holdfast_daemon::direct`)
 //! on FUSE descriptors it inherited from its holder (the test, standing in
-//! for the broker), serving a file backend. Until the broker hands
-//! descriptors over itself, this is how direct mode's daemon side meets a
-//! real kernel.
+//! for the broker), serving a file backend: direct mode's daemon side on
+//! a real kernel without a broker (`tests/tests/direct.rs`; the broker's
+//! own lending is tested through holdfast-daemon).
 //!
 //! Usage: hf-direct --fds FD,FD... --size BYTES --max-io BYTES
 //!        --started SECS --backend file:PATH

@@ -781,14 +781,15 @@ impl<T: Target> Fs<T> {
     }
 
     /// Copies `len` bytes of the body the request was read into.
-    fn body_copy(&self, w: &Worker, len: usize) -> Vec<u8> {
+    /// Appends the first `len` bytes of the body the request was read
+    /// into to `out`.
+    fn body_append(&self, w: &Worker, len: usize, out: &mut Vec<u8>) {
         match w.reserved {
-            Some(s) => self
-                .export
-                .slot_offset(s)
-                .and_then(|off| self.export.data().copy_out(off, len))
-                .unwrap_or_default(),
-            None => w.private.get(..len).map(<[u8]>::to_vec).unwrap_or_default(),
+            Some(s) => {
+                let off = self.export.slot_offset(s);
+                let _ = off.and_then(|off| self.export.data().append_to(off, len, out));
+            }
+            None => out.extend_from_slice(w.private.get(..len).unwrap_or_default()),
         }
     }
 
@@ -797,7 +798,7 @@ impl<T: Target> Fs<T> {
         // Arguments past the head are in the body buffer, which the daemon
         // can write too: copied to private memory before parsing.
         let decoded = request::decode(&w.head, n, &mut args, |len, out| {
-            out.extend_from_slice(&self.body_copy(w, len));
+            self.body_append(w, len, out);
         });
         if let Some(h) = decoded.header()
             && request::is_resent(h.unique)
