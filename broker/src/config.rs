@@ -12,7 +12,7 @@ pub const DEFAULT_EXPORT: &str = "vol0";
 pub const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_BACKING_DIR: &str = "/var/lib/holdfast";
 
-/// One `--export NAME=SIZE[,block|,ublk][,direct]`.
+/// One `--export NAME=SIZE[,block|,ublk][,direct|,relay]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
@@ -22,7 +22,7 @@ pub struct ExportSpec {
     /// Serve it through ublk instead of FUSE.
     pub ublk: bool,
     /// Daemons that can serve its FUSE connection themselves do (direct
-    /// mode); the others get relay mode.
+    /// mode, the default for FUSE exports); the others get relay mode.
     pub direct: bool,
 }
 
@@ -131,7 +131,7 @@ impl Config {
                 size: DEFAULT_EXPORT_SIZE,
                 block: false,
                 ublk: false,
-                direct: false,
+                direct: true,
             });
             if self.supervise.is_empty() {
                 self.supervise.push(format!(
@@ -192,31 +192,31 @@ impl Config {
     }
 }
 
-/// Parses `NAME=SIZE[,OPTION]...`, options `block`, `ublk` and `direct`.
+/// Parses `NAME=SIZE[,OPTION]...`, options `block`, `ublk`, `direct` and
+/// `relay`. A FUSE export is direct unless `relay` (daemons that cannot
+/// serve it directly still get relay mode); a ublk export is relay.
 pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
     let (name, rest) = s.split_once('=').ok_or_else(|| {
-        format!("--export {s:?}: expected NAME=SIZE[,block|,ublk][,direct], e.g. vol0=256MiB,block")
+        format!(
+            "--export {s:?}: expected NAME=SIZE[,block|,ublk][,direct|,relay], e.g. vol0=256MiB,block"
+        )
     })?;
     holdfast_proto::validate_name(name).map_err(|e| format!("--export {s:?}: {e}"))?;
     let mut parts = rest.split(',');
     let size = parts.next().unwrap_or_default();
-    let mut spec = ExportSpec {
-        name: name.to_owned(),
-        size: parse_size(size).map_err(|e| format!("--export {s:?}: {e}"))?,
-        block: false,
-        ublk: false,
-        direct: false,
-    };
+    let size = parse_size(size).map_err(|e| format!("--export {s:?}: {e}"))?;
+    let (mut block, mut ublk, mut direct, mut relay) = (false, false, false, false);
     for opt in parts {
         let flag = match opt {
-            "block" => &mut spec.block,
-            "ublk" => &mut spec.ublk,
-            "direct" => &mut spec.direct,
+            "block" => &mut block,
+            "ublk" => &mut ublk,
+            "direct" => &mut direct,
+            "relay" => &mut relay,
             _ => {
                 return Err(format!(
                     "--export {s:?}: unknown option {opt:?} (block: a loop device over the FUSE \
-                     file; ublk: a ublk device; direct: daemons serve the FUSE connection \
-                     themselves)"
+                     file; ublk: a ublk device; direct, the default: daemons serve the FUSE \
+                     connection themselves; relay: every request goes through the broker)"
                 ));
             }
         };
@@ -224,7 +224,19 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
             return Err(format!("--export {s:?}: option {opt:?} is given twice"));
         }
     }
-    Ok(spec)
+    if direct && relay {
+        return Err(format!(
+            "--export {s:?}: direct and relay exclude each other"
+        ));
+    }
+    Ok(ExportSpec {
+        name: name.to_owned(),
+        size,
+        block,
+        ublk,
+        // Asked for on a ublk export, check() refuses it.
+        direct: direct || !(relay || ublk),
+    })
 }
 
 /// Parses a duration bound: seconds (`30`, `2.5`), or with a unit (`500ms`,
@@ -269,11 +281,11 @@ mod tests {
                 size: 256 << 20,
                 block: false,
                 ublk: false,
-                direct: false,
+                direct: true,
             })
         );
         assert_eq!(
-            parse_export("vol0=1GiB,block"),
+            parse_export("vol0=1GiB,block,relay"),
             Ok(ExportSpec {
                 name: "vol0".into(),
                 size: 1 << 30,
@@ -285,6 +297,9 @@ mod tests {
         assert!(parse_export("vol0=1GiB,block,direct").is_ok_and(|e| e.block && e.direct));
         assert!(parse_export("vol0=1GiB,direct").is_ok_and(|e| e.direct && !e.block));
         assert!(parse_export("vol0=1GiB,direct,direct").is_err());
+        assert!(parse_export("vol0=1GiB,relay,relay").is_err());
+        let both = parse_export("vol0=1GiB,direct,relay").unwrap_err();
+        assert!(both.contains("exclude each other"), "{both}");
         let ublk_direct = parse_export("vol0=1GiB,ublk,direct").unwrap();
         assert!(
             ublk_direct
@@ -292,6 +307,9 @@ mod tests {
                 .unwrap_err()
                 .contains("FUSE exports only")
         );
+        // A ublk export is relay without being told.
+        assert!(parse_export("vol0=1GiB,ublk").is_ok_and(|e| e.ublk && !e.direct));
+        assert!(parse_export("vol0=1GiB,ublk,relay").is_ok_and(|e| e.check(512).is_ok()));
         assert!(parse_export("vol0=1GiB,ublk").is_ok_and(|e| e.ublk && !e.block));
         let both = ExportSpec {
             name: "v".into(),

@@ -32,8 +32,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often an idle session thread wakes to look at its daemon anyway.
 const SESSION_TICK: Duration = Duration::from_millis(500);
 /// How long a daemon released with requests in flight (its export removed)
-/// has to finish them before it is fenced.
-const RELEASE_DRAIN: Duration = Duration::from_secs(5);
+/// has to finish them (a direct-mode daemon: to stop reading) before it is
+/// fenced.
+pub const RELEASE_DRAIN: Duration = Duration::from_secs(5);
 
 /// Accepts connections until the listener fails.
 pub fn serve(broker: Arc<Broker>, listener: OwnedFd) {
@@ -464,6 +465,11 @@ impl<'a> Connection<'a> {
         // the kernel reused the request's buffer (ublk pins them): the
         // next request's bytes at this one's offset.
         let mut releasing = None;
+        // A direct-mode daemon reads the kernel's queue itself: released,
+        // it is told at once (it stops reading and answers what it holds)
+        // and is done when it closes the connection, not when it holds
+        // nothing for a moment (it could read the next request).
+        let direct = g.reply.direct.is_some();
         loop {
             // Ask to be woken, then look once more before sleeping, so a
             // completion published in between is not missed.
@@ -492,6 +498,9 @@ impl<'a> Connection<'a> {
                         Notice::Activate => Reply::Activate,
                         Notice::Revive => Reply::Revive,
                         Notice::Release => {
+                            if releasing.is_none() && direct {
+                                self.send(&Reply::Detached);
+                            }
                             releasing.get_or_insert_with(|| sys::deadline(RELEASE_DRAIN));
                             continue;
                         }
@@ -547,7 +556,7 @@ impl<'a> Connection<'a> {
             if self.broken {
                 return End::Lost("cannot send to the daemon (not reading its socket?)".into());
             }
-            if (detaching || releasing.is_some()) && export.drained(epoch) {
+            if (detaching || (releasing.is_some() && !direct)) && export.drained(epoch) {
                 self.send(&Reply::Detached);
                 return End::Detached;
             }

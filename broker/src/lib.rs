@@ -310,6 +310,13 @@ impl Broker {
             ));
         }
         export.remove()?;
+        // Users' I/O fails from here on: a direct-mode daemon first stops
+        // reading the kernel's queue (or is fenced), so that what is queued
+        // comes back to the frontend, which fails it.
+        let bound = control::RELEASE_DRAIN + self.fence_timeout + Duration::from_secs(1);
+        if !export.wait_taken_back(Instant::now() + bound) {
+            warn!("{name}: its direct-mode daemon did not give the queue back within {bound:?}");
+        }
         self.exports.write().retain(|e| !Arc::ptr_eq(e, &export));
         self.frontend.remove(name);
         let ublk = {

@@ -524,6 +524,9 @@ fn serve_direct(
                 break Ok(Served::HandedOff);
             }
             Reply::Detached => {
+                // The broker takes the queue back once this connection
+                // closes: the readers stop first.
+                stop_reading(&mut reading);
                 log("detached by the broker (the export was removed)");
                 break Ok(Served::Detached);
             }

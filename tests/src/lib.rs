@@ -231,9 +231,10 @@ pub struct BrokerOpts {
 /// take one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Through the broker (the export's default).
+    /// Through the broker (`,relay`).
     Relay,
-    /// The daemon reads the export's FUSE connection itself.
+    /// The daemon reads the export's FUSE connection itself (a FUSE
+    /// export's default).
     Direct,
 }
 
@@ -241,8 +242,8 @@ impl Mode {
     /// The `SIZE[,OPTIONS]` of an export of `size` in this mode.
     pub fn export(self, size: &str) -> String {
         match self {
-            Self::Relay => size.to_owned(),
-            Self::Direct => format!("{size},direct"),
+            Self::Relay => format!("{size},relay"),
+            Self::Direct => size.to_owned(),
         }
     }
 

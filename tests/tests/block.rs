@@ -39,12 +39,18 @@ fn ctl_err(broker: &Broker, args: &[&str]) -> (i32, String) {
     )
 }
 
-#[test]
-fn block_device_round_trip_discard_and_export_add_rm() {
+holdfast_tests::both_modes!(
+    block_device_round_trip_discard_and_export_add_rm,
+    direct_block_device_round_trip_discard_and_export_add_rm,
+    block_basics_in
+);
+
+fn block_basics_in(mode: Mode) {
     let scratch = Scratch::new("block-basics", Duration::from_secs(120));
+    let size = mode.export("64MiB,block");
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "64MiB,block")])
+        BrokerOpts::new(&[("vol0", &size)])
             .arg("--block-size")
             .arg("4096"),
     );
@@ -110,11 +116,18 @@ fn block_device_round_trip_discard_and_export_add_rm() {
     drop(f);
 
     // An export added at run time, with its own block device.
-    let out = ctl_ok(&broker, &["export", "add", "vol1", "16MiB", "--block"]);
+    let mut add = vec!["export", "add", "vol1", "16MiB", "--block"];
+    if mode == Mode::Relay {
+        add.push("--relay");
+    }
+    let out = ctl_ok(&broker, &add);
     assert!(out.contains("/dev/loop"), "{out}");
     let img1 = scratch.path("vol1.img");
     let _d1 = broker.daemon(&scratch, "vol1", &format!("file:{}", img1.display()), &[]);
     broker.wait_active("vol1", 0, Duration::from_secs(10));
+    for name in ["vol0", "vol1"] {
+        assert_eq!(broker.status(name)["daemon"]["mode"], mode.name());
+    }
     let dev1 = broker.device("vol1");
     assert_eq!(sysfs(&dev1, "size"), (16u64 << 20 >> 9).to_string());
     let f1 = open_direct(&dev1);
@@ -148,6 +161,17 @@ fn block_device_round_trip_discard_and_export_add_rm() {
             "ublk",
         ][..],
         &["export", "add", "vol3", "1M", "--frontend", "nbd"],
+        &["export", "add", "vol3", "1M", "--direct", "--relay"],
+        &[
+            "export",
+            "add",
+            "vol3",
+            "1M",
+            "--frontend",
+            "ublk",
+            "--direct",
+        ],
+        &["status", "--relay"],
         &["export", "add", "vol2"],
         &["export", "add", "a/b", "1M"],
         &["export", "rm", "vol1", "--block"],

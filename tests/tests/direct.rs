@@ -235,8 +235,8 @@ fn a_late_reply_to_a_re_sent_request_is_refused() {
     drop(holder);
 }
 
-/// Through the broker: a daemon gets direct mode only where the export
-/// allows it and it does not opt out (`--relay`); both modes serve the same
+/// Through the broker: a daemon gets direct mode (a FUSE export's default)
+/// unless the export (`,relay`) or the daemon (`--relay`) opts out; both modes serve the same
 /// bytes; handoffs between the modes, both ways; `--takeover` replaces a
 /// direct daemon, with the kernel re-sending what it held.
 #[test]
@@ -245,7 +245,7 @@ fn broker_lends_the_connection_where_allowed() {
     let scratch = Scratch::new("direct-broker", Duration::from_secs(60));
     let broker = Broker::start(
         &scratch,
-        BrokerOpts::new(&[("vol0", "16MiB,direct"), ("vol1", "16MiB")]),
+        BrokerOpts::new(&[("vol0", "16MiB"), ("vol1", "16MiB,relay")]),
     );
     let img = scratch.path("vol0.img");
     let backend = format!("file:{}", img.display());
@@ -299,7 +299,7 @@ fn broker_lends_the_connection_where_allowed() {
     }
     let epoch = broker.status("vol0")["daemon"]["epoch"].as_u64().unwrap();
 
-    // vol1 does not allow direct mode: relayed.
+    // vol1 is relay: so is its daemon.
     let other = format!("file:{}", scratch.path("vol1.img").display());
     let _relay = broker.daemon(&scratch, "vol1", &other, &[]);
     broker.wait_active("vol1", 0, Duration::from_secs(10));

@@ -1,14 +1,14 @@
 //! Data round trip through broker and daemon: random writes and reads at
 //! random offsets and sizes (512 B to 1 MiB, aligned and unaligned, buffered
 //! and O_DIRECT), checked against an in-memory model; plus the edges of the
-//! file (end of export, truncate, fallocate, fsync).
+//! file (end of export, truncate, fallocate, fsync). In both modes.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Rng, Scratch, open_direct, seed};
+use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Mode, Rng, Scratch, open_direct, seed};
 
 const SIZE: u64 = 64 << 20;
 const MAX_IO: u64 = 1 << 20;
@@ -25,12 +25,14 @@ fn random_io(rng: &mut Rng, direct: bool) -> (u64, usize) {
     }
 }
 
-fn round_trip(backend: &str, daemon_args: &[&str]) {
+fn round_trip(backend: &str, daemon_args: &[&str], mode: Mode) {
     let scratch = Scratch::new("roundtrip", Duration::from_secs(120));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "64MiB")]));
+    let size = mode.export("64MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let backend = backend.replace("@", scratch.dir.to_str().unwrap());
     let mut daemon = broker.daemon(&scratch, "vol0", &backend, daemon_args);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
+    assert_eq!(broker.status("vol0")["daemon"]["mode"], mode.name());
 
     let path = broker.file("vol0");
     let direct = open_direct(&path);
@@ -99,20 +101,32 @@ fn round_trip(backend: &str, daemon_args: &[&str]) {
     }
 }
 
-#[test]
-fn round_trip_file_backend() {
-    round_trip("file:@/vol0.img", &[]);
+holdfast_tests::both_modes!(
+    round_trip_file_backend,
+    direct_round_trip_file_backend,
+    round_trip_file
+);
+
+fn round_trip_file(mode: Mode) {
+    round_trip("file:@/vol0.img", &[], mode);
 }
 
-/// The polling I/O loop (and its inline execution of lone requests).
+/// Relay mode's polling I/O loop (and its inline execution of lone
+/// requests).
 #[test]
 fn round_trip_polling_daemon() {
-    round_trip("file:@/vol0.img", &["--poll-us", "200", "--workers", "2"]);
+    let args = ["--poll-us", "200", "--workers", "2"];
+    round_trip("file:@/vol0.img", &args, Mode::Relay);
 }
 
-#[test]
-fn round_trip_mem_backend() {
-    round_trip("mem", &[]);
+holdfast_tests::both_modes!(
+    round_trip_mem_backend,
+    direct_round_trip_mem_backend,
+    round_trip_mem
+);
+
+fn round_trip_mem(mode: Mode) {
+    round_trip("mem", &[], mode);
 }
 
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
@@ -124,10 +138,12 @@ fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
-#[test]
-fn edges_of_an_export() {
+holdfast_tests::both_modes!(edges_of_an_export, direct_edges_of_an_export, edges_in);
+
+fn edges_in(mode: Mode) {
     let scratch = Scratch::new("edges", Duration::from_secs(60));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "1MiB")]));
+    let size = mode.export("1MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let img = scratch.path("vol0.img");
     let _daemon = broker.daemon(&scratch, "vol0", &format!("file:{}", img.display()), &[]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
@@ -135,7 +151,8 @@ fn edges_of_an_export() {
     let f = open_direct(&path);
     let mut buf = AlignedBuf::new(8192);
 
-    // Metadata comes from the broker.
+    // Metadata comes from the file system a volume is (holdfast-kernel's
+    // Volume), answered by the broker or, in direct mode, the daemon.
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.len(), 1 << 20);
     let names: Vec<_> = std::fs::read_dir(&broker.mountpoint)
@@ -270,15 +287,21 @@ fn can_be_io_flusher() -> bool {
     caps & (1 << 24) != 0
 }
 
-/// A volume's writeback goes through the broker's FUSE workers and the
-/// daemon, so those threads (every thread of the daemon) are IO flushers
-/// (prctl(2)): reclaim in them does not wait for the writeback they serve.
-/// Without CAP_SYS_RESOURCE (this CI's container) each says so in its log;
-/// the kernel-vm tests check the flags as root.
-#[test]
-fn volume_threads_are_io_flushers() {
+// A volume's writeback goes through the broker's FUSE workers and the
+// daemon (in direct mode its readers), so those threads (every thread of
+// the daemon) are IO flushers (prctl(2)): reclaim in them does not wait for
+// the writeback they serve. Without CAP_SYS_RESOURCE (this CI's container)
+// each says so in its log; the kernel-vm tests check the flags as root.
+holdfast_tests::both_modes!(
+    volume_threads_are_io_flushers,
+    direct_volume_threads_are_io_flushers,
+    io_flushers_in
+);
+
+fn io_flushers_in(mode: Mode) {
     let scratch = Scratch::new("io-flusher", Duration::from_secs(60));
-    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", "16MiB")]));
+    let size = mode.export("16MiB");
+    let broker = Broker::start(&scratch, BrokerOpts::new(&[("vol0", &size)]));
     let backend = format!("file:{}/vol0.img", scratch.dir.display());
     let daemon = broker.daemon(&scratch, "vol0", &backend, &["--workers", "2"]);
     broker.wait_active("vol0", 0, Duration::from_secs(10));
@@ -288,16 +311,24 @@ fn volume_threads_are_io_flushers() {
         .into_iter()
         .filter(|(name, _)| name.starts_with("fuse-vol0-"))
         .collect();
-    // The daemon starts its workers once restored, just after the broker
-    // shows it active.
+    // The daemon starts its workers (or readers) once restored, just after
+    // the broker shows it active.
+    let readers = |threads: &[(String, u64)]| {
+        threads
+            .iter()
+            .filter(|(name, _)| name.starts_with("fuse-direct-"))
+            .count()
+    };
+    let want_readers = if mode == Mode::Direct { 4 } else { 0 };
+    let started = |t: &[(String, u64)]| t.len() > 2 && readers(t) == want_readers;
     let end = std::time::Instant::now() + Duration::from_secs(10);
     let mut daemon_threads = thread_flags(daemon.pid());
-    while daemon_threads.len() <= 2 && std::time::Instant::now() < end {
+    while !started(&daemon_threads) && std::time::Instant::now() < end {
         std::thread::sleep(Duration::from_millis(10));
         daemon_threads = thread_flags(daemon.pid());
     }
     assert!(
-        workers.len() == 4 && daemon_threads.len() > 2,
+        workers.len() == 4 && started(&daemon_threads),
         "{workers:?} {daemon_threads:?}"
     );
     for (name, flags) in workers.iter().chain(&daemon_threads) {

@@ -33,13 +33,14 @@ Commands:
                                 unless CMD redirects it (CMD 2>>LOG).
   upgrade EXPORT                handoff to a successor the broker starts with
                                 the command line it supervises the daemon with
-  export add NAME SIZE [--block | --frontend ublk] [--direct]
+  export add NAME SIZE [--block | --frontend ublk] [--relay]
                                 add an export (SIZE like 1GiB); with --block it
                                 also gets a block device (/dev/loopN), with
                                 --frontend ublk it is a ublk device
-                                (/dev/ublkbN); with --direct (FUSE, Linux
-                                6.9+) daemons serve its FUSE connection
-                                themselves; start a daemon for it:
+                                (/dev/ublkbN). Daemons serve a FUSE export's
+                                connection themselves (direct mode, Linux
+                                6.9+) unless --relay: then every request goes
+                                through the broker; start a daemon for it:
                                 holdfast-daemon --export NAME ...
   export rm NAME [--force]      remove an export; refused while its file or
                                 block device is open, unless --force (its users
@@ -111,7 +112,8 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
     let (mut json, mut fail_pending, mut dry_run) = (false, false, false);
     let (mut exec, mut ready_ms, mut drain_ms) = (None, 0u32, 0u32);
     let mut handoff_flags = false;
-    let (mut block, mut force, mut ublk, mut direct) = (false, false, false, false);
+    let (mut block, mut force, mut ublk) = (false, false, false);
+    let (mut direct, mut relay) = (false, false);
     let mut parser = lexopt::Parser::from_env();
     let text = |p: &mut lexopt::Parser| -> Result<String, String> {
         p.value()
@@ -126,6 +128,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
             Long("fail-pending") => fail_pending = true,
             Long("block") => block = true,
             Long("direct") => direct = true,
+            Long("relay") => relay = true,
             Long("frontend") => match text(&mut parser)?.as_str() {
                 "ublk" => ublk = true,
                 "fuse" => ublk = false,
@@ -156,16 +159,19 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        _ if (block || force || ublk || direct)
+        _ if (block || force || ublk || direct || relay)
             && words.first().map(String::as_str) != Some("export") =>
         {
             return Err(
-                "--block, --frontend, --direct and --force belong to export add and export rm"
+                "--block, --frontend, --direct, --relay and --force belong to export add and export rm"
                     .into(),
             );
         }
         ["export", "add", ..] if direct && ublk => {
             return Err("--direct is for FUSE exports so far; a ublk export is relayed".into());
+        }
+        ["export", "add", ..] if direct && relay => {
+            return Err("--direct and --relay exclude each other".into());
         }
         ["export", "add", ..] if block && ublk => {
             return Err(
@@ -179,11 +185,12 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
                 size: holdfast_broker::config::parse_size(size)?,
                 block,
                 ublk,
-                direct,
+                // Direct unless told otherwise, where the frontend has it.
+                direct: !(relay || ublk),
             })
         }
         ["export", "rm", name]
-            if !json && !fail_pending && !handoff_flags && !block && !ublk && !direct =>
+            if !json && !fail_pending && !handoff_flags && !block && !ublk && !direct && !relay =>
         {
             Command::ExportRemove {
                 name: (*name).to_owned(),
@@ -192,7 +199,7 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
         }
         ["export", ..] => {
             return Err(
-                "usage: export add NAME SIZE [--block | --frontend ublk] [--direct] | export rm NAME [--force]"
+                "usage: export add NAME SIZE [--block | --frontend ublk] [--relay] | export rm NAME [--force]"
                     .into(),
             );
         }

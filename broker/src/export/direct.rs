@@ -186,6 +186,19 @@ impl Export {
         }
     }
 
+    /// Waits, until `deadline`, for a released direct-mode daemon to give
+    /// the kernel's queue back (its session ended: it stopped reading, or
+    /// it was fenced). Whether it did.
+    pub fn wait_taken_back(&self, deadline: Instant) -> bool {
+        let mut st = self.state.lock();
+        while st.lending {
+            if self.changed.wait_until(&mut st, deadline).timed_out() {
+                return !st.lending;
+            }
+        }
+        true
+    }
+
     /// Ends direct mode's lending: the kernel re-sends what the daemon
     /// (gone or stopped) read and did not answer, the frontend's readers
     /// read again, and the next daemon gets it. The lent descriptors are

@@ -1,23 +1,25 @@
 //! hf-bench-block: what the broker costs a block device, measured with fio
 //! side by side in one run on three paths to the same kind of file:
 //! * broker: `holdfast-broker` + `holdfast-daemon --backend file:`, the
-//!   export's loop device;
+//!   export's loop device, in relay mode (`--export NAME=SIZE,relay`):
+//!   every request crosses the broker;
 //! * broker-poll: the same with `holdfast-daemon --poll-us 100`, which
 //!   polls for the next request after a lone one instead of sleeping;
-//! * direct: the same daemon in direct mode (`--export NAME=SIZE,direct`):
-//!   it reads the export's FUSE connection itself, no broker hop;
+//! * direct: the same daemon in direct mode (a FUSE export's default): it
+//!   reads the export's FUSE connection itself, no broker hop;
 //! * baseline: `hf-baseline`, the same FUSE frontend and loop device with
 //!   the same file backend called in place (no broker hop): the limit of
 //!   this design;
 //! * kernel: a loop device on a plain file, no FUSE at all;
 //! * s3: `holdfast-daemon --backend s3://` against moto's S3 server on
-//!   127.0.0.1 (writes complete in the local log, reads come from the read
-//!   cache once the fill has been uploaded): what the S3 backend's local
-//!   path costs, not what S3 costs.
+//!   127.0.0.1, in direct mode (writes complete in the local log, reads
+//!   come from the read cache once the fill has been uploaded): what the
+//!   S3 backend's local path costs, not what S3 costs.
 //!
-//! Each workload runs on the three paths back to back, so the ratio
+//! Each workload runs on the paths back to back, so the ratio
 //! broker/baseline holds on a noisy machine even when absolute figures
-//! drift between workloads.
+//! drift between workloads; each run starts after sync(2), with no dirty
+//! pages left by the runs before it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fmt::Write as _;
@@ -198,16 +200,16 @@ fn main() {
     let bytes = holdfast_broker::config::parse_size(&size).unwrap();
     let scratch = Scratch::new("bench-block", Duration::from_secs(3600));
 
-    // vol0 is served by a daemon as started by default, vol1 by one that
-    // polls (--poll-us), vol3 by one in direct mode.
-    let export = format!("{size},block");
-    let direct = format!("{size},block,direct");
+    // vol0 is served in relay mode by a daemon as started by default, vol1
+    // by one that polls (--poll-us), vol3 and vol2 (s3) in direct mode.
+    let relay = format!("{size},block,relay");
+    let direct = format!("{size},block");
     let broker = Broker::start(
         &scratch,
         BrokerOpts::new(&[
-            ("vol0", &export),
-            ("vol1", &export),
-            ("vol2", &export),
+            ("vol0", &relay),
+            ("vol1", &relay),
+            ("vol2", &direct),
             ("vol3", &direct),
         ]),
     );
@@ -275,6 +277,9 @@ fn main() {
             .iter()
             .zip(&devices)
             .map(|(path, dev)| {
+                // No run pays for an earlier one's writeback.
+                // SAFETY: sync(2) has no arguments.
+                unsafe { libc::sync() };
                 let r = fio(
                     &scratch,
                     &format!("{}-{path}", name.replace(' ', "-")),
