@@ -486,7 +486,15 @@ impl<'a> Connection<'a> {
             let ready = sys::poll_readable(&waits, SESSION_TICK).unwrap_or_default();
             g.rings.set_completion_wakeup(false);
             let is = |i: usize| ready.get(i).copied().unwrap_or(false);
+            // Told it is released, a direct-mode daemon stops reading and
+            // closes its side (its socket, pipes and process end together):
+            // done, if none of its readers was left holding a request.
+            let told = direct && releasing.is_some();
+            let released = || told && export.drained(epoch);
             if is(1) && !sys::drain(g.complete_kick.as_fd()) {
+                if released() {
+                    return End::Detached;
+                }
                 // Polling a pipe with no writer would spin.
                 return End::Lost("the daemon closed its completion kick pipe".into());
             }
@@ -515,6 +523,9 @@ impl<'a> Connection<'a> {
                 return End::Lost("fence requested".into());
             }
             if is(3) {
+                if released() {
+                    return End::Detached;
+                }
                 return End::Lost("daemon process exited".into());
             }
             if is(0) {
