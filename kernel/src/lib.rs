@@ -9,3 +9,4 @@
 //! the geometry it is given, logs, or decides policy.
 
 pub mod fuse;
+pub mod ublk;

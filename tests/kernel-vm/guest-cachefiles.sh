@@ -11,9 +11,24 @@
 #     makes the kernel re-send, and the same daemon attaches again.
 # Each pass uses a new blob name (a hard link): a new cache cookie, so the
 # reads reach the daemon instead of the cache file.
+# On a kernel without cachefiles' on-demand mode (GUEST_CACHEFILES=no, from
+# ./setup) only the broker's refusal is tested: a clear error, exit 1.
 . "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 mkdir -p $W/cache $W/blobs $W/tree
 echo "kernel $(uname -r)"
+if [ "${GUEST_CACHEFILES:-yes}" != yes ]; then
+    trap 'guest_end $?' EXIT
+    truncate -s 64M $W/cache.img && mkfs.ext4 -q -F $W/cache.img && mount -o loop $W/cache.img $W/cache
+    rc=0
+    timeout 30 $B/holdfast-broker --socket $W/s.sock --mountpoint $W/mnt --cachefiles $W/cache,images \
+        > $W/broker.log 2>&1 || rc=$?
+    cat $W/broker.log
+    umount $W/cache
+    [ $rc = 1 ] || { echo "the broker exited $rc, not 1"; exit 1; }
+    grep -q "has no on-demand mode" $W/broker.log
+    echo "no cachefiles on-demand mode in this kernel: the broker refuses it, saying so: ok"
+    exit 0
+fi
 
 # The cache directory must be on a real file system (tmpfs cannot bind).
 truncate -s 3G $W/cache.img

@@ -250,7 +250,14 @@ crash
 cut_short ublk-recovery-started
 start_broker broker4.log
 wait_for 60 grep -q "ublk device $id0 recovered" $W/broker4.log
-grep "going on from where it stopped" $W/broker4.log
+# 6.12 leaves the queues reset and unready (the next START_USER_RECOVERY
+# is EINVAL, taken up by the broker); 6.15 and later reset them when the
+# dead broker's /dev/ublkcN is released, so it is an ordinary recovery.
+if grep "going on from where it stopped" $W/broker4.log; then
+    echo "recovery cut short after START_USER_RECOVERY: taken up where it stopped"
+else
+    echo "recovery cut short after START_USER_RECOVERY: an ordinary recovery on this kernel"
+fi
 kill -0 $reader  # still blocked: no daemon
 crash
 cut_short ublk-fetched

@@ -1,9 +1,9 @@
 //! hf-ublk-probe: checks the broker's typed ublk interface
-//! (`holdfast_broker::frontends::ublk::sys`) against a real ublk kernel;
+//! (`holdfast_kernel::ublk::sys`) against a real ublk kernel;
 //! run inside the kernel VM by `tests/kernel-vm/run ublk`.
 //!
 //!   hf-ublk-probe features   print the kernel's UBLK_F_* bits; fail unless
-//!                            USER_RECOVERY and USER_RECOVERY_REISSUE are there
+//!                            the broker's needed ones are there
 //!   hf-ublk-probe add-del    add a device with those flags, set its
 //!                            parameters, read its info back, delete it
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -11,10 +11,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use holdfast_broker::frontends::ublk::sys::{self, Control, DevInfo, ParamBasic, Params};
+use holdfast_kernel::ublk::sys::{self, Control, DevInfo, ParamBasic, Params};
 
 fn features(ctl: &mut Control) {
-    let f = ctl.features().expect("GET_FEATURES");
+    let features = ctl.features().expect("GET_FEATURES");
+    let f = features.0;
     println!("features {f:#x}");
     for (bit, name) in sys::FLAG_NAMES.iter().enumerate() {
         println!(
@@ -22,8 +23,7 @@ fn features(ctl: &mut Control) {
             if f >> bit & 1 == 1 { "yes" } else { "no" }
         );
     }
-    let need = sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE;
-    assert_eq!(f & need, need, "this kernel lacks USER_RECOVERY(_REISSUE)");
+    features.check().expect("the broker's needed features");
 }
 
 fn add_del(ctl: &mut Control) {
@@ -32,7 +32,7 @@ fn add_del(ctl: &mut Control) {
         queue_depth: 64,
         max_io_buf_bytes: 1 << 20,
         dev_id: u32::MAX,
-        flags: sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE | sys::F_CMD_IOCTL_ENCODE,
+        flags: sys::Features::NEEDED,
         ..DevInfo::default()
     };
     let info = ctl.add(&want).expect("ADD_DEV");

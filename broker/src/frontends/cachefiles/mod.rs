@@ -166,6 +166,14 @@ fn bind(dir: &Path, tag: &str) -> Result<OwnedFd, String> {
                  needs CONFIG_CACHEFILES_ONDEMAND",
                 dir.display()
             ),
+            // 6.12 without CONFIG_CACHEFILES_ONDEMAND says EOPNOTSUPP;
+            // kernels whose cachefiles lost the mode (7.3: ondemand.c is
+            // gone) take no argument to bind at all.
+            Some(libc::EINVAL) if cmd == "bind ondemand" => format!(
+                "{DEVICE}: {cmd}: {e}: this kernel's cachefiles has no on-demand mode (it was \
+                 removed upstream; Linux 7.3 has none), so the broker cannot be its cache daemon. \
+                 Use a kernel whose cachefiles has CONFIG_CACHEFILES_ONDEMAND (up to 6.x)"
+            ),
             _ => format!("{DEVICE}: {cmd}: {e}"),
         })?;
     }

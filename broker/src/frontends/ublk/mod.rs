@@ -16,27 +16,28 @@
 //! after a crash, or an upgrade) finds the device again and becomes its
 //! server (`UblkDevice::start_or_recover`).
 
-pub mod sys;
-
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use holdfast_kernel::ublk::parse;
+use holdfast_kernel::ublk::queue::{Event, Queue as UblkQueue};
+use holdfast_kernel::ublk::sys::{
+    self, Control, DevInfo, IoDesc, ParamBasic, ParamDiscard, Params,
+};
 use holdfast_proto::shm::Op;
-use io_uring::{IoUring, opcode, types};
-use memmap2::{Mmap, MmapOptions};
+use io_uring::{opcode, types};
 use parking_lot::Mutex;
-use zerocopy::{FromBytes, IntoBytes};
 
-use self::sys::{Control, DevInfo, IoCmd, IoDesc, ParamBasic, ParamDiscard, Params};
 use super::{Origin, Outcome, ReplySink, Target};
 use crate::export::Export;
 use crate::inflight::Data;
 use crate::{info, warn};
 
-/// `user_data` of the mailbox's poll on the queue ring (tags are < 4096).
+/// `user_data` of the mailbox's poll on the queue ring (at or above
+/// `USER_DATA_BASE`: not a tag).
 const WAKE: u64 = u64::MAX;
 /// Most tags the broker gives a queue (and slots it pins for them).
 const MAX_DEPTH: u32 = 128;
@@ -83,12 +84,20 @@ impl UblkDevice {
                 format!("cannot open /dev/ublk-control (is ublk_drv loaded?): {e}"),
             )
         })?;
+        let features = ctl.features()?;
+        features.check()?;
+        info!(
+            "{}: ublk driver features {:#x} ({})",
+            export.name(),
+            features.0,
+            sys::Features::names(features.0)
+        );
         let info = ctl.add(&DevInfo {
             nr_hw_queues: 1,
             queue_depth: depth16,
             max_io_buf_bytes: export.slot_size(),
             dev_id: u32::MAX,
-            flags: sys::F_USER_RECOVERY | sys::F_USER_RECOVERY_REISSUE | sys::F_CMD_IOCTL_ENCODE,
+            flags: sys::Features::NEEDED,
             ..DevInfo::default()
         })?;
         let dev_id = info.dev_id;
@@ -361,20 +370,8 @@ fn within<T: Send + 'static>(
 
 /// Opens /dev/ublkcN and starts the queue thread, which fetches every tag.
 fn serve(export: &Arc<Export>, dev_id: u32, depth: u16) -> io::Result<()> {
-    let cdev_path = format!("/dev/ublkc{dev_id}");
-    let end = Instant::now() + CDEV_WAIT;
-    let cdev = loop {
-        match rustix::fs::open(
-            cdev_path.as_str(),
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        ) {
-            Ok(fd) => break fd,
-            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{cdev_path}: {e}"))),
-        }
-    };
-    let queue = Queue::new(export.clone(), cdev, depth)?;
+    let ring = UblkQueue::open(dev_id, depth, 4, CDEV_WAIT)?;
+    let queue = Queue::new(export.clone(), ring)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(format!("ublk-{}", export.name()))
@@ -406,51 +403,22 @@ impl ReplySink for Mailbox {
     }
 }
 
-/// One queue: its ring and the mailbox. The kernel's descriptor array is
-/// mapped once every tag is fetched (`run`).
+/// One queue: the kernel side (shared crate) and the mailbox.
 struct Queue {
     export: Arc<Export>,
-    cdev: OwnedFd,
-    ring: IoUring,
+    ring: UblkQueue,
     mailbox: Arc<Mailbox>,
-    depth: u16,
-}
-
-/// Bytes of a queue's descriptor array mapping: the driver maps exactly
-/// round_up(depth * descriptor, PAGE_SIZE) (ublk_ch_mmap, 6.12), with the
-/// page size of the running kernel, not 4 KiB.
-fn descs_len(depth: u16, page_size: usize) -> usize {
-    usize::from(depth)
-        .saturating_mul(size_of::<IoDesc>())
-        .next_multiple_of(page_size)
-}
-
-/// Maps the descriptor array of the queue served through `cdev`.
-fn map_descs(cdev: &OwnedFd, depth: u16) -> io::Result<Mmap> {
-    let len = descs_len(depth, rustix::param::page_size());
-    // SAFETY: a read-only shared mapping of the driver's descriptor
-    // array; the kernel writes it, we only read (and check) entries.
-    let descs = unsafe {
-        MmapOptions::new()
-            .len(len)
-            .offset(sys::CMD_BUF_OFFSET)
-            .populate()
-            .map(cdev.as_raw_fd())
-    };
-    descs.map_err(|e| io::Error::new(e.kind(), format!("mapping the descriptors: {e}")))
 }
 
 impl Queue {
-    fn new(export: Arc<Export>, cdev: OwnedFd, depth: u16) -> io::Result<Self> {
+    fn new(export: Arc<Export>, ring: UblkQueue) -> io::Result<Self> {
         Ok(Self {
             export,
-            cdev,
-            ring: IoUring::new(u32::from(depth).saturating_mul(2).saturating_add(4))?,
+            ring,
             mailbox: Arc::new(Mailbox {
                 done: Mutex::new(Vec::new()),
                 wake: crate::sys::eventfd()?,
             }),
-            depth,
         })
     }
 
@@ -467,24 +435,6 @@ impl Queue {
             .map_or(0, |p| p as u64)
     }
 
-    fn push_io(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
-        // The driver refuses a FETCH without a buffer (6.12).
-        let refused = op == sys::IO_FETCH_REQ && tag == 0 && crate::fault::at("ublk-fetch-refused");
-        let cmd = IoCmd {
-            q_id: 0,
-            tag,
-            result,
-            addr: if refused { 0 } else { self.buffer(tag) },
-        };
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(cmd.as_bytes());
-        let sqe = opcode::UringCmd16::new(types::Fd(self.cdev.as_raw_fd()), op)
-            .cmd(bytes)
-            .build()
-            .user_data(u64::from(tag));
-        self.push(&sqe)
-    }
-
     fn push_wake(&mut self) -> io::Result<()> {
         let sqe = opcode::PollAdd::new(
             types::Fd(self.mailbox.wake.as_raw_fd()),
@@ -492,82 +442,56 @@ impl Queue {
         )
         .build()
         .user_data(WAKE);
-        self.push(&sqe)
+        // SAFETY: a poll on the mailbox's eventfd, which this queue holds.
+        unsafe { self.ring.push(&sqe) }
     }
 
-    fn push(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
-        // SAFETY: the command holds no pointer we free: tag buffers live as
-        // long as the export's data area, which this queue holds.
-        if unsafe { self.ring.submission().push(sqe) }.is_err() {
-            self.ring.submit()?;
-            // SAFETY: as above.
-            unsafe { self.ring.submission().push(sqe) }
-                .map_err(|_| io::Error::other("the ublk queue ring is full"))?;
-        }
-        Ok(())
-    }
-
-    /// Fetches every tag, then maps the descriptors, then serves. In this
-    /// order, a broker that dies during a recovery leaves the device
-    /// recoverable (6.12): before the FETCHes, START_USER_RECOVERY's reset
-    /// is all there is (no queue ready, no process's memory taken as the
-    /// device's by an mmap), and the next broker takes it up from there;
-    /// after them, the queue is this broker's, and its death is an
-    /// ordinary server's.
+    /// Fetches every tag, then maps the descriptors (the order
+    /// `UblkQueue::submit_fetches` says why), then serves. Tag buffers live as long as the export's data area,
+    /// which this queue holds.
     fn run(mut self, ready: &std::sync::mpsc::Sender<io::Result<()>>) {
         crate::sys::set_io_flusher();
-        let fetched = (0..self.depth)
-            .try_for_each(|tag| self.push_io(sys::IO_FETCH_REQ, tag, 0))
+        let depth = self.ring.depth();
+        let fetched = (0..depth)
+            .try_for_each(|tag| {
+                // The driver refuses a FETCH without a buffer (6.12).
+                let refused = tag == 0 && crate::fault::at("ublk-fetch-refused");
+                let addr = if refused { 0 } else { self.buffer(tag) };
+                self.ring.fetch(tag, addr)
+            })
             .and_then(|()| self.push_wake())
-            .and_then(|()| self.ring.submit().map(drop))
-            .and_then(|()| self.check_fetches())
+            .and_then(|()| self.ring.submit_fetches())
             .and_then(|()| {
                 crate::fault::crash_at("ublk-fetched");
-                map_descs(&self.cdev, self.depth)
+                self.ring.map()
             });
-        let descs = match fetched {
-            Ok(d) => {
-                let _ = ready.send(Ok(()));
-                d
-            }
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
+        let failed = fetched.is_err();
+        let _ = ready.send(fetched);
+        if failed {
+            return;
+        }
         let mut aborted = 0u16;
-        while aborted < self.depth {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
+        let mut events = Vec::new();
+        while aborted < depth {
+            if let Err(e) = self.ring.wait(&mut events) {
                 warn!("{}: ublk queue: {e}; the queue stops", self.export.name());
                 return;
             }
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (ud, res) in cqes {
-                let step = if ud == WAKE {
-                    self.commit_done()
-                } else {
-                    let tag = u16::try_from(ud).unwrap_or(u16::MAX);
-                    match res {
-                        sys::IO_RES_OK => self.request(&descs, tag),
-                        sys::IO_RES_ABORT => {
-                            aborted = aborted.saturating_add(1);
-                            Ok(())
-                        }
-                        e => {
-                            warn!(
-                                "{}: ublk tag {tag}: command failed ({e}); the tag is lost",
-                                self.export.name()
-                            );
-                            aborted = aborted.saturating_add(1);
-                            Ok(())
-                        }
+            for event in events.drain(..) {
+                let step = match event {
+                    Event::User { .. } => self.commit_done(),
+                    Event::Request { tag, desc } => self.request(&desc, tag),
+                    Event::Aborted { .. } => {
+                        aborted = aborted.saturating_add(1);
+                        Ok(())
+                    }
+                    Event::Refused { tag, result } => {
+                        warn!(
+                            "{}: ublk tag {tag}: command failed ({result}); the tag is lost",
+                            self.export.name()
+                        );
+                        aborted = aborted.saturating_add(1);
+                        Ok(())
                     }
                 };
                 if let Err(e) = step {
@@ -578,37 +502,14 @@ impl Queue {
         info!("{}: ublk queue stopped", self.export.name());
     }
 
-    /// Fails if the driver refused a FETCH: a refusal completes at once,
-    /// while an accepted FETCH completes only with a request, and START_DEV
-    /// or END_USER_RECOVERY would then wait forever for the refused tag
-    /// (ublk_mark_io_ready). Nothing but a refusal can be complete yet: no
-    /// request reaches a tag before START_DEV or END_USER_RECOVERY.
-    fn check_fetches(&mut self) -> io::Result<()> {
-        let refused: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .filter(|&(ud, res)| ud != WAKE && res < 0)
-            .collect();
-        match refused.first() {
-            None => Ok(()),
-            Some(&(tag, res)) => Err(io::Error::other(format!(
-                "the driver refused FETCH_REQ for {} of {} tags (tag {tag}: {}); the device \
-                 cannot start",
-                refused.len(),
-                self.depth,
-                io::Error::from_raw_os_error(res.saturating_neg())
-            ))),
-        }
-    }
-
     /// Commits the completions in the mailbox (and fetches the tags again).
     fn commit_done(&mut self) -> io::Result<()> {
         crate::sys::drain(self.mailbox.wake.as_fd());
         let done = std::mem::take(&mut *self.mailbox.done.lock());
         for (tag, result) in done {
-            if tag < self.depth {
-                self.push_io(sys::IO_COMMIT_AND_FETCH_REQ, tag, result)?;
+            if tag < self.ring.depth() {
+                let addr = self.buffer(tag);
+                self.ring.commit(tag, result, addr)?;
             }
         }
         self.push_wake()
@@ -616,13 +517,8 @@ impl Queue {
 
     /// A request arrived in tag `tag`: checks its descriptor and hands it to
     /// the export, or fails it at once.
-    fn request(&mut self, descs: &[u8], tag: u16) -> io::Result<()> {
-        let at = usize::from(tag).saturating_mul(size_of::<IoDesc>());
-        let desc = descs
-            .get(at..at.saturating_add(size_of::<IoDesc>()))
-            .and_then(|b| IoDesc::read_from_bytes(b).ok())
-            .unwrap_or_default();
-        match parse(&desc, self.export.size(), self.export.slot_size()) {
+    fn request(&mut self, desc: &IoDesc, tag: u16) -> io::Result<()> {
+        match parse(desc, self.export.size(), self.export.slot_size()) {
             Ok((op, offset, len)) => {
                 let data = if op.uses_buffer() {
                     Data::Slot(u32::from(tag))
@@ -636,79 +532,10 @@ impl Queue {
                 self.export.submit(op, offset, len, origin, data);
                 Ok(())
             }
-            Err(errno) => self.push_io(sys::IO_COMMIT_AND_FETCH_REQ, tag, errno.saturating_neg()),
+            Err(errno) => {
+                let addr = self.buffer(tag);
+                self.ring.commit(tag, errno.saturating_neg(), addr)
+            }
         }
-    }
-}
-
-/// The request in a descriptor, checked against an export of `size` bytes
-/// and tag buffers of `slot_size`: op, byte offset and length, or the
-/// errno to fail it with.
-fn parse(d: &IoDesc, size: u64, slot_size: u32) -> Result<(Op, u64, u64), i32> {
-    let op = match (d.op_flags & 0xff) as u8 {
-        sys::IO_OP_READ => Op::Read,
-        sys::IO_OP_WRITE => Op::Write,
-        sys::IO_OP_FLUSH => Op::Flush,
-        sys::IO_OP_DISCARD => Op::Discard,
-        sys::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
-        _ => return Err(libc::EOPNOTSUPP),
-    };
-    if op == Op::Flush {
-        // A flush has no range: the block layer's flush request starts
-        // at sector -1 (blk_rq_init), which checked arithmetic refuses.
-        return Ok((op, 0, 0));
-    }
-    let offset = d.start_sector.checked_mul(512).ok_or(libc::EINVAL)?;
-    let len = u64::from(d.nr_sectors)
-        .checked_mul(512)
-        .ok_or(libc::EINVAL)?;
-    let end = offset.checked_add(len).ok_or(libc::EINVAL)?;
-    if end > size || (op.uses_buffer() && len > u64::from(slot_size)) {
-        return Err(libc::EINVAL);
-    }
-    Ok((op, offset, len))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn desc(op: u8, start_sector: u64, nr_sectors: u32) -> IoDesc {
-        IoDesc {
-            op_flags: u32::from(op),
-            nr_sectors,
-            start_sector,
-            ..IoDesc::default()
-        }
-    }
-
-    #[test]
-    fn the_descriptor_mapping_is_whole_pages_of_this_kernel() {
-        // 24-byte descriptors: 64 tags fill 1536 bytes, 200 fill 4800.
-        assert_eq!(super::descs_len(64, 4096), 4096);
-        assert_eq!(super::descs_len(200, 4096), 8192);
-        assert_eq!(super::descs_len(64, 65536), 65536);
-        assert_eq!(super::descs_len(4096, 16384), 98304);
-    }
-
-    /// Every descriptor is checked; a flush's range is not one (the block
-    /// layer's flush request starts at sector -1): it used to fail with
-    /// EINVAL, so every fsync of a ublk device did.
-    #[test]
-    fn descriptors_are_checked() {
-        let p = |d: IoDesc| parse(&d, 1 << 20, 4096);
-        assert_eq!(p(desc(sys::IO_OP_READ, 8, 8)), Ok((Op::Read, 4096, 4096)));
-        assert_eq!(
-            p(desc(sys::IO_OP_FLUSH, u64::MAX, 0)),
-            Ok((Op::Flush, 0, 0))
-        );
-        assert_eq!(p(desc(sys::IO_OP_WRITE, 2047, 2)), Err(libc::EINVAL));
-        assert_eq!(p(desc(sys::IO_OP_WRITE, 0, 16)), Err(libc::EINVAL));
-        assert_eq!(p(desc(sys::IO_OP_READ, u64::MAX, 1)), Err(libc::EINVAL));
-        assert_eq!(
-            p(desc(sys::IO_OP_DISCARD, 0, 2048)),
-            Ok((Op::Discard, 0, 1 << 20))
-        );
-        assert_eq!(p(desc(0x7f, 0, 1)), Err(libc::EOPNOTSUPP));
     }
 }

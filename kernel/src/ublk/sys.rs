@@ -1,5 +1,6 @@
 //! The ublk kernel interface (Documentation/block/ublk.rst): layouts and
-//! constants from include/uapi/linux/ublk_cmd.h as of Linux 6.12, and the
+//! constants from include/uapi/linux/ublk_cmd.h as of Linux 6.12 (flag names
+//! to 7.3), and the
 //! control device /dev/ublk-control, driven with io_uring URING_CMD on a
 //! ring of 128-byte submissions (the control command is 32 bytes).
 
@@ -141,8 +142,8 @@ pub const IO_COMMIT_AND_FETCH_REQ: u32 = ioc(IOC_WRITE_READ, 0x21, IO);
 pub const F_USER_RECOVERY: u64 = 1 << 3;
 pub const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 pub const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
-/// Names of the flag bits, for reports (bit 0 upwards, as of Linux 6.15).
-pub const FLAG_NAMES: [&str; 14] = [
+/// Names of the flag bits, for reports (bit 0 upwards, as of Linux 7.3).
+pub const FLAG_NAMES: [&str; 21] = [
     "SUPPORT_ZERO_COPY",
     "URING_CMD_COMP_IN_TASK",
     "NEED_GET_DATA",
@@ -157,7 +158,62 @@ pub const FLAG_NAMES: [&str; 14] = [
     "AUTO_BUF_REG",
     "QUIESCE",
     "PER_IO_DAEMON",
+    "BUF_REG_OFF_DAEMON",
+    "BATCH_IO",
+    "INTEGRITY",
+    "SAFE_STOP_DEV",
+    "NO_AUTO_PART_SCAN",
+    "SHMEM_ZC",
+    "IO_DESC_SIZE",
 ];
+
+/// What GET_FEATURES said this kernel's driver supports (`UBLK_F_*`
+/// bits): decided at run time, never from a version number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features(pub u64);
+
+impl Features {
+    /// What every device the broker makes needs: recovery with re-issue
+    /// (the broker's own restart keeps requests) and ioctl-encoded
+    /// commands (the only encoding `sys` speaks).
+    pub const NEEDED: u64 = F_USER_RECOVERY | F_USER_RECOVERY_REISSUE | F_CMD_IOCTL_ENCODE;
+
+    pub fn has(self, flags: u64) -> bool {
+        self.0 & flags == flags
+    }
+
+    /// The names of the bits set in `flags`, joined with `|` (unknown
+    /// bits as `bitN`).
+    pub fn names(flags: u64) -> String {
+        let name = |bit: usize| {
+            FLAG_NAMES
+                .get(bit)
+                .map_or_else(|| format!("bit{bit}"), |n| (*n).to_owned())
+        };
+        let set: Vec<String> = (0..64).filter(|b| flags >> b & 1 == 1).map(name).collect();
+        if set.is_empty() {
+            "none".to_owned()
+        } else {
+            set.join("|")
+        }
+    }
+
+    /// Fails, with what is missing, unless this kernel has `NEEDED`.
+    pub fn check(self) -> io::Result<()> {
+        if self.has(Self::NEEDED) {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "this kernel's ublk driver lacks {} (GET_FEATURES: {:#x}); the broker needs it to \
+                 keep a device's requests across its own restart (ublk_drv of Linux 6.0 or later)",
+                Self::names(Self::NEEDED & !self.0),
+                self.0
+            ),
+        ))
+    }
+}
 
 /// Device states (`UBLK_S_DEV_*`).
 pub const STATE_DEAD: u16 = 0;
@@ -248,10 +304,11 @@ impl Control {
     }
 
     /// The `UBLK_F_*` bits this kernel supports.
-    pub fn features(&mut self) -> io::Result<u64> {
+    pub fn features(&mut self) -> io::Result<Features> {
         let mut f = [0u8; 8];
-        self.cmd(CMD_GET_FEATURES, 0, Some(&mut f), 0)?;
-        Ok(u64::from_le_bytes(f))
+        self.cmd(CMD_GET_FEATURES, 0, Some(&mut f), 0)
+            .map_err(|e| io::Error::new(e.kind(), format!("ublk GET_FEATURES: {e}")))?;
+        Ok(Features(u64::from_le_bytes(f)))
     }
 
     /// Adds a device (`info.dev_id` u32::MAX: the kernel picks the id);
@@ -320,5 +377,23 @@ mod tests {
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
+    }
+
+    #[test]
+    fn features_are_named_and_checked() {
+        // What Debian's 6.12 and 7.3 report.
+        let (v612, v73) = (Features(0x1fe), Features(0x1f_ffff));
+        assert!(v612.check().is_ok() && v73.check().is_ok());
+        assert!(!v612.has(1 << 12) && v73.has(1 << 12));
+        assert_eq!(
+            Features::names(0x58),
+            "USER_RECOVERY|USER_RECOVERY_REISSUE|CMD_IOCTL_ENCODE"
+        );
+        assert_eq!(Features::names(1 << 40), "bit40");
+        assert_eq!(Features::names(0), "none");
+        let e = Features(F_USER_RECOVERY | F_CMD_IOCTL_ENCODE)
+            .check()
+            .unwrap_err();
+        assert!(e.to_string().contains("lacks USER_RECOVERY_REISSUE"), "{e}");
     }
 }
