@@ -13,6 +13,7 @@ pub mod fault;
 pub mod lease;
 pub mod rings;
 pub mod serve;
+pub mod ublk;
 
 use std::fmt;
 use std::io;

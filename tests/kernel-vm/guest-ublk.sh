@@ -1,5 +1,6 @@
 # Runs inside the VM (sh, as root; HOLDFAST_REPO is set by ./run): the
-# broker's typed ublk interface against the real driver, then an export
+# broker's typed ublk interface against the real driver, the daemon
+# library's ublk queue server without a broker (hf-ublk-baseline), then an export
 # served through a ublk device: a data round trip with O_DIRECT (requests
 # larger than a tag's buffer are split by the kernel), fio's verify across
 # 20 daemon kills and across 10 handoffs, the device compared with the
@@ -15,6 +16,21 @@
 echo "kernel $(uname -r)"
 $B/hf-ublk-probe features
 $B/hf-ublk-probe add-del
+
+# The daemon library's ublk queue server (direct mode's data path), with no
+# broker: hf-ublk-baseline. fio's verify, then the device against its file.
+$B/hf-ublk-baseline --backend file:$W/base.img --size $((16 << 20)) > $W/base.log 2>&1 &
+base=$!
+wait_for 30 grep -q '^ready' $W/base.log || { cat $W/base.log; exit 1; }
+bdev=$(sed -n 's/^ready //p' $W/base.log)
+fio --name=base --filename=$bdev --direct=1 --ioengine=io_uring --iodepth=8 --rw=randwrite \
+    --bs=4k --size=8M --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 \
+    --output=$W/fio-base.log > /dev/null 2>&1 || { cat $W/fio-base.log $W/base.log; exit 1; }
+dd if=$bdev bs=1M count=16 iflag=direct status=none | cmp - $W/base.img
+kill -TERM $base
+wait $base || { cat $W/base.log; exit 1; }
+grep '^served' $W/base.log
+echo "the daemon library's ublk queue server, daemon-less: fio verify, device = file: ok"
 
 export HOLDFAST_SOCKET=$W/s.sock
 $B/holdfast-broker --socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk > $W/broker.log 2>&1 &

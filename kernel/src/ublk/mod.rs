@@ -9,7 +9,38 @@ pub mod sys;
 
 use holdfast_proto::shm::Op;
 
-use self::sys::IoDesc;
+use self::sys::{IoDesc, ParamBasic, ParamDiscard, Params};
+
+/// The parameters of a device of `size` bytes with `block_size` logical
+/// blocks and tag buffers of `max_io` bytes (the largest request).
+pub fn params(size: u64, block_size: u32, max_io: u32) -> Params {
+    let shift = |n: u32| u8::try_from(n.trailing_zeros()).unwrap_or(9);
+    let sectors = max_io >> 9;
+    Params {
+        len: u32::try_from(size_of::<Params>()).unwrap_or(0),
+        types: sys::PARAM_TYPE_BASIC | sys::PARAM_TYPE_DISCARD,
+        basic: ParamBasic {
+            // Writes are cached until a flush (the daemon's page cache, a
+            // WAL): the kernel must send flushes.
+            attrs: sys::ATTR_VOLATILE_CACHE,
+            logical_bs_shift: shift(block_size),
+            physical_bs_shift: 12,
+            io_opt_shift: 12,
+            io_min_shift: shift(block_size),
+            max_sectors: sectors,
+            dev_sectors: size >> 9,
+            ..ParamBasic::default()
+        },
+        discard: ParamDiscard {
+            discard_granularity: block_size,
+            max_discard_sectors: sectors,
+            max_write_zeroes_sectors: sectors,
+            max_discard_segments: 1,
+            ..ParamDiscard::default()
+        },
+        pad: 0,
+    }
+}
 
 /// Bytes of a queue's descriptor array mapping: the driver maps exactly
 /// round_up(depth * descriptor, PAGE_SIZE) (ublk_ch_mmap, 6.12), with the

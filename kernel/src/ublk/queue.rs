@@ -8,7 +8,7 @@
 //! (`ubq_daemon`), so a `Queue` is used by one thread only.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, opcode, squeue, types};
@@ -115,12 +115,32 @@ impl Queue {
         unsafe { self.push(&sqe) }
     }
 
-    /// Queues a submission of the caller's (its `user_data` must be at or
-    /// above `USER_DATA_BASE`).
+    /// Queues a poll for `fd` to be readable, completing as
+    /// `Event::User { user_data, .. }` (`user_data` at or above
+    /// `USER_DATA_BASE`): how a server's other threads wake the queue's
+    /// (an eventfd).
+    pub fn poll(&mut self, fd: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
+        if user_data < USER_DATA_BASE {
+            return Err(io::Error::other(format!(
+                "user_data {user_data:#x} of a poll is a tag's"
+            )));
+        }
+        let sqe = opcode::PollAdd::new(
+            types::Fd(fd.as_raw_fd()),
+            u32::try_from(libc::POLLIN).unwrap_or(1),
+        )
+        .build()
+        .user_data(user_data);
+        // SAFETY: a poll points at no memory (the ring holds a reference
+        // to the file).
+        unsafe { self.push(&sqe) }
+    }
+
+    /// Queues a submission.
     ///
     /// # Safety
     /// Whatever memory `sqe` points at must stay valid until it completes.
-    pub unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+    unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         // SAFETY: the caller's promise, passed on.
         if unsafe { self.ring.submission().push(sqe) }.is_err() {
             self.ring.submit()?;

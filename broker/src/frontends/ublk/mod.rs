@@ -17,18 +17,15 @@
 //! server (`UblkDevice::start_or_recover`).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use holdfast_kernel::ublk::parse;
 use holdfast_kernel::ublk::queue::{Event, Queue as UblkQueue};
-use holdfast_kernel::ublk::sys::{
-    self, Control, DevInfo, IoDesc, ParamBasic, ParamDiscard, Params,
-};
+use holdfast_kernel::ublk::sys::{self, Control, DevInfo, IoDesc};
+use holdfast_kernel::ublk::{params, parse};
 use holdfast_proto::shm::Op;
-use io_uring::{opcode, types};
 use parking_lot::Mutex;
 
 use super::{Origin, Outcome, ReplySink, Target};
@@ -224,36 +221,10 @@ impl UblkDevice {
     }
 
     fn set_params(ctl: &mut Control, export: &Arc<Export>, dev_id: u32) -> io::Result<()> {
-        let shift = |n: u32| u8::try_from(n.trailing_zeros()).unwrap_or(9);
-        let sectors = export.slot_size() >> 9;
         ctl.set_params(
             dev_id,
-            &Params {
-                len: u32::try_from(size_of::<Params>()).unwrap_or(0),
-                types: sys::PARAM_TYPE_BASIC | sys::PARAM_TYPE_DISCARD,
-                basic: ParamBasic {
-                    // Writes are cached until a flush (the daemon's page
-                    // cache, a WAL): the kernel must send flushes.
-                    attrs: sys::ATTR_VOLATILE_CACHE,
-                    logical_bs_shift: shift(export.block_size()),
-                    physical_bs_shift: 12,
-                    io_opt_shift: 12,
-                    io_min_shift: shift(export.block_size()),
-                    max_sectors: sectors,
-                    dev_sectors: export.size() >> 9,
-                    ..ParamBasic::default()
-                },
-                discard: ParamDiscard {
-                    discard_granularity: export.block_size(),
-                    max_discard_sectors: sectors,
-                    max_write_zeroes_sectors: sectors,
-                    max_discard_segments: 1,
-                    ..ParamDiscard::default()
-                },
-                pad: 0,
-            },
-        )?;
-        Ok(())
+            &params(export.size(), export.block_size(), export.slot_size()),
+        )
     }
 
     /// Stops and deletes the device (`export rm`). Requests still waiting
@@ -436,14 +407,7 @@ impl Queue {
     }
 
     fn push_wake(&mut self) -> io::Result<()> {
-        let sqe = opcode::PollAdd::new(
-            types::Fd(self.mailbox.wake.as_raw_fd()),
-            u32::try_from(libc::POLLIN).unwrap_or(1),
-        )
-        .build()
-        .user_data(WAKE);
-        // SAFETY: a poll on the mailbox's eventfd, which this queue holds.
-        unsafe { self.ring.push(&sqe) }
+        self.ring.poll(self.mailbox.wake.as_fd(), WAKE)
     }
 
     /// Fetches every tag, then maps the descriptors (the order
