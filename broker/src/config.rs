@@ -36,12 +36,6 @@ impl ExportSpec {
                 self.name
             ));
         }
-        if self.direct && self.ublk {
-            return Err(format!(
-                "export {}: direct mode serves FUSE exports only so far; drop ublk or direct",
-                self.name
-            ));
-        }
         if self.size == 0 || !self.size.is_multiple_of(u64::from(block_size)) {
             return Err(format!(
                 "export {}: size {} is not a whole number of {block_size}-byte blocks",
@@ -194,7 +188,8 @@ impl Config {
 
 /// Parses `NAME=SIZE[,OPTION]...`, options `block`, `ublk`, `direct` and
 /// `relay`. A FUSE export is direct unless `relay` (daemons that cannot
-/// serve it directly still get relay mode); a ublk export is relay.
+/// serve it directly still get relay mode); a ublk export is relay unless
+/// `direct` (then only daemons that serve its queue themselves attach).
 pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
     let (name, rest) = s.split_once('=').ok_or_else(|| {
         format!(
@@ -215,8 +210,9 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
             _ => {
                 return Err(format!(
                     "--export {s:?}: unknown option {opt:?} (block: a loop device over the FUSE \
-                     file; ublk: a ublk device; direct, the default: daemons serve the FUSE \
-                     connection themselves; relay: every request goes through the broker)"
+                     file; ublk: a ublk device; direct: daemons serve the kernel's queue \
+                     themselves, the default for FUSE; relay: every request goes through the \
+                     broker, the default for ublk)"
                 ));
             }
         };
@@ -234,7 +230,6 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
         size,
         block,
         ublk,
-        // Asked for on a ublk export, check() refuses it.
         direct: direct || !(relay || ublk),
     })
 }
@@ -301,12 +296,7 @@ mod tests {
         let both = parse_export("vol0=1GiB,direct,relay").unwrap_err();
         assert!(both.contains("exclude each other"), "{both}");
         let ublk_direct = parse_export("vol0=1GiB,ublk,direct").unwrap();
-        assert!(
-            ublk_direct
-                .check(512)
-                .unwrap_err()
-                .contains("FUSE exports only")
-        );
+        assert!(ublk_direct.direct && ublk_direct.check(512).is_ok());
         // A ublk export is relay without being told.
         assert!(parse_export("vol0=1GiB,ublk").is_ok_and(|e| e.ublk && !e.direct));
         assert!(parse_export("vol0=1GiB,ublk,relay").is_ok_and(|e| e.check(512).is_ok()));

@@ -206,7 +206,7 @@ impl Broker {
         )?;
         if spec.ublk {
             let record = self.state_dir.join(format!("ublk-{}.id", spec.name));
-            let device = UblkDevice::start_or_recover(&export, record)
+            let device = UblkDevice::start_or_recover(&export, record, spec.direct)
                 .map_err(|e| format!("export {}: {e}", spec.name))?;
             info!("{}: ublk device {}", spec.name, device.dev_id);
             self.ublk.lock().push((spec.name.clone(), device));

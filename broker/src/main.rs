@@ -20,14 +20,16 @@ Options:
                           root and the broker's own uid are always accepted)
   --mountpoint DIR        directory of the exports: each export is the file
                           DIR/NAME, its own FUSE mount [default: /run/holdfast/mnt]
-  --export NAME=SIZE[,block|,ublk][,relay]
+  --export NAME=SIZE[,block|,ublk][,direct|,relay]
                           an export, e.g. vol0=256MiB (repeatable); with
                           ,block it also gets a block device /dev/loopN over
                           its FUSE file; with ,ublk it is a ublk device
                           /dev/ublkbN instead. Daemons read a FUSE export's
                           connection themselves (direct mode, Linux 6.9+)
                           unless ,relay or the daemon's --relay: then every
-                          request goes through the broker
+                          request goes through the broker. A ublk export is
+                          relayed unless ,direct: then its daemon serves the
+                          device's queue (and must be able to)
   --cachefiles DIR,TAG    bind /dev/cachefiles in ondemand mode on DIR (a
                           directory on ext4 or xfs) with TAG, and serve it as
                           the blob export named TAG: daemons attach with

@@ -18,14 +18,18 @@ pub enum Point {
     SuccessorAfterActivate,
     /// The old daemon, on QUIESCE, with its requests still in flight.
     PredecessorDuringQuiesce,
+    /// Direct mode on ublk: a write has reached the backend and is not
+    /// committed to the kernel yet (the next server gets it again).
+    UblkWriteBeforeCommit,
 }
 
 impl Point {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::SuccessorAfterPrepare,
         Self::SuccessorAfterReady,
         Self::SuccessorAfterActivate,
         Self::PredecessorDuringQuiesce,
+        Self::UblkWriteBeforeCommit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -34,6 +38,7 @@ impl Point {
             Self::SuccessorAfterReady => "successor-after-ready",
             Self::SuccessorAfterActivate => "successor-after-activate",
             Self::PredecessorDuringQuiesce => "predecessor-during-quiesce",
+            Self::UblkWriteBeforeCommit => "ublk-write-before-commit",
         }
     }
 }

@@ -166,8 +166,12 @@ pub fn run_with(
     let replayed = conn.restore()?;
     log(&format!("restored; {replayed} requests replayed"));
     let mut att = att;
+    // Direct mode on ublk: the queue, served on while the broker is away.
+    let mut queue = None;
     loop {
-        match serve::serve_attachment(&mut conn, att, backend.clone(), opts, &signals)? {
+        let served =
+            serve::serve_attachment(&mut conn, att, backend.clone(), opts, &signals, &mut queue)?;
+        match served {
             Served::HandedOff => return Ok(()),
             Served::Detached => return backend.detach(),
             Served::BrokerGone { lease_released } => {

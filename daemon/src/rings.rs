@@ -50,7 +50,7 @@ impl Attachment {
 
     /// Maps the descriptors of an ATTACHED reply after checking the geometry.
     pub fn new(geometry: Attached, mut fds: Vec<OwnedFd>) -> Result<Self, Error> {
-        let conns = geometry.direct.map_or(0, |d| d.conns as usize);
+        let conns = geometry.direct.map_or(0, |d| d.conns() as usize);
         if fds.len() != attach_fds::COUNT + conns {
             return Err(Error::Protocol(format!(
                 "ATTACHED carried {} descriptors, {} expected",

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use holdfast_proto::shm::{Completion, Op, Submission};
-use holdfast_proto::{HandoffRequest, Reply, Request};
+use holdfast_proto::{DirectTerms, HandoffRequest, Reply, Request};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
@@ -20,7 +20,7 @@ use crate::client::Connection;
 use crate::direct::{Direct, Meter};
 use crate::fault::{self, Point};
 use crate::rings::Attachment;
-use crate::{Error, Options, log};
+use crate::{Error, Options, log, ublk};
 
 /// How long the main loop sleeps between checks when idle.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -431,20 +431,154 @@ pub fn serve(
     outcome
 }
 
-/// Serves an attachment in the mode the broker gave it.
+/// Serves an attachment in the mode the broker gave it. `queue`: a ublk
+/// queue this daemon serves in direct mode, kept while the broker is away
+/// (the device is served on meanwhile).
 pub fn serve_attachment(
     conn: &mut Connection,
     mut att: Attachment,
     backend: Arc<dyn Backend>,
     opts: &Options,
     signals: &Signals,
+    queue: &mut Option<ublk::Running>,
 ) -> Result<Served, Error> {
+    let size = att.geometry.size;
     match att.geometry.direct {
-        Some(terms) => {
+        Some(DirectTerms::Fuse(terms)) => {
             let lent = att.take_lent();
             serve_direct(conn, terms, Arc::new(att), lent, backend, opts, signals)
         }
+        Some(DirectTerms::Ublk(terms)) => {
+            let geo = ublk::Geometry {
+                dev_id: terms.dev_id,
+                depth: terms.depth,
+                buf_size: terms.buf_size,
+                size,
+            };
+            serve_ublk(conn, geo, backend, opts, signals, queue)
+        }
         None => serve(conn, att, backend, opts, signals),
+    }
+}
+
+/// Direct mode on a ublk export: serves the device's queue on a thread of
+/// its own and watches the control socket and the signals. The queue stops
+/// (answering what the workers run; the kernel re-issues the rest to the
+/// next server) on a signal, QUIESCE or the export's removal, and goes on
+/// while the broker is away. After a QUIESCE it opens again on REVIVE,
+/// once RESTORED says the broker has begun the device's recovery.
+fn serve_ublk(
+    conn: &mut Connection,
+    geo: ublk::Geometry,
+    backend: Arc<dyn Backend>,
+    opts: &Options,
+    signals: &Signals,
+    queue: &mut Option<ublk::Running>,
+) -> Result<Served, Error> {
+    if queue.as_ref().is_some_and(|q| q.geometry() != geo) {
+        log("the broker serves another ublk device now: stopping the old queue");
+        stop_queue(queue);
+    }
+    let start = |queue: &mut Option<ublk::Running>| -> Result<(), Error> {
+        if queue.is_none() {
+            let q = ublk::Running::start(geo, backend.clone(), opts.workers)
+                .map_err(|e| Error::io("cannot serve the ublk queue", e))?;
+            log(&format!(
+                "direct mode: serving /dev/ublkc{} ({} tags of {} bytes)",
+                geo.dev_id, geo.depth, geo.buf_size
+            ));
+            *queue = Some(q);
+        }
+        Ok(())
+    };
+    start(queue)?;
+    let mut phase = Phase::Serving;
+    loop {
+        let ready = poll(&[conn.socket(), signals.fd.as_fd()], Some(IDLE_POLL));
+        if queue.as_ref().is_some_and(ublk::Running::finished) {
+            log("the ublk device took its tags back (stopped or deleted)");
+            stop_queue(queue);
+        }
+        if ready[1] {
+            for sig in signals.take() {
+                match sig {
+                    Signal::Stop if phase == Phase::Serving => {
+                        log("signal received: detaching (answering what the queue runs)");
+                        stop_queue(queue);
+                        return detach(conn);
+                    }
+                    Signal::Stop => log("signal received while handed off: leaving once released"),
+                    Signal::Upgrade => {
+                        log("SIGHUP: asking the broker to hand this export off to a fresh daemon");
+                        let _ = conn.send(&upgrade_request(opts));
+                    }
+                }
+            }
+        }
+        if !ready[0] {
+            continue;
+        }
+        let msg = match conn.recv() {
+            Ok((msg, _)) => msg,
+            Err(Error::Protocol(e)) => {
+                stop_queue(queue);
+                return Err(Error::Protocol(e));
+            }
+            Err(_) => return Ok(gone(phase, false)),
+        };
+        match msg {
+            Reply::Detached if phase == Phase::Quiesced => {
+                log("handed off to the successor; exiting");
+                return Ok(Served::HandedOff);
+            }
+            Reply::Detached => {
+                stop_queue(queue);
+                log("detached by the broker (the export was removed)");
+                return Ok(Served::Detached);
+            }
+            Reply::Quiesce => {
+                fault::inject(Point::PredecessorDuringQuiesce);
+                log("QUIESCE: a successor is taking over; answering what the queue runs");
+                stop_queue(queue);
+                backend.release_lease()?;
+                phase = Phase::Quiesced;
+                if conn.send(&Request::Quiesced).is_err() {
+                    return Ok(gone(phase, false));
+                }
+                log("quiesced: the queue is closed, lease released");
+            }
+            Reply::Revive => {
+                if phase == Phase::Quiesced {
+                    backend.acquire_lease(opts.lease_timeout)?;
+                }
+                phase = Phase::Serving;
+                log("REVIVE: the successor failed; serving again");
+                if conn.send(&Request::Restore).is_err() {
+                    return Ok(gone(phase, false));
+                }
+            }
+            Reply::Restored { replayed } => {
+                log(&format!("restored; {replayed} requests replayed"));
+                if phase == Phase::Serving {
+                    start(queue)?;
+                }
+            }
+            Reply::HandoffArmed { .. } => log("the broker is starting a successor"),
+            Reply::Error(e) => log(&format!("broker: {e}")),
+            other => log(&format!("unexpected message from the broker: {other:?}")),
+        }
+    }
+}
+
+/// Stops a ublk queue, if it runs, and says what it did.
+fn stop_queue(queue: &mut Option<ublk::Running>) {
+    let Some(q) = queue.take() else { return };
+    match q.stop() {
+        Ok(s) => log(&format!(
+            "direct mode: the ublk queue stopped after {} answers ({} failed, {} left to the next server)",
+            s.served, s.failed, s.left
+        )),
+        Err(e) => log(&format!("direct mode: the ublk queue stopped: {e}")),
     }
 }
 
@@ -456,7 +590,7 @@ pub fn serve_attachment(
 /// broker acts; after a QUIESCE the same descriptors serve again on REVIVE.
 fn serve_direct(
     conn: &mut Connection,
-    terms: holdfast_proto::DirectTerms,
+    terms: holdfast_proto::FuseTerms,
     att: Arc<Attachment>,
     lent: Vec<OwnedFd>,
     backend: Arc<dyn Backend>,

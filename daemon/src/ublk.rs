@@ -1,7 +1,7 @@
 //! Serving a ublk queue from this process, the backend called in place:
-//! the data path of ublk's direct mode (issue 17; the broker's custody of
-//! the device is not built yet) and the benchmark's daemon-less server
-//! (`hf-ublk-baseline`). The queue is holdfast-kernel's, the code the
+//! the data path of ublk's direct mode (the broker keeps the device's
+//! control side: `Running`) and the benchmark's daemon-less server
+//! (`hf-ublk-baseline`: `serve`). The queue is holdfast-kernel's, the code the
 //! broker runs in relay mode.
 //!
 //! The driver takes every command of a queue from one thread only, so the
@@ -14,11 +14,13 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use holdfast_kernel::ublk::parse;
 use holdfast_kernel::ublk::queue::{Event, Queue, USER_DATA_BASE};
-use holdfast_kernel::ublk::sys::MAX_QUEUE_DEPTH;
+use holdfast_kernel::ublk::sys::{IoDesc, MAX_QUEUE_DEPTH};
 use holdfast_proto::shm::Op;
 use memmap2::MmapMut;
 use parking_lot::Mutex;
@@ -31,7 +33,7 @@ const CDEV_WAIT: Duration = Duration::from_secs(5);
 const WAKE: u64 = USER_DATA_BASE;
 
 /// The device a queue serves, as its control side made it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     pub dev_id: u32,
     pub depth: u16,
@@ -49,6 +51,9 @@ pub struct Stats {
     /// Requests answered with an error (the backend's, or a descriptor
     /// that failed its check).
     pub failed: u64,
+    /// Requests that came after `Running::stop` and were not answered:
+    /// the kernel re-issues them to the device's next server.
+    pub left: u64,
 }
 
 /// The tags' buffers: one anonymous mapping, tag `t`'s at `t * size`.
@@ -122,6 +127,10 @@ struct Mailbox {
 impl Mailbox {
     fn post(&self, tag: u16, result: i32) {
         self.done.lock().push((tag, result));
+        self.kick();
+    }
+
+    fn kick(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
 }
@@ -133,7 +142,11 @@ fn run(backend: &dyn Backend, buffers: &Buffers, job: Job) -> i32 {
         // until the COMMIT; `parse` bounded `len` by the buffer size.
         unsafe { buffers.slice(job.tag, job.len as usize) }
     });
-    match backends::run(backend, Ask::volume(job.op, job.offset, job.len), buf) {
+    let done = backends::run(backend, Ask::volume(job.op, job.offset, job.len), buf);
+    if job.op == Op::Write {
+        crate::fault::inject(crate::fault::Point::UblkWriteBeforeCommit);
+    }
+    match done {
         Ok(n) => i32::try_from(n).unwrap_or(-libc::EIO),
         Err(e) => e.raw_os_error().unwrap_or(libc::EIO).saturating_neg(),
     }
@@ -157,28 +170,7 @@ pub fn serve(
         ready(Err(io::Error::new(e.kind(), e.to_string())));
         return Err(e);
     }
-    let started = Buffers::new(geo.depth, geo.buf_size)
-        .and_then(|b| Ok((b, Queue::open(geo.dev_id, geo.depth, 4, CDEV_WAIT)?)))
-        .and_then(|(buffers, queue)| {
-            let wake = rustix::event::eventfd(
-                0,
-                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-            )?;
-            let mut server = Server {
-                geo,
-                queue,
-                buffers: Arc::new(buffers),
-                backend,
-                mailbox: Arc::new(Mailbox {
-                    done: Mutex::new(Vec::new()),
-                    wake,
-                }),
-                stats: Stats::default(),
-            };
-            server.start()?;
-            Ok(server)
-        });
-    let mut server = match started {
+    let mut server = match Server::open(geo, backend) {
         Ok(s) => s,
         Err(e) => {
             ready(Err(io::Error::new(e.kind(), e.to_string())));
@@ -186,7 +178,71 @@ pub fn serve(
         }
     };
     ready(Ok(()));
-    server.run(workers.max(1))
+    server.run(workers.max(1), &AtomicBool::new(false))
+}
+
+/// A queue served on a thread of its own (direct mode), until `stop`, or
+/// until the device takes every tag back (it was stopped, or deleted).
+pub struct Running {
+    geo: Geometry,
+    stop: Arc<AtomicBool>,
+    mailbox: Arc<Mailbox>,
+    thread: JoinHandle<io::Result<Stats>>,
+}
+
+impl Running {
+    /// Opens the queue, fetches every tag and serves it with `workers`
+    /// threads; returns once the tags are fetched (the broker's START_DEV
+    /// or END_USER_RECOVERY then completes), or why they are not.
+    pub fn start(geo: Geometry, backend: Arc<dyn Backend>, workers: usize) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ublk-queue-{}", geo.dev_id))
+            .spawn(move || {
+                let mut server = match Server::open(geo, backend) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Err(e);
+                    }
+                };
+                let _ = tx.send(Ok(server.mailbox.clone()));
+                server.run(workers.max(1), &flag)
+            })?;
+        let mailbox = match rx.recv() {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("the ublk queue thread failed")),
+        };
+        Ok(Self {
+            geo,
+            stop,
+            mailbox,
+            thread,
+        })
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Whether the queue ended by itself (the device took its tags back).
+    pub fn finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Stops serving: what the workers run is answered, what comes after is
+    /// left to the device's next server; then /dev/ublkcN is closed, and
+    /// the kernel quiesces the device. What the queue did.
+    pub fn stop(self) -> io::Result<Stats> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.mailbox.kick();
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the ublk queue thread failed")))
+    }
 }
 
 struct Server {
@@ -196,9 +252,35 @@ struct Server {
     backend: Arc<dyn Backend>,
     mailbox: Arc<Mailbox>,
     stats: Stats,
+    /// Requests handed to the workers and not committed yet.
+    at_workers: usize,
 }
 
 impl Server {
+    /// Opens the queue of `geo` and fetches every tag.
+    fn open(geo: Geometry, backend: Arc<dyn Backend>) -> io::Result<Self> {
+        let buffers = Buffers::new(geo.depth, geo.buf_size)?;
+        let queue = Queue::open(geo.dev_id, geo.depth, 4, CDEV_WAIT)?;
+        let wake = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        let mut server = Self {
+            geo,
+            queue,
+            buffers: Arc::new(buffers),
+            backend,
+            mailbox: Arc::new(Mailbox {
+                done: Mutex::new(Vec::new()),
+                wake,
+            }),
+            stats: Stats::default(),
+            at_workers: 0,
+        };
+        server.start()?;
+        Ok(server)
+    }
+
     fn start(&mut self) -> io::Result<()> {
         for tag in 0..self.geo.depth {
             let addr = self.buffers.addr(tag);
@@ -209,7 +291,7 @@ impl Server {
         self.queue.map()
     }
 
-    fn run(&mut self, workers: usize) -> io::Result<Stats> {
+    fn run(&mut self, workers: usize, stop: &AtomicBool) -> io::Result<Stats> {
         let (jobs, inbox) = crossbeam_channel::unbounded::<Job>();
         let threads: Vec<_> = (0..workers)
             .map(|i| {
@@ -224,7 +306,7 @@ impl Server {
                     })
             })
             .collect::<io::Result<_>>()?;
-        let served = self.serve(&jobs);
+        let served = self.serve(&jobs, stop);
         drop(jobs);
         for t in threads {
             let _ = t.join();
@@ -232,40 +314,59 @@ impl Server {
         served.map(|()| self.stats)
     }
 
-    fn serve(&mut self, jobs: &crossbeam_channel::Sender<Job>) -> io::Result<()> {
+    /// Serves until every tag is aborted, or `stop` is set and the
+    /// workers' requests are committed.
+    fn serve(&mut self, jobs: &crossbeam_channel::Sender<Job>, stop: &AtomicBool) -> io::Result<()> {
         let mut aborted = 0u16;
         let mut events = Vec::new();
         while aborted < self.geo.depth {
+            let stopping = stop.load(Ordering::SeqCst);
+            if stopping && self.at_workers == 0 {
+                return Ok(());
+            }
             self.queue.wait(&mut events)?;
             let alone = events.len() == 1 && self.backend.quick();
             for event in events.drain(..) {
                 match event {
                     Event::User { .. } => self.commit_done()?,
-                    Event::Request { tag, desc } => {
-                        match parse(&desc, self.geo.size, self.geo.buf_size) {
-                            Ok((op, offset, len)) => {
-                                let job = Job {
-                                    tag,
-                                    op,
-                                    offset,
-                                    len,
-                                };
-                                if alone {
-                                    let result = run(&*self.backend, &self.buffers, job);
-                                    self.commit(tag, result)?;
-                                } else if jobs.send(job).is_err() {
-                                    self.commit(tag, -libc::EIO)?;
-                                }
-                            }
-                            Err(errno) => self.commit(tag, errno.saturating_neg())?,
-                        }
-                    }
+                    // Re-issued by the kernel to the next server.
+                    Event::Request { .. } if stopping => self.stats.left += 1,
+                    Event::Request { tag, desc } => self.request(tag, &desc, alone, jobs)?,
                     Event::Aborted { .. } | Event::Refused { .. } => {
                         aborted = aborted.saturating_add(1);
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Runs a request in place (`alone`) or hands it to a worker.
+    fn request(
+        &mut self,
+        tag: u16,
+        desc: &IoDesc,
+        alone: bool,
+        jobs: &crossbeam_channel::Sender<Job>,
+    ) -> io::Result<()> {
+        let (op, offset, len) = match parse(desc, self.geo.size, self.geo.buf_size) {
+            Ok(p) => p,
+            Err(errno) => return self.commit(tag, errno.saturating_neg()),
+        };
+        let job = Job {
+            tag,
+            op,
+            offset,
+            len,
+        };
+        if alone {
+            let result = run(&*self.backend, &self.buffers, job);
+            return self.commit(tag, result);
+        }
+        if jobs.send(job).is_err() {
+            return self.commit(tag, -libc::EIO);
+        }
+        self.at_workers += 1;
         Ok(())
     }
 
@@ -283,6 +384,7 @@ impl Server {
         let mut word = [0u8; 8];
         let _ = rustix::io::read(&self.mailbox.wake, &mut word);
         let done = std::mem::take(&mut *self.mailbox.done.lock());
+        self.at_workers = self.at_workers.saturating_sub(done.len());
         for (tag, result) in done {
             self.commit(tag, result)?;
         }

@@ -127,11 +127,28 @@ impl Mode {
 /// Most FUSE descriptors a direct-mode daemon is lent.
 pub const MAX_DIRECT_CONNS: u32 = 64;
 
-/// What a direct-mode daemon needs to serve the export's FUSE connection,
-/// sent with ATTACHED: what the broker's INIT negotiated and the shape of
-/// the file system, so that both answer alike.
+/// What a direct-mode daemon needs to serve the export's kernel queue,
+/// sent with ATTACHED: one kind per frontend that can lend its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DirectTerms {
+pub enum DirectTerms {
+    Fuse(FuseTerms),
+    Ublk(UblkTerms),
+}
+
+impl DirectTerms {
+    /// FUSE descriptors passed after the [`attach_fds`] ones.
+    pub fn conns(&self) -> u32 {
+        match self {
+            Self::Fuse(f) => f.conns,
+            Self::Ublk(_) => 0,
+        }
+    }
+}
+
+/// Direct mode on a FUSE export: what the broker's INIT negotiated and the
+/// shape of the file system, so that both answer alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FuseTerms {
     /// The kernel's FUSE protocol minor version.
     pub minor: u32,
     /// INIT's flags (flags2 in the high half).
@@ -145,6 +162,24 @@ pub struct DirectTerms {
     /// FUSE descriptors passed after the [`attach_fds`] ones, 1 to
     /// [`MAX_DIRECT_CONNS`].
     pub conns: u32,
+}
+
+/// Most tags of a ublk queue (`UBLK_MAX_QUEUE_DEPTH`, linux/ublk_cmd.h).
+pub const MAX_UBLK_DEPTH: u16 = 4096;
+/// Largest ublk tag buffer a daemon is asked to map (64 MiB: far above
+/// any `max_io_buf_bytes` the broker sets).
+pub const MAX_UBLK_BUF: u32 = 64 << 20;
+
+/// Direct mode on a ublk export: the device whose queue the daemon opens
+/// (/dev/ublkcN) and serves; the broker keeps its control side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UblkTerms {
+    pub dev_id: u32,
+    /// Tags of the device's one queue, 1 to [`MAX_UBLK_DEPTH`].
+    pub depth: u16,
+    /// Bytes of a tag's buffer (the device's `max_io_buf_bytes`), 1 to
+    /// [`MAX_UBLK_BUF`].
+    pub buf_size: u32,
 }
 
 /// EXPORT_ADD: the operator adds an export to a running broker.
@@ -643,8 +678,48 @@ fn get_daemon(r: &mut Reader<'_>) -> Result<Option<DaemonStatus>, DecodeError> {
     }))
 }
 
-fn get_terms(r: &mut Reader<'_>) -> Result<DirectTerms, DecodeError> {
-    let terms = DirectTerms {
+/// Direct mode's terms in ATTACHED: a byte saying which (0 none, 1 FUSE,
+/// 2 ublk), then their fields.
+fn put_terms(w: &mut Writer, terms: Option<&DirectTerms>) {
+    match terms {
+        None => {
+            w.u8(terms::NONE);
+        }
+        Some(DirectTerms::Fuse(d)) => {
+            w.u8(terms::FUSE)
+                .u32(d.minor)
+                .u64(d.flags)
+                .u32(d.max_io)
+                .u16(d.max_background)
+                .u64(d.started)
+                .u32(d.conns);
+        }
+        Some(DirectTerms::Ublk(u)) => {
+            w.u8(terms::UBLK).u32(u.dev_id).u16(u.depth).u32(u.buf_size);
+        }
+    }
+}
+
+mod terms {
+    pub const NONE: u8 = 0;
+    pub const FUSE: u8 = 1;
+    pub const UBLK: u8 = 2;
+}
+
+fn get_terms(r: &mut Reader<'_>) -> Result<Option<DirectTerms>, DecodeError> {
+    match r.u8("attached.direct")? {
+        terms::NONE => Ok(None),
+        terms::FUSE => get_fuse_terms(r).map(|t| Some(DirectTerms::Fuse(t))),
+        terms::UBLK => get_ublk_terms(r).map(|t| Some(DirectTerms::Ublk(t))),
+        v => Err(DecodeError::BadValue {
+            field: "attached.direct",
+            value: u64::from(v),
+        }),
+    }
+}
+
+fn get_fuse_terms(r: &mut Reader<'_>) -> Result<FuseTerms, DecodeError> {
+    let terms = FuseTerms {
         minor: r.u32("direct.minor")?,
         flags: r.u64("direct.flags")?,
         max_io: r.u32("direct.max_io")?,
@@ -656,6 +731,27 @@ fn get_terms(r: &mut Reader<'_>) -> Result<DirectTerms, DecodeError> {
         return Err(DecodeError::BadValue {
             field: "direct.conns",
             value: u64::from(terms.conns),
+        });
+    }
+    Ok(terms)
+}
+
+fn get_ublk_terms(r: &mut Reader<'_>) -> Result<UblkTerms, DecodeError> {
+    let terms = UblkTerms {
+        dev_id: r.u32("direct.dev_id")?,
+        depth: r.u16("direct.depth")?,
+        buf_size: r.u32("direct.buf_size")?,
+    };
+    if terms.depth == 0 || terms.depth > MAX_UBLK_DEPTH {
+        return Err(DecodeError::BadValue {
+            field: "direct.depth",
+            value: u64::from(terms.depth),
+        });
+    }
+    if terms.buf_size == 0 || terms.buf_size > MAX_UBLK_BUF {
+        return Err(DecodeError::BadValue {
+            field: "direct.buf_size",
+            value: u64::from(terms.buf_size),
         });
     }
     Ok(terms)
@@ -732,16 +828,8 @@ impl Reply {
                     .u32(a.slot_count)
                     .u32(a.slot_size)
                     .u64(a.epoch)
-                    .u32(a.pending)
-                    .bool(a.direct.is_some());
-                if let Some(d) = &a.direct {
-                    w.u32(d.minor)
-                        .u64(d.flags)
-                        .u32(d.max_io)
-                        .u16(d.max_background)
-                        .u64(d.started)
-                        .u32(d.conns);
-                }
+                    .u32(a.pending);
+                put_terms(&mut w, a.direct.as_ref());
                 w
             }
             Self::Restored { replayed } => {
@@ -824,10 +912,7 @@ impl Reply {
                 slot_size: r.u32("attached.slot_size")?,
                 epoch: r.u64("attached.epoch")?,
                 pending: r.u32("attached.pending")?,
-                direct: match r.bool("attached.direct")? {
-                    true => Some(get_terms(&mut r)?),
-                    false => None,
-                },
+                direct: get_terms(&mut r)?,
             }),
             kind::RESTORED => Self::Restored {
                 replayed: r.u32("restored.replayed")?,
@@ -1010,14 +1095,28 @@ mod tests {
                 slot_size: 1 << 20,
                 epoch: 4,
                 pending: 0,
-                direct: Some(DirectTerms {
+                direct: Some(DirectTerms::Fuse(FuseTerms {
                     minor: 45,
                     flags: 1 << 40,
                     max_io: 1 << 20,
                     max_background: 64,
                     started: 1_800_000_000,
                     conns: 4,
-                }),
+                })),
+            }),
+            Reply::Attached(Attached {
+                kind: ExportKind::Volume,
+                size: 1 << 30,
+                block_size: 512,
+                slot_count: 64,
+                slot_size: 1 << 20,
+                epoch: 5,
+                pending: 0,
+                direct: Some(DirectTerms::Ublk(UblkTerms {
+                    dev_id: 7,
+                    depth: 32,
+                    buf_size: 1 << 20,
+                })),
             }),
             Reply::Restored { replayed: 5 },
             Reply::Detached,

@@ -33,14 +33,16 @@ Commands:
                                 unless CMD redirects it (CMD 2>>LOG).
   upgrade EXPORT                handoff to a successor the broker starts with
                                 the command line it supervises the daemon with
-  export add NAME SIZE [--block | --frontend ublk] [--relay]
+  export add NAME SIZE [--block | --frontend ublk] [--direct | --relay]
                                 add an export (SIZE like 1GiB); with --block it
                                 also gets a block device (/dev/loopN), with
                                 --frontend ublk it is a ublk device
                                 (/dev/ublkbN). Daemons serve a FUSE export's
                                 connection themselves (direct mode, Linux
                                 6.9+) unless --relay: then every request goes
-                                through the broker; start a daemon for it:
+                                through the broker. A ublk export is relayed
+                                unless --direct: then its daemon serves the
+                                device's queue; start a daemon for it:
                                 holdfast-daemon --export NAME ...
   export rm NAME [--force]      remove an export; refused while its file or
                                 block device is open, unless --force (its users
@@ -167,9 +169,6 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
                     .into(),
             );
         }
-        ["export", "add", ..] if direct && ublk => {
-            return Err("--direct is for FUSE exports so far; a ublk export is relayed".into());
-        }
         ["export", "add", ..] if direct && relay => {
             return Err("--direct and --relay exclude each other".into());
         }
@@ -185,8 +184,8 @@ fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
                 size: holdfast_broker::config::parse_size(size)?,
                 block,
                 ublk,
-                // Direct unless told otherwise, where the frontend has it.
-                direct: !(relay || ublk),
+                // FUSE: direct unless --relay; ublk: relay unless --direct.
+                direct: direct || !(relay || ublk),
             })
         }
         ["export", "rm", name]

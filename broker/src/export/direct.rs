@@ -79,18 +79,37 @@ impl Session {
 }
 
 impl Export {
-    /// Direct mode's terms and descriptors for a daemon that can serve it;
-    /// None where it gets relay mode (the export does not allow direct
-    /// mode, or its frontend cannot lend its queue now).
-    pub(super) fn lend(&self) -> Result<Option<(DirectTerms, Vec<OwnedFd>)>, ErrorReply> {
-        if !self.direct {
-            return Ok(None);
-        }
-        let Some(lender) = self.lender() else {
+    /// Direct mode's terms and descriptors for a daemon that joins, if it
+    /// `can` serve in direct mode; None where it gets relay mode (the
+    /// export does not allow direct mode, or its frontend cannot lend its
+    /// queue now). Refused where the frontend has no relay mode (ublk in
+    /// direct mode) and the daemon cannot, or the queue cannot be lent.
+    pub(super) fn lend(&self, can: bool) -> Result<Option<(DirectTerms, Vec<OwnedFd>)>, ErrorReply> {
+        let Some(lender) = self.lender().filter(|_| self.direct) else {
             return Ok(None);
         };
+        let only = lender.direct_only();
+        if !can && only {
+            return Err(ErrorReply::new(
+                ErrorCode::BadState,
+                format!(
+                    "export {} is served in direct mode only (the broker does not read its \
+                     queue); start the daemon without --relay",
+                    self.name
+                ),
+            ));
+        }
+        if !can {
+            return Ok(None);
+        }
         let terms = match lender.terms() {
             Ok(t) => t,
+            Err(why) if only => {
+                return Err(ErrorReply::new(
+                    ErrorCode::BadState,
+                    format!("export {}: its queue cannot be lent: {why}", self.name),
+                ));
+            }
             Err(why) => {
                 info!("{}: serving in relay mode: {why}", self.name);
                 return Ok(None);
@@ -99,19 +118,44 @@ impl Export {
         let fds = lender.lend().map_err(|e| {
             ErrorReply::new(
                 ErrorCode::Internal,
-                format!("export {}: cannot lend its FUSE connection: {e}", self.name),
+                format!("export {}: cannot lend its queue: {e}", self.name),
             )
         })?;
         Ok(Some((terms, fds)))
     }
 
-    /// RESTORE of a direct-mode daemon that is still to get the queue
-    /// (`epoch`, or whichever is attached): parks the frontend's readers,
+    /// RESTORE of a direct-mode daemon (`epoch`, or whichever is attached):
+    /// hands it the queue (`take_queue`), then has the frontend tell the
+    /// kernel who serves it now (`Lender::serve_by`).
+    pub(super) fn hand_over(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
+        let resent = self.take_queue(epoch)?;
+        let server = {
+            let st = self.state.lock();
+            let s = match epoch {
+                Some(e) => st.daemon(e),
+                None => st.session.as_ref(),
+            };
+            s.filter(|s| s.mode == Mode::Direct)
+                .map(|s| s.pidfd.pid())
+        };
+        if let (Some(pid), Some(lender)) = (server, self.lender()) {
+            lender.serve_by(pid).map_err(|e| {
+                ErrorReply::new(
+                    ErrorCode::Internal,
+                    format!("export {}: cannot give its queue to pid {pid}: {e}", self.name),
+                )
+            })?;
+        }
+        Ok(resent)
+    }
+
+    /// A direct-mode daemon that is still to get the queue (`epoch`, or
+    /// whichever is attached): parks the frontend's readers,
     /// has the kernel re-send what they read, and forgets it here, so that
     /// the daemon gets it. Returns how many of those a lost daemon had had
     /// (replays). Called with `custody` held, without `state`: a parking
     /// reader may be submitting.
-    pub(super) fn hand_over(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
+    fn take_queue(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
         {
             let mut st = self.state.lock();
             // The attached daemon, or an activated handoff successor (whose

@@ -158,7 +158,7 @@ impl Export {
                 ));
             }
         }
-        let lent = if direct { self.lend()? } else { None };
+        let lent = self.lend(direct)?;
         let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Preparing, lent)?;
         st.successor = Some(session);
         if let Some(h) = st.handoff.as_mut() {

@@ -520,6 +520,8 @@ impl Export {
         direct: bool,
         fence_timeout: Duration,
     ) -> Result<Grant, ErrorReply> {
+        // Before any fencing: a daemon the export refuses fences nobody.
+        let lent = self.lend(direct)?;
         let mut st = self.state.lock();
         self.check_available(&st)?;
         if let Some(cur) = st.session.as_mut() {
@@ -573,7 +575,6 @@ impl Export {
                 }
             }
         }
-        let lent = if direct { self.lend()? } else { None };
         let (session, grant) = self.new_session(&mut st, pidfd, DaemonState::Attached, lent)?;
         info!(
             "{}: daemon pid {} attached in {} mode, epoch {}, {} requests pending",
@@ -1432,14 +1433,14 @@ mod tests {
             if !self.lendable {
                 return Err("this kernel cannot re-send".into());
             }
-            Ok(DirectTerms {
+            Ok(DirectTerms::Fuse(holdfast_proto::FuseTerms {
                 minor: 45,
                 flags: 0,
                 max_io: 4096,
                 max_background: 8,
                 started: 0,
                 conns: 2,
-            })
+            }))
         }
         fn lend(&self) -> io::Result<Vec<OwnedFd>> {
             self.calls.lock().push("lend");
@@ -1499,7 +1500,7 @@ mod tests {
         let grant = export
             .attach(me(), false, true, Duration::from_secs(1))
             .unwrap();
-        assert_eq!(grant.reply.direct.map(|d| d.conns), Some(2));
+        assert_eq!(grant.reply.direct.map(|d| d.conns()), Some(2));
         assert_eq!(grant.lent.len(), 2);
         assert_eq!(*lender.calls.lock(), ["terms", "lend"]);
         assert_eq!(export.restore(grant.epoch).unwrap(), 1);

@@ -204,8 +204,9 @@ pub(crate) fn mount_of(line: &str, dev: &str) -> Option<String> {
 /// to each lent descriptor for as long as its daemon may read (so that
 /// what it read outlives it), and the kernel's re-send of what a daemon
 /// read and did not answer. The export calls these in order: `lend` at
-/// ATTACH; `park`, then `resend`, before the daemon reads; `resend`, then
-/// `unpark`, once it is gone.
+/// ATTACH; `park`, then `resend`, then `serve_by`, before the daemon reads;
+/// `resend`, then `unpark`, once it is gone. (ublk: the kernel holds what
+/// a dead server read, and re-issues it itself; only `serve_by` acts.)
 pub trait Lender: Send + Sync {
     /// What a daemon needs to serve the queue, or why it cannot be lent
     /// now (the kernel has not initialised it, or cannot re-send).
@@ -226,6 +227,17 @@ pub trait Lender: Send + Sync {
     /// (FUSE: /sys/fs/fuse/connections/N/waiting): a direct-mode daemon
     /// that answers none of them while there are some is hung.
     fn waiting(&self) -> Option<u64>;
+    /// The queue is daemon `pid`'s from its RESTORE on: tells the kernel
+    /// where its device's server is (ublk: START_DEV, or a recovery);
+    /// nothing where the kernel need not know. Idempotent.
+    fn serve_by(&self, _pid: u32) -> io::Result<()> {
+        Ok(())
+    }
+    /// Whether only a direct-mode daemon can serve the export: the broker
+    /// has no reader of its own on this queue.
+    fn direct_only(&self) -> bool {
+        false
+    }
 }
 
 /// A blob frontend (cachefiles), which a new daemon must tell about every

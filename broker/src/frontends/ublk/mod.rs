@@ -1,6 +1,8 @@
-//! The ublk frontend: the broker owns a ublk device per export (its control
-//! commands and its queue), so daemons never open /dev/ublkcN and a daemon
-//! crash is invisible to the kernel. Each tag's io buffer is a slot of the
+//! The ublk frontend: the broker owns a ublk device per export. In relay
+//! mode it also serves the device's queue, so daemons never open
+//! /dev/ublkcN and a daemon crash is invisible to the kernel; in direct
+//! mode (`custody`) the daemon serves the queue and the broker keeps the
+//! control side. Relay mode: each tag's io buffer is a slot of the
 //! export's data area, pinned to the tag: the kernel copies a write's data
 //! straight into the slot the daemon reads, and a read's data from the
 //! slot the daemon wrote, with no copy in the broker.
@@ -26,6 +28,8 @@ use holdfast_kernel::ublk::queue::{Event, Queue as UblkQueue};
 use holdfast_kernel::ublk::sys::{self, Control, DevInfo, IoDesc};
 use holdfast_kernel::ublk::{params, parse};
 use holdfast_proto::shm::Op;
+
+mod custody;
 use parking_lot::Mutex;
 
 use super::{Origin, Outcome, ReplySink, Target};
@@ -64,13 +68,14 @@ impl UblkDevice {
         format!("/dev/ublkb{}", self.dev_id).into()
     }
 
-    /// Adds a device for `export`, starts its queue thread and then the
-    /// device. Starting waits for the kernel's first reads (the partition
-    /// table), which wait for a daemon, so it runs in the background.
-    pub fn start(export: &Arc<Export>, record: PathBuf) -> io::Result<Self> {
+    /// Adds a device for `export`. In relay mode, starts its queue thread
+    /// and then the device: starting waits for the kernel's first reads
+    /// (the partition table), which wait for a daemon, so it runs in the
+    /// background. In direct mode, the first daemon's RESTORE starts it.
+    pub fn start(export: &Arc<Export>, record: PathBuf, direct: bool) -> io::Result<Self> {
         let depth = (export.slot_count() / 2).min(MAX_DEPTH);
         let depth16 = u16::try_from(depth).unwrap_or(0);
-        if depth16 == 0 || !export.pin_slots(depth) {
+        if depth16 == 0 || (!direct && !export.pin_slots(depth)) {
             return Err(io::Error::other(
                 "cannot pin slots for the ublk tags (use --slots 4 or more)",
             ));
@@ -99,21 +104,30 @@ impl UblkDevice {
         })?;
         let dev_id = info.dev_id;
         let started = Self::set_params(&mut ctl, export, dev_id)
-            .and_then(|()| serve(export, dev_id, depth16))
+            .and_then(|()| {
+                if direct {
+                    custody::lend(export, &info, false);
+                    Ok(())
+                } else {
+                    serve(export, dev_id, depth16)
+                }
+            })
             .and_then(|()| std::fs::write(&record, format!("{dev_id}\n")));
         if let Err(e) = started {
             let _ = ctl.delete(dev_id);
             return Err(e);
         }
-        let name = export.name().to_owned();
-        std::thread::Builder::new()
-            .name(format!("ublk-start-{name}"))
-            .spawn(move || {
-                match Control::open().and_then(|mut c| c.start(dev_id, std::process::id())) {
-                    Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
-                    Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
-                }
-            })?;
+        if !direct {
+            let name = export.name().to_owned();
+            std::thread::Builder::new()
+                .name(format!("ublk-start-{name}"))
+                .spawn(move || {
+                    match Control::open().and_then(|mut c| c.start(dev_id, std::process::id())) {
+                        Ok(()) => info!("{name}: block device /dev/ublkb{dev_id} started"),
+                        Err(e) => warn!("{name}: cannot start ublk device {dev_id}: {e}"),
+                    }
+                })?;
+        }
         Ok(Self { dev_id, record })
     }
 
@@ -121,13 +135,14 @@ impl UblkDevice {
     /// `record` names one that still exists, else adds a new one. A record
     /// of a device that is gone (deleted, or the machine rebooted) is
     /// removed, with a line in the log.
-    pub fn start_or_recover(export: &Arc<Export>, record: PathBuf) -> io::Result<Self> {
+    pub fn start_or_recover(export: &Arc<Export>, record: PathBuf, direct: bool) -> io::Result<Self> {
         let Ok(text) = std::fs::read_to_string(&record) else {
-            return Self::start(export, record);
+            return Self::start(export, record, direct);
         };
         let recorded: Option<u32> = text.trim().parse().ok();
         let exists = recorded.map(|id| Control::open().and_then(|mut c| c.info(id)).map(drop));
         match (recorded, exists) {
+            (Some(id), Some(Ok(()))) if direct => custody::adopt(export, id, record),
             (Some(id), Some(Ok(()))) => Self::recover(export, id, record),
             (Some(id), Some(Err(e))) if e.raw_os_error() == Some(libc::ENODEV) => {
                 info!(
@@ -136,7 +151,7 @@ impl UblkDevice {
                     record.display()
                 );
                 let _ = std::fs::remove_file(&record);
-                Self::start(export, record)
+                Self::start(export, record, direct)
             }
             (Some(_), Some(Err(e))) => Err(e),
             _ => {
@@ -146,7 +161,7 @@ impl UblkDevice {
                     record.display()
                 );
                 let _ = std::fs::remove_file(&record);
-                Self::start(export, record)
+                Self::start(export, record, direct)
             }
         }
     }
@@ -162,43 +177,15 @@ impl UblkDevice {
         export.assume_dirty();
         let mut ctl = Control::open()?;
         let end = Instant::now() + RECOVER_WAIT;
-        let info = loop {
-            let info = ctl.info(dev_id)?;
-            if info.state == sys::STATE_QUIESCED {
-                break info;
-            }
-            if Instant::now() >= end {
-                return Err(io::Error::other(format!(
-                    "ublk device {dev_id} is in state {} (not QUIESCED: is its broker still running?)",
-                    info.state
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let info = quiesced(&mut ctl, dev_id, end)?;
         let depth = u32::from(info.queue_depth);
         if info.nr_hw_queues != 1
             || info.max_io_buf_bytes > export.slot_size()
             || !export.pin_slots(depth)
         {
-            return Err(io::Error::other(format!(
-                "ublk device {dev_id} ({} queues, {depth} tags of {} bytes) does not fit this export's slots; \
-                 start the broker with the --slots and --slot-size it was started with",
-                info.nr_hw_queues, info.max_io_buf_bytes
-            )));
+            return Err(misfit(dev_id, &info));
         }
-        let resumed = loop {
-            match ctl.start_recovery(dev_id) {
-                Ok(()) => break false,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                // A QUIESCED device with no queue ready: a broker started
-                // recovery and died before its FETCHes (6.12). The reset
-                // is done; serving the queue from here finishes it.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break true,
-                Err(e) => return Err(unrecoverable(dev_id, "START_USER_RECOVERY", &e)),
-            }
-        };
+        let resumed = start_recovery(&mut ctl, dev_id, end)?;
         crate::fault::crash_at("ublk-recovery-started");
         if resumed {
             warn!(
@@ -314,6 +301,50 @@ fn unrecoverable(dev_id: u32, step: &str, e: &io::Error) -> io::Error {
              reboot), then start the broker again to make a new one"
         ),
     )
+}
+
+/// Waits, until `end`, for device `dev_id` to be QUIESCED: the kernel
+/// quiesces it once its server's /dev/ublkcN is closed.
+fn quiesced(ctl: &mut Control, dev_id: u32, end: Instant) -> io::Result<DevInfo> {
+    loop {
+        let info = ctl.info(dev_id)?;
+        if info.state == sys::STATE_QUIESCED {
+            return Ok(info);
+        }
+        if Instant::now() >= end {
+            return Err(io::Error::other(format!(
+                "ublk device {dev_id} is in state {} (not QUIESCED: is its server still running?)",
+                info.state
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// START_USER_RECOVERY on a QUIESCED device, again while it is EBUSY (the
+/// dead server's /dev/ublkcN is still being closed), until `end`. Whether
+/// a recovery cut short is being taken up (EINVAL: a server started one
+/// and died before its FETCHes, on 6.12; serving the queue finishes it).
+fn start_recovery(ctl: &mut Control, dev_id: u32, end: Instant) -> io::Result<bool> {
+    loop {
+        match ctl.start_recovery(dev_id) {
+            Ok(()) => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(true),
+            Err(e) => return Err(unrecoverable(dev_id, "START_USER_RECOVERY", &e)),
+        }
+    }
+}
+
+/// A recorded device whose shape is not the export's.
+fn misfit(dev_id: u32, info: &DevInfo) -> io::Error {
+    io::Error::other(format!(
+        "ublk device {dev_id} ({} queues, {} tags of {} bytes) does not fit this export's slots; \
+         start the broker with the --slots and --slot-size it was started with",
+        info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes
+    ))
 }
 
 /// Runs `f` on a thread of its own for up to `bound`: `None` if it has not
