@@ -322,7 +322,8 @@ impl Server {
         while aborted < self.geo.depth {
             let stopping = stop.load(Ordering::SeqCst);
             if stopping && self.at_workers == 0 {
-                return Ok(());
+                // The last COMMITs reach the kernel before the queue closes.
+                return self.queue.submit();
             }
             self.queue.wait(&mut events)?;
             let alone = events.len() == 1 && self.backend.quick();

@@ -1255,6 +1255,41 @@ mod tests {
             Err(DecodeError::BadValue { .. })
         ));
 
+        // ublk terms out of range (depth 0, a 4 GiB buffer), and a kind of
+        // terms that does not exist.
+        let attached = |direct| {
+            Reply::Attached(Attached {
+                kind: ExportKind::Volume,
+                size: 1 << 30,
+                block_size: 512,
+                slot_count: 8,
+                slot_size: 1 << 20,
+                epoch: 1,
+                pending: 0,
+                direct,
+            })
+        };
+        for (depth, buf_size) in [(0, 4096), (MAX_UBLK_DEPTH + 1, 4096), (8, 0), (8, u32::MAX)] {
+            let m = attached(Some(DirectTerms::Ublk(UblkTerms {
+                dev_id: 0,
+                depth,
+                buf_size,
+            })));
+            assert!(
+                matches!(Reply::decode(&m.encode()), Err(DecodeError::BadValue { .. })),
+                "depth {depth}, buffer {buf_size}"
+            );
+        }
+        let mut buf = attached(None).encode();
+        *buf.last_mut().unwrap() = 3;
+        assert!(matches!(
+            Reply::decode(&buf),
+            Err(DecodeError::BadValue {
+                field: "attached.direct",
+                ..
+            })
+        ));
+
         // Oversized buffer.
         let big = vec![0u8; crate::MAX_MESSAGE_LEN + 1];
         assert!(matches!(

@@ -64,7 +64,15 @@ fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
         --rw=randwrite --bs=4k --size=32M --verify=crc32c --do_verify=1 \
         --verify_fatal=1 --verify_state_save=0 --output=$W/fio-$1.log > /dev/null 2>&1
 }
-fio_wait() { # fio_wait NAME
+fio_wait() { # fio_wait NAME (bounded: where the block layer holds what hangs)
+    if ! wait_for 400 sh -c "! kill -0 $fio 2>/dev/null"; then
+        mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
+        for f in requeue_list state hctx0/busy hctx0/dispatch hctx0/state; do
+            echo "--- /sys/kernel/debug/block/ublkb0/$f"; cat /sys/kernel/debug/block/ublkb0/$f || true
+        done
+        echo "--- inflight: $(cat /sys/block/ublkb0/inflight)"
+        echo "fio ($1): hangs"; exit 1
+    fi
     if ! wait $fio; then cat $W/fio-$1.log; echo "fio ($1): FAILED"; exit 1; fi
     fio=
     grep -E "err=|write:|read:" $W/fio-$1.log | head -3

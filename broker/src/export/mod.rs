@@ -1425,6 +1425,8 @@ mod tests {
     struct MockLender {
         calls: Mutex<Vec<&'static str>>,
         lendable: bool,
+        /// No relay mode (ublk in direct mode).
+        only: bool,
     }
 
     impl Lender for MockLender {
@@ -1463,9 +1465,21 @@ mod tests {
         fn waiting(&self) -> Option<u64> {
             None
         }
+        fn serve_by(&self, pid: u32) -> io::Result<()> {
+            assert_eq!(pid, std::process::id());
+            self.calls.lock().push("serve_by");
+            Ok(())
+        }
+        fn direct_only(&self) -> bool {
+            self.only
+        }
     }
 
     fn direct_volume(lendable: bool) -> (Export, Arc<MockLender>) {
+        direct_volume_of(lendable, false)
+    }
+
+    fn direct_volume_of(lendable: bool, only: bool) -> (Export, Arc<MockLender>) {
         let export = Export::new(&ExportConfig {
             direct: true,
             ..volume_config(8, 1 << 20)
@@ -1474,6 +1488,7 @@ mod tests {
         let lender = Arc::new(MockLender {
             calls: Mutex::new(Vec::new()),
             lendable,
+            only,
         });
         export.set_lender(lender.clone());
         (export, lender)
@@ -1504,7 +1519,10 @@ mod tests {
         assert_eq!(grant.lent.len(), 2);
         assert_eq!(*lender.calls.lock(), ["terms", "lend"]);
         assert_eq!(export.restore(grant.epoch).unwrap(), 1);
-        assert_eq!(*lender.calls.lock(), ["terms", "lend", "park", "resend"]);
+        assert_eq!(
+            *lender.calls.lock(),
+            ["terms", "lend", "park", "resend", "serve_by"]
+        );
         let st = export.status("fuse", None);
         assert_eq!(st.daemon.map(|d| d.mode), Some(Mode::Direct));
         assert_eq!((st.pending, st.inflight, st.replayed_total), (0, 0, 1));
@@ -1546,6 +1564,36 @@ mod tests {
             .unwrap();
         export.end_session(grant.epoch, true);
         assert_eq!(*lender.calls.lock(), ["terms", "lend"]);
+    }
+
+    /// A frontend with no relay mode (ublk in direct mode): a daemon that
+    /// cannot serve the queue is refused before anyone is fenced, and every
+    /// RESTORE of a direct daemon names it to the frontend (a first one, a
+    /// revived one: the frontend decides what the kernel must be told).
+    #[test]
+    fn direct_only_frontend_refuses_relay_daemons_and_hears_of_each_restore() {
+        let (export, lender) = direct_volume_of(true, true);
+        let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
+        let grant = export
+            .attach(me(), false, true, Duration::from_secs(1))
+            .unwrap();
+        assert!(matches!(grant.reply.direct, Some(DirectTerms::Fuse(_))));
+        let Err(refused) = export.attach(me(), true, false, Duration::from_secs(1)) else {
+            panic!("a relay daemon attached")
+        };
+        assert_eq!(refused.code, ErrorCode::BadState);
+        assert!(refused.text.contains("direct mode only"), "{}", refused.text);
+        assert!(!export.fence_requested(grant.epoch), "a refused takeover fenced");
+        export.restore(grant.epoch).unwrap();
+        export.restore(grant.epoch).unwrap();
+        let told = lender.calls.lock().iter().filter(|c| **c == "serve_by").count();
+        assert_eq!(told, 2);
+        // One that cannot lend now refuses a direct daemon too.
+        let (export, _) = direct_volume_of(false, true);
+        let Err(refused) = export.attach(me(), false, true, Duration::from_secs(1)) else {
+            panic!("attached with nothing to lend")
+        };
+        assert!(refused.text.contains("cannot be lent"), "{}", refused.text);
     }
 
     /// Where the frontend cannot lend (a kernel without FUSE_NOTIFY_RESEND),

@@ -151,6 +151,12 @@ impl Queue {
         Ok(())
     }
 
+    /// Submits what is queued (the COMMITs before a server closes the
+    /// queue), without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit().map(drop)
+    }
+
     /// Submits the FETCHes queued for every tag and fails if the driver
     /// refused any: a refusal completes at once, while an accepted FETCH
     /// completes only with a request, and START_DEV or END_USER_RECOVERY
