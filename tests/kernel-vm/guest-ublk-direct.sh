@@ -65,12 +65,15 @@ fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
         --verify_fatal=1 --verify_state_save=0 --output=$W/fio-$1.log > /dev/null 2>&1
 }
 fio_wait() { # fio_wait NAME (bounded: where the block layer holds what hangs)
-    if ! wait_for 400 sh -c "! kill -0 $fio 2>/dev/null"; then
+    n=400
+    while kill -0 $fio 2>/dev/null && [ $n -gt 0 ]; do sleep 1; n=$((n - 1)); done
+    if kill -0 $fio 2>/dev/null; then
         mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
         for f in requeue_list state hctx0/busy hctx0/dispatch hctx0/state; do
             echo "--- /sys/kernel/debug/block/ublkb0/$f"; cat /sys/kernel/debug/block/ublkb0/$f || true
         done
         echo "--- inflight: $(cat /sys/block/ublkb0/inflight)"
+        for t in /proc/$(status_of 6)/task/*; do echo "--- $t $(cat $t/comm) $(cat $t/wchan)"; cat $t/stack; done
         echo "fio ($1): hangs"; exit 1
     fi
     if ! wait $fio; then cat $W/fio-$1.log; echo "fio ($1): FAILED"; exit 1; fi
@@ -83,7 +86,7 @@ serving() { [ "$(status_of 6)" = "$daemon" ] && [ "$(status_of 8)" = active ]; }
 fio_verify kills &
 fio=$!
 i=0
-while [ $i -lt 20 ]; do
+while [ $i -lt ${KILLS:-20} ]; do
     wait_for 60 serving
     sleep 0.3
     kill -9 $daemon; wait $daemon 2>/dev/null || true
@@ -95,7 +98,7 @@ left=$(grep -o 'recovered, served by pid [0-9]* ([0-9.]* ms' $W/broker.log | wc 
 echo "recoveries after kills: $left"
 grep -o 'recovered, served by pid [0-9]* ([0-9.]* ms after its RESTORE' $W/broker.log |
     sed 's/.*(\([0-9.]*\) ms.*/\1/' | sort -n | awk '{ a[NR] = $1 } END { print "RESTORE to END_USER_RECOVERY, ms: median " a[int((NR + 1) / 2)] ", max " a[NR] }'
-[ "$left" -ge 20 ] || { echo "fewer recoveries than kills"; exit 1; }
+[ "$left" -ge ${KILLS:-20} ] || { echo "fewer recoveries than kills"; exit 1; }
 echo "fio across 20 daemon kills: ok"
 
 # Handoffs under fio.

@@ -125,8 +125,9 @@ impl Export {
     }
 
     /// RESTORE of a direct-mode daemon (`epoch`, or whichever is attached):
-    /// hands it the queue (`take_queue`), then has the frontend tell the
-    /// kernel who serves it now (`Lender::serve_by`).
+    /// hands it the queue (`take_queue`), then, if it is to start serving
+    /// (attached, revived or an activated successor; not one that serves
+    /// already), has the frontend tell the kernel (`Lender::serve_by`).
     pub(super) fn hand_over(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
         let resent = self.take_queue(epoch)?;
         let server = {
@@ -136,6 +137,7 @@ impl Export {
                 None => st.session.as_ref(),
             };
             s.filter(|s| s.mode == Mode::Direct)
+                .filter(|s| matches!(s.state, DaemonState::Attached | DaemonState::Activating))
                 .map(|s| s.pidfd.pid())
         };
         if let (Some(pid), Some(lender)) = (server, self.lender()) {

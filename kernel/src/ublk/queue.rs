@@ -40,6 +40,10 @@ pub struct Queue {
     ring: IoUring,
     depth: u16,
     descs: Option<Mmap>,
+    /// Completions `submit_fetches` read that were not refusals: requests
+    /// that came at once (a recovery another process ends may dispatch
+    /// before the FETCHes' submitter looks), for the next `wait`.
+    early: Vec<(u64, i32)>,
 }
 
 impl Queue {
@@ -72,6 +76,7 @@ impl Queue {
             ring: IoUring::new(entries)?,
             depth,
             descs: None,
+            early: Vec::new(),
         })
     }
 
@@ -166,12 +171,12 @@ impl Queue {
     /// cut short").
     pub fn submit_fetches(&mut self) -> io::Result<()> {
         self.ring.submit()?;
-        let refused: Vec<(u64, i32)> = self
+        let (refused, early): (Vec<(u64, i32)>, Vec<(u64, i32)>) = self
             .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
-            .filter(|&(ud, res)| ud < USER_DATA_BASE && res < 0)
-            .collect();
+            .partition(|&(ud, res)| ud < USER_DATA_BASE && res < 0);
+        self.early.extend(early);
         match refused.first() {
             None => Ok(()),
             Some(&(tag, res)) => Err(io::Error::other(format!(
@@ -207,18 +212,16 @@ impl Queue {
     /// Submits what is queued, waits for at least one completion and
     /// returns what came (interrupted waits are retried).
     pub fn wait(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
+        let want = usize::from(self.early.is_empty());
         loop {
-            match self.ring.submit_and_wait(1) {
+            match self.ring.submit_and_wait(want) {
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
+        let mut cqes = std::mem::take(&mut self.early);
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         events.extend(cqes.into_iter().map(|(ud, res)| self.event(ud, res)));
         Ok(())
     }

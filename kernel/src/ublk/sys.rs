@@ -133,6 +133,8 @@ pub const CMD_SET_PARAMS: u32 = ioc(IOC_WRITE_READ, 0x08, CTRL);
 pub const CMD_START_USER_RECOVERY: u32 = ioc(IOC_WRITE_READ, 0x10, CTRL);
 pub const CMD_END_USER_RECOVERY: u32 = ioc(IOC_WRITE_READ, 0x11, CTRL);
 pub const CMD_GET_FEATURES: u32 = ioc(IOC_READ, 0x13, CTRL);
+/// Linux 6.16, on a device added with [`F_QUIESCE`].
+pub const CMD_QUIESCE_DEV: u32 = ioc(IOC_WRITE_READ, 0x16, CTRL);
 
 /// Queue commands (`UBLK_U_IO_*`).
 pub const IO_FETCH_REQ: u32 = ioc(IOC_WRITE_READ, 0x20, IO);
@@ -142,6 +144,8 @@ pub const IO_COMMIT_AND_FETCH_REQ: u32 = ioc(IOC_WRITE_READ, 0x21, IO);
 pub const F_USER_RECOVERY: u64 = 1 << 3;
 pub const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 pub const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
+/// QUIESCE_DEV (Linux 6.16).
+pub const F_QUIESCE: u64 = 1 << 12;
 /// Names of the flag bits, for reports (bit 0 upwards, as of Linux 7.3).
 pub const FLAG_NAMES: [&str; 21] = [
     "SUPPORT_ZERO_COPY",
@@ -357,6 +361,15 @@ impl Control {
         self.cmd(CMD_END_USER_RECOVERY, dev_id, None, u64::from(pid))
             .map(drop)
     }
+
+    /// Quiesces a LIVE device with a server (a planned handoff): new
+    /// requests wait in the kernel, those the server holds are waited for
+    /// (up to `timeout_ms`, 0 for ever), then every FETCH is cancelled, so
+    /// the server's tags all come back aborted. It closes /dev/ublkcN and
+    /// the device is QUIESCED, to be recovered by the next server.
+    pub fn quiesce(&mut self, dev_id: u32, timeout_ms: u64) -> io::Result<()> {
+        self.cmd(CMD_QUIESCE_DEV, dev_id, None, timeout_ms).map(drop)
+    }
 }
 
 #[cfg(test)]
@@ -375,6 +388,7 @@ mod tests {
         assert_eq!(CMD_ADD_DEV, 0xc020_7504);
         assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(CMD_QUIESCE_DEV, 0xc020_7516);
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
     }
