@@ -316,7 +316,11 @@ impl Server {
 
     /// Serves until every tag is aborted, or `stop` is set and the
     /// workers' requests are committed.
-    fn serve(&mut self, jobs: &crossbeam_channel::Sender<Job>, stop: &AtomicBool) -> io::Result<()> {
+    fn serve(
+        &mut self,
+        jobs: &crossbeam_channel::Sender<Job>,
+        stop: &AtomicBool,
+    ) -> io::Result<()> {
         let mut aborted = 0u16;
         let mut events = Vec::new();
         while aborted < self.geo.depth {

@@ -1276,7 +1276,10 @@ mod tests {
                 buf_size,
             })));
             assert!(
-                matches!(Reply::decode(&m.encode()), Err(DecodeError::BadValue { .. })),
+                matches!(
+                    Reply::decode(&m.encode()),
+                    Err(DecodeError::BadValue { .. })
+                ),
                 "depth {depth}, buffer {buf_size}"
             );
         }

@@ -7,7 +7,8 @@
 # queue, the successor recovers the device), with the stall of each; the
 # device compared with the daemon's file; the broker's SIGKILL under fio
 # (the daemon serves on and attaches to the next broker, which takes the
-# device over from its record); a write re-issued after its daemon died
+# device over from its record); a reader blocked across the broker's and
+# the daemon's SIGKILL; a write re-issued after its daemon died
 # between the backend's write and the COMMIT (REISSUE's double write, which
 # the file backend's writes at an offset make harmless); a daemon with
 # --relay refused.
@@ -81,14 +82,23 @@ fio_wait() { # fio_wait NAME (bounded: where the block layer holds what hangs)
     grep -E "err=|write:|read:" $W/fio-$1.log | head -3
 }
 
-# Daemon kills under fio, each once the daemon serves the queue.
-serving() { [ "$(status_of 6)" = "$daemon" ] && [ "$(status_of 8)" = active ]; }
+# Daemon kills under fio, each once the daemon serves the queue; a kill
+# hits requests in flight when the block layer has some started
+# (/sys/block/ublkb0/inflight) just before it.
+# Serving: restored, and its START_DEV or END_USER_RECOVERY has returned.
+serving() {
+    [ "$(status_of 6)" = "$daemon" ] && [ "$(status_of 8)" = active ] &&
+        grep -q "served by pid $daemon " $W/broker.log
+}
+in_flight() { awk '{ print $1 + $2 }' /sys/block/ublkb0/inflight; }
 fio_verify kills &
 fio=$!
 i=0
+hits=0
 while [ $i -lt ${KILLS:-20} ]; do
     wait_for 60 serving
     sleep 0.3
+    [ "$(in_flight)" -gt 0 ] && hits=$((hits + 1))
     kill -9 $daemon; wait $daemon 2>/dev/null || true
     start_daemon
     i=$((i + 1))
@@ -99,6 +109,8 @@ echo "recoveries after kills: $left"
 grep -o 'recovered, served by pid [0-9]* ([0-9.]* ms after its RESTORE' $W/broker.log |
     sed 's/.*(\([0-9.]*\) ms.*/\1/' | sort -n | awk '{ a[NR] = $1 } END { print "RESTORE to END_USER_RECOVERY, ms: median " a[int((NR + 1) / 2)] ", max " a[NR] }'
 [ "$left" -ge ${KILLS:-20} ] || { echo "fewer recoveries than kills"; exit 1; }
+echo "kills with requests in flight: $hits"
+[ "$hits" -gt 0 ] || { echo "no kill hit a request in flight"; exit 1; }
 echo "fio across 20 daemon kills: ok"
 
 # Handoffs under fio.
@@ -137,6 +149,31 @@ fio_wait broker
 grep "taken over in state" $W/broker.log
 cmp $dev $W/vol0.img
 echo "fio across the broker's SIGKILL, the same daemon serving on: ok"
+
+# The broker's SIGKILL with a reader blocked (its daemon stopped, then
+# killed too): the next broker takes the device over, the next daemon's
+# RESTORE recovers it, the kernel re-issues the reader's requests, and the
+# reader gets the right data.
+kill -STOP $daemon
+dd if=$dev of=$W/rb bs=1M count=8 iflag=direct status=none &
+reader=$!
+sleep 1
+kill -0 $reader  # still blocked
+kill -9 $broker
+kill -9 $daemon
+kill -CONT $daemon 2>/dev/null || true
+wait $broker 2>/dev/null || true
+wait $daemon 2>/dev/null || true
+$B/holdfast-broker $broker_args >> $W/broker.log 2>&1 &
+broker=$!
+wait_for 30 test -S $W/s.sock
+start_daemon
+if ! wait_for 60 sh -c "! kill -0 $reader 2>/dev/null" || ! wait $reader; then
+    echo "reader across the broker's and the daemon's SIGKILL: FAILED"; exit 1
+fi
+head -c 8M $W/vol0.img | cmp - $W/rb
+wait_for 60 serving
+echo "reader across the broker's and the daemon's SIGKILL and restart: ok"
 
 # REISSUE's double write: a daemon that dies after its backend wrote and
 # before the COMMIT; the write waits, the next daemon gets it again.

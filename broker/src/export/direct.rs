@@ -84,7 +84,10 @@ impl Export {
     /// export does not allow direct mode, or its frontend cannot lend its
     /// queue now). Refused where the frontend has no relay mode (ublk in
     /// direct mode) and the daemon cannot, or the queue cannot be lent.
-    pub(super) fn lend(&self, can: bool) -> Result<Option<(DirectTerms, Vec<OwnedFd>)>, ErrorReply> {
+    pub(super) fn lend(
+        &self,
+        can: bool,
+    ) -> Result<Option<(DirectTerms, Vec<OwnedFd>)>, ErrorReply> {
         let Some(lender) = self.lender().filter(|_| self.direct) else {
             return Ok(None);
         };
@@ -144,7 +147,10 @@ impl Export {
             lender.serve_by(pid).map_err(|e| {
                 ErrorReply::new(
                     ErrorCode::Internal,
-                    format!("export {}: cannot give its queue to pid {pid}: {e}", self.name),
+                    format!(
+                        "export {}: cannot give its queue to pid {pid}: {e}",
+                        self.name
+                    ),
                 )
             })?;
         }

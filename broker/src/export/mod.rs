@@ -1582,13 +1582,27 @@ mod tests {
             panic!("a relay daemon attached")
         };
         assert_eq!(refused.code, ErrorCode::BadState);
-        assert!(refused.text.contains("direct mode only"), "{}", refused.text);
-        assert!(!export.fence_requested(grant.epoch), "a refused takeover fenced");
+        assert!(
+            refused.text.contains("direct mode only"),
+            "{}",
+            refused.text
+        );
+        assert!(
+            !export.fence_requested(grant.epoch),
+            "a refused takeover fenced"
+        );
         // Told at the first RESTORE, not at one of a daemon that serves.
         export.restore(grant.epoch).unwrap();
         export.restore(grant.epoch).unwrap();
         export.operator_restore(false).unwrap();
-        let told = || lender.calls.lock().iter().filter(|c| **c == "serve_by").count();
+        let told = || {
+            lender
+                .calls
+                .lock()
+                .iter()
+                .filter(|c| **c == "serve_by")
+                .count()
+        };
         assert_eq!(told(), 1);
         // One that cannot lend now refuses a direct daemon too.
         let (export, _) = direct_volume_of(false, true);

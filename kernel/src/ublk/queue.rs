@@ -21,6 +21,9 @@ use super::sys::{self, IoCmd, IoDesc};
 /// `user_data` at or above this is the caller's own (tags are < 4096).
 pub const USER_DATA_BASE: u64 = 1 << 32;
 
+/// A completion as the ring gives it: `user_data` and result.
+type Cqe = (u64, i32);
+
 /// What a completion on the queue's ring is.
 #[derive(Debug, Clone, Copy)]
 pub enum Event {
@@ -43,7 +46,7 @@ pub struct Queue {
     /// Completions `submit_fetches` read that were not refusals: requests
     /// that came at once (a recovery another process ends may dispatch
     /// before the FETCHes' submitter looks), for the next `wait`.
-    early: Vec<(u64, i32)>,
+    early: Vec<Cqe>,
 }
 
 impl Queue {
@@ -171,7 +174,7 @@ impl Queue {
     /// cut short").
     pub fn submit_fetches(&mut self) -> io::Result<()> {
         self.ring.submit()?;
-        let (refused, early): (Vec<(u64, i32)>, Vec<(u64, i32)>) = self
+        let (refused, early): (Vec<Cqe>, Vec<Cqe>) = self
             .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))

@@ -368,7 +368,8 @@ impl Control {
     /// the server's tags all come back aborted. It closes /dev/ublkcN and
     /// the device is QUIESCED, to be recovered by the next server.
     pub fn quiesce(&mut self, dev_id: u32, timeout_ms: u64) -> io::Result<()> {
-        self.cmd(CMD_QUIESCE_DEV, dev_id, None, timeout_ms).map(drop)
+        self.cmd(CMD_QUIESCE_DEV, dev_id, None, timeout_ms)
+            .map(drop)
     }
 }
 

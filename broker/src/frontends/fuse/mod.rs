@@ -517,14 +517,16 @@ impl Lender for Lending {
         if let Some(why) = kernel_resend_flaw() {
             return Err(why);
         }
-        Ok(holdfast_proto::DirectTerms::Fuse(holdfast_proto::FuseTerms {
-            minor: init.minor,
-            flags: init.flags,
-            max_io: self.max_io,
-            max_background: self.max_background,
-            started: self.started,
-            conns: self.conns,
-        }))
+        Ok(holdfast_proto::DirectTerms::Fuse(
+            holdfast_proto::FuseTerms {
+                minor: init.minor,
+                flags: init.flags,
+                max_io: self.max_io,
+                max_background: self.max_background,
+                started: self.started,
+                conns: self.conns,
+            },
+        ))
     }
 
     fn lend(&self) -> io::Result<Vec<OwnedFd>> {

@@ -135,7 +135,11 @@ impl UblkDevice {
     /// `record` names one that still exists, else adds a new one. A record
     /// of a device that is gone (deleted, or the machine rebooted) is
     /// removed, with a line in the log.
-    pub fn start_or_recover(export: &Arc<Export>, record: PathBuf, direct: bool) -> io::Result<Self> {
+    pub fn start_or_recover(
+        export: &Arc<Export>,
+        record: PathBuf,
+        direct: bool,
+    ) -> io::Result<Self> {
         let Ok(text) = std::fs::read_to_string(&record) else {
             return Self::start(export, record, direct);
         };
