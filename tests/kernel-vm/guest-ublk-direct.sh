@@ -88,7 +88,7 @@ fio_wait() { # fio_wait NAME (bounded: where the block layer holds what hangs)
 # Serving: restored, and its START_DEV or END_USER_RECOVERY has returned.
 serving() {
     [ "$(status_of 6)" = "$daemon" ] && [ "$(status_of 8)" = active ] &&
-        grep -q "served by pid $daemon " $W/broker.log
+        grep -qE "served by pid $daemon( |$)" $W/broker.log
 }
 in_flight() { awk '{ print $1 + $2 }' /sys/block/ublkb0/inflight; }
 fio_verify kills &
