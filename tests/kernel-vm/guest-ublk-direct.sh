@@ -104,6 +104,7 @@ while [ $i -lt ${KILLS:-20} ]; do
     i=$((i + 1))
 done
 fio_wait kills
+wait_for 60 serving  # the last daemon's recovery, if fio ended before it
 left=$(grep -o 'recovered, served by pid [0-9]* ([0-9.]* ms' $W/broker.log | wc -l)
 echo "recoveries after kills: $left"
 grep -o 'recovered, served by pid [0-9]* ([0-9.]* ms after its RESTORE' $W/broker.log |
