@@ -229,7 +229,9 @@ pub trait Lender: Send + Sync {
     fn waiting(&self) -> Option<u64>;
     /// The queue is daemon `pid`'s from its RESTORE on: tells the kernel
     /// where its device's server is (ublk: START_DEV, or a recovery);
-    /// nothing where the kernel need not know. Idempotent.
+    /// nothing where the kernel need not know. Called once per daemon that
+    /// begins serving (attached, revived, or an activated successor), not
+    /// for one that serves already.
     fn serve_by(&self, _pid: u32) -> io::Result<()> {
         Ok(())
     }

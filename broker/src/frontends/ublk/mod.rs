@@ -28,14 +28,14 @@ use holdfast_kernel::ublk::queue::{Event, Queue as UblkQueue};
 use holdfast_kernel::ublk::sys::{self, Control, DevInfo, IoDesc};
 use holdfast_kernel::ublk::{params, parse};
 use holdfast_proto::shm::Op;
-
-mod custody;
 use parking_lot::Mutex;
 
 use super::{Origin, Outcome, ReplySink, Target};
 use crate::export::Export;
 use crate::inflight::Data;
 use crate::{info, warn};
+
+mod custody;
 
 /// `user_data` of the mailbox's poll on the queue ring (at or above
 /// `USER_DATA_BASE`: not a tag).
