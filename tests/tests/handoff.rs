@@ -282,7 +282,13 @@ fn drain_bound_in(mode: Mode) {
     assert_completed(&r, &broker);
     assert!(r.fenced, "{r:?}");
     assert!(r.drain_us >= 1_500_000, "{r:?}");
-    assert!(r.replayed >= 1, "the stopped daemon held no request: {r:?}");
+    // A relay daemon holds what the broker sent it. A direct daemon whose
+    // readers were all waiting in read() at SIGSTOP holds nothing: the
+    // writers' requests wait in the kernel's queue for the successor,
+    // which is not a replay.
+    if mode == Mode::Relay {
+        assert!(r.replayed >= 1, "the stopped daemon held no request: {r:?}");
+    }
     let status = d0.wait_timeout(Duration::from_secs(10)).unwrap();
     assert!(
         !status.success(),
