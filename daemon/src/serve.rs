@@ -496,7 +496,7 @@ fn serve_ublk(
     loop {
         let ready = poll(&[conn.socket(), signals.fd.as_fd()], Some(IDLE_POLL));
         if queue.as_ref().is_some_and(ublk::Running::finished) {
-            log("the ublk device took its tags back (stopped or deleted)");
+            log("the ublk device took its tags back (stopped, deleted, or quiesced for a handoff)");
             stop_queue(queue);
         }
         if ready[1] {

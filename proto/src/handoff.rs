@@ -67,6 +67,9 @@ pub enum HandoffPhase {
     Quiescing = 3,
     /// The successor was sent ACTIVATE and is taking the lease.
     Activating = 4,
+    /// The successor restored; the kernel is yet to take it as the queue's
+    /// server (ublk in direct mode: END_USER_RECOVERY).
+    Serving = 5,
 }
 
 impl HandoffPhase {
@@ -76,6 +79,7 @@ impl HandoffPhase {
             2 => Self::Preparing,
             3 => Self::Quiescing,
             4 => Self::Activating,
+            5 => Self::Serving,
             _ => return None,
         })
     }
@@ -86,6 +90,7 @@ impl HandoffPhase {
             Self::Preparing => "preparing",
             Self::Quiescing => "quiescing",
             Self::Activating => "activating",
+            Self::Serving => "serving",
         }
     }
 }

@@ -3,8 +3,9 @@
 # itself; the broker keeps the control side and never opens /dev/ublkcN.
 # A round trip; fio's verify across 20 daemon SIGKILLs (the kernel
 # re-issues what the dead daemon held to the next one, after the broker's
-# START/END_USER_RECOVERY) and across 10 handoffs (the old daemon closes its
-# queue, the successor recovers the device), with the stall of each; the
+# START/END_USER_RECOVERY) and across 10 handoffs (QUIESCE_DEV where the
+# driver has it, the old daemon closes its queue, the successor recovers
+# the device), with the stall of each; the
 # device compared with the daemon's file; the broker's SIGKILL under fio
 # (the daemon serves on and attaches to the next broker, which takes the
 # device over from its record); a reader blocked across the broker's and
@@ -123,12 +124,25 @@ while [ $i -lt 10 ]; do
     sleep 0.3
     $B/holdfastctl handoff vol0 --exec "$B/holdfast-daemon --export vol0 --backend file:$W/vol0.img 2>>$W/daemon.log" > $W/handoff.log 2>&1 ||
         { cat $W/handoff.log; echo "handoff $i: FAILED"; exit 1; }
-    grep -i stall $W/handoff.log | head -2
+    sed -n 's/.*stall \([0-9.]*\) ms.*/\1/p' $W/handoff.log >> $W/stalls
     i=$((i + 1))
 done
 daemon=$(status_of 6)
 fio_wait handoffs
 $B/holdfastctl status
+sort -n $W/stalls | awk '{ a[NR] = $1 } END { print "handoff stalls (to END_USER_RECOVERY), ms: median " a[int((NR + 1) / 2)] ", min " a[1] ", max " a[NR] }'
+# Where the driver has QUIESCE (GET_FEATURES), each handoff began with
+# QUIESCE_DEV; the old daemon's stop then leaves the kernel little or
+# nothing to re-issue.
+quiesces=$(grep -c "quiesced by the kernel" $W/broker.log || true)
+left=$(sed -n 's/.*stopped after [0-9]* answers ([0-9]* failed, \([0-9]*\) left.*/\1/p' $W/daemon.log | awk '{ n += $1 } END { print n + 0 }')
+if grep "ublk driver features" $W/broker.log | grep -q QUIESCE; then
+    [ "$quiesces" -eq 10 ] || { grep QUIESCE $W/broker.log; echo "$quiesces QUIESCE_DEVs for 10 handoffs"; exit 1; }
+    echo "QUIESCE_DEV before each handoff: ok; requests the old daemons left to re-issue: $left"
+else
+    [ "$quiesces" -eq 0 ] || { echo "QUIESCE_DEV on a driver without QUIESCE"; exit 1; }
+    echo "no QUIESCE in this driver: the old daemons stopped by themselves, leaving $left requests to re-issue"
+fi
 echo "fio across 10 handoffs: ok"
 
 cmp $dev $W/vol0.img

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use holdfast_proto::{DaemonState, DirectTerms, ErrorCode, ErrorReply, Mode};
 
 use super::{Export, Session, State, Stats, update_waiting};
+use crate::frontends::Serving;
 use crate::{info, warn};
 
 impl Stats {
@@ -131,7 +132,8 @@ impl Export {
     /// hands it the queue (`take_queue`), then, if it is to start serving
     /// (attached, revived or an activated successor; not one that serves
     /// already), has the frontend tell the kernel (`Lender::serve_by`).
-    pub(super) fn hand_over(&self, epoch: Option<u64>) -> Result<u32, ErrorReply> {
+    /// Returns the replays the kernel re-sent, and when the daemon serves.
+    pub(super) fn hand_over(&self, epoch: Option<u64>) -> Result<(u32, Serving), ErrorReply> {
         let resent = self.take_queue(epoch)?;
         let server = {
             let st = self.state.lock();
@@ -143,18 +145,19 @@ impl Export {
                 .filter(|s| matches!(s.state, DaemonState::Attached | DaemonState::Activating))
                 .map(|s| s.pidfd.pid())
         };
-        if let (Some(pid), Some(lender)) = (server, self.lender()) {
-            lender.serve_by(pid).map_err(|e| {
-                ErrorReply::new(
-                    ErrorCode::Internal,
-                    format!(
-                        "export {}: cannot give its queue to pid {pid}: {e}",
-                        self.name
-                    ),
-                )
-            })?;
-        }
-        Ok(resent)
+        let Some((pid, lender)) = server.zip(self.lender()) else {
+            return Ok((resent, Serving::Now));
+        };
+        let serving = lender.serve_by(pid).map_err(|e| {
+            ErrorReply::new(
+                ErrorCode::Internal,
+                format!(
+                    "export {}: cannot give its queue to pid {pid}: {e}",
+                    self.name
+                ),
+            )
+        })?;
+        Ok((resent, serving))
     }
 
     /// A direct-mode daemon that is still to get the queue (`epoch`, or

@@ -5,10 +5,15 @@
 //!
 //! ```text
 //! Waiting ──PREPARE──▶ Preparing ──READY──▶ Quiescing ──QUIESCED──▶ Activating ──RESTORE──▶ done
-//!    │                    │ (dry run: done)     │ drain bound: fence old,   │
-//!    │                    │                     │ replay its requests       │
-//!    └── timeout ─────────┴── successor lost ───┴───────────────────────────┴──▶ aborted, old revived
+//!    │                    │ (dry run: done)     │ drain bound: fence old,   │          │
+//!    │                    │                     │ replay its requests       │          │ (the kernel's
+//!    └── timeout ─────────┴── successor lost ───┴───────────────────────────┘          ▼  server later)
+//!                         aborted, old revived                                     Serving ──served──▶ done
 //! ```
+//!
+//! Serving is for a queue the kernel gives its new server only once that
+//! server has fetched it, after its RESTORED (ublk in direct mode): the
+//! stall ends there, not at RESTORE.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +24,7 @@ use holdfast_proto::{
 };
 
 use super::{Export, Grant, Notice, Session, State, millis, request_fence, update_waiting};
+use crate::frontends::Serving;
 use crate::sys::pidfd::Pidfd;
 use crate::{info, warn};
 
@@ -51,6 +57,9 @@ pub(super) struct Handoff {
     drain: Option<Duration>,
     replayed: u32,
     fenced: bool,
+    /// What the frontend said of the successor as the kernel's server
+    /// before its RESTORE was through (`Export::served`).
+    served: Option<Result<(), String>>,
 }
 
 impl Handoff {
@@ -121,6 +130,7 @@ impl Export {
             drain: None,
             replayed: 0,
             fenced: false,
+            served: None,
         });
         info!(
             "{}: handoff {id}{} armed: daemon pid {pid} (epoch {epoch}); waiting up to {:?} for a successor",
@@ -204,6 +214,9 @@ impl Export {
             Some(cur) if cur.state == DaemonState::Active => {
                 // From here on nothing is dispatched: new requests queue.
                 cur.state = DaemonState::Quiescing;
+                if let Some(lender) = self.lender() {
+                    lender.quiesce(cur.pidfd.pid());
+                }
                 cur.link.notify(Notice::Quiesce);
                 info!(
                     "{}: successor ready; quiescing daemon pid {} (bound {:?})",
@@ -252,8 +265,14 @@ impl Export {
 
     /// RESTORE from the activated successor: it becomes the export's daemon
     /// and the old one is released. `resent`: replays the kernel re-sent
-    /// for a direct successor (`hand_over`).
-    pub(super) fn promote(&self, st: &mut State, resent: u32) -> Result<u32, ErrorReply> {
+    /// for a direct successor (`hand_over`); `serving`: whether it is the
+    /// kernel's server yet.
+    pub(super) fn promote(
+        &self,
+        st: &mut State,
+        resent: u32,
+        serving: Serving,
+    ) -> Result<u32, ErrorReply> {
         let activated = st
             .successor
             .as_ref()
@@ -277,14 +296,39 @@ impl Export {
         let replays = u32::try_from(st.inflight.queued_replays())
             .unwrap_or(u32::MAX)
             .saturating_add(resent);
+        info!("{}: daemon pid {pid} (epoch {epoch}) took over", self.name);
         if let Some(h) = st.handoff.as_mut() {
             h.replayed = h.replayed.saturating_add(resent);
+            match h.served.take() {
+                None if serving == Serving::Later => {
+                    let now = Instant::now();
+                    h.phase = HandoffPhase::Serving;
+                    h.deadline = now.checked_add(h.params.drain_timeout).unwrap_or(now);
+                }
+                served => self.finish(st, HandoffOutcome::Completed, not_served(served)),
+            }
         }
-        self.finish(st, HandoffOutcome::Completed, String::new());
-        info!("{}: daemon pid {pid} (epoch {epoch}) took over", self.name);
         self.dispatch(st);
         update_waiting(st);
         Ok(replays)
+    }
+
+    /// The frontend's word that daemon `pid` is (or, `Err`, could not be
+    /// made) the kernel's server of the queue it restored with
+    /// [`Serving::Later`]: a handoff to it ends here.
+    pub fn served(&self, pid: u32, result: Result<(), String>) {
+        let mut st = self.state.lock();
+        let Some(h) = st.handoff.as_mut().filter(|h| h.to_pid == pid) else {
+            return;
+        };
+        match h.phase {
+            HandoffPhase::Serving => {
+                self.finish(&mut st, HandoffOutcome::Completed, not_served(Some(result)));
+            }
+            // Before its RESTORE was through (a kernel that refused at once).
+            HandoffPhase::Activating => h.served = Some(result),
+            _ => {}
+        }
     }
 
     /// Sends ACTIVATE to the ready successor.
@@ -350,6 +394,17 @@ impl Export {
             }
             // It had drained and released its lease already.
             HandoffPhase::Activating => {}
+            // The successor, promoted, before the kernel took it.
+            HandoffPhase::Serving => {
+                let why = gone
+                    .and_then(|s| s.lost_why)
+                    .unwrap_or_else(|| "it left".into());
+                self.finish(
+                    st,
+                    HandoffOutcome::Completed,
+                    format!("the successor pid {pid} ended before the kernel had it serve: {why}"),
+                );
+            }
         }
     }
 
@@ -387,6 +442,15 @@ impl Export {
                     s,
                     format!(
                         "the successor did not restore within {:?} of ACTIVATE",
+                        p.drain_timeout
+                    ),
+                )
+            }),
+            HandoffPhase::Serving => st.session.as_mut().map(|s| {
+                (
+                    s,
+                    format!(
+                        "the kernel did not take the successor as its server within {:?} of its RESTORE",
                         p.drain_timeout
                     ),
                 )
@@ -527,6 +591,14 @@ impl Export {
                 );
             }
         }
+    }
+}
+
+/// The report's reason for a successor the kernel refused as its server.
+fn not_served(served: Option<Result<(), String>>) -> String {
+    match served {
+        Some(Err(e)) => format!("the kernel did not take the successor as its server: {e}"),
+        _ => String::new(),
     }
 }
 

@@ -688,10 +688,10 @@ impl Export {
     /// first. From an activated successor, this ends its handoff.
     pub fn restore(&self, epoch: u64) -> Result<u32, ErrorReply> {
         let _custody = self.custody.lock();
-        let resent = self.hand_over(Some(epoch))?;
+        let (resent, serving) = self.hand_over(Some(epoch))?;
         let mut st = self.state.lock();
         let restored = if st.successor.as_ref().is_some_and(|s| s.epoch == epoch) {
-            self.promote(&mut st, resent)
+            self.promote(&mut st, resent, serving)
         } else if st.session.as_ref().is_none_or(|s| s.epoch != epoch) {
             Err(self.no_longer(epoch))
         } else {
@@ -775,7 +775,7 @@ impl Export {
             return Ok((0, n));
         }
         let _custody = self.custody.lock();
-        let resent = self.hand_over(None)?;
+        let (resent, _) = self.hand_over(None)?;
         let mut st = self.state.lock();
         let activated = self.activate(&mut st);
         if activated.is_err() {
@@ -1319,6 +1319,7 @@ fn fail_all(failed: Vec<Failed>) {
 mod tests {
     use super::*;
     use crate::frontends::ReplySink;
+    use holdfast_proto::{HandoffOutcome, HandoffPhase};
 
     /// Answers nothing: these tests count requests, not replies.
     struct Ignore;
@@ -1427,6 +1428,8 @@ mod tests {
         lendable: bool,
         /// No relay mode (ublk in direct mode).
         only: bool,
+        /// What `serve_by` answers.
+        serving: crate::frontends::Serving,
     }
 
     impl Lender for MockLender {
@@ -1465,10 +1468,14 @@ mod tests {
         fn waiting(&self) -> Option<u64> {
             None
         }
-        fn serve_by(&self, pid: u32) -> io::Result<()> {
+        fn serve_by(&self, pid: u32) -> io::Result<crate::frontends::Serving> {
             assert_eq!(pid, std::process::id());
             self.calls.lock().push("serve_by");
-            Ok(())
+            Ok(self.serving)
+        }
+        fn quiesce(&self, pid: u32) {
+            assert_eq!(pid, std::process::id());
+            self.calls.lock().push("quiesce");
         }
         fn direct_only(&self) -> bool {
             self.only
@@ -1489,6 +1496,11 @@ mod tests {
             calls: Mutex::new(Vec::new()),
             lendable,
             only,
+            serving: if only {
+                crate::frontends::Serving::Later
+            } else {
+                crate::frontends::Serving::Now
+            },
         });
         export.set_lender(lender.clone());
         (export, lender)
@@ -1610,6 +1622,61 @@ mod tests {
             panic!("attached with nothing to lend")
         };
         assert!(refused.text.contains("cannot be lent"), "{}", refused.text);
+    }
+
+    /// A handoff on a queue the kernel gives its new server only once that
+    /// server has fetched it (ublk in direct mode): READY has the frontend
+    /// quiesce the queue, and the handoff, with its stall, ends when the
+    /// frontend says the successor serves, not at its RESTORE; a refusal
+    /// the frontend reports before the RESTORE is through ends it there.
+    #[test]
+    fn direct_handoff_ends_when_the_kernel_has_the_successor_serve() {
+        let (export, lender) = direct_volume_of(true, true);
+        let me = || Arc::new(Pidfd::open(std::process::id()).unwrap());
+        let pid = std::process::id();
+        let mut current = export
+            .attach(me(), false, true, Duration::from_secs(1))
+            .unwrap();
+        export.restore(current.epoch).unwrap();
+        let params = HandoffParams {
+            dry_run: false,
+            ready_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(60),
+        };
+        for early in [None, Some(Err("EINVAL".to_owned()))] {
+            lender.calls.lock().clear();
+            export.begin_handoff(params).unwrap();
+            let next = export.prepare(me(), true).unwrap();
+            export.ready(next.epoch).unwrap();
+            assert_eq!(*lender.calls.lock(), ["terms", "lend", "quiesce"]);
+            assert!(export.quiesced(current.epoch).is_ok());
+            let refused = early.is_some();
+            if let Some(result) = early {
+                export.served(pid, result);
+            }
+            export.restore(next.epoch).unwrap();
+            let st = export.status("fuse", None);
+            if refused {
+                let r = st.last_handoff.unwrap();
+                assert!(st.handoff.is_none());
+                assert_eq!(r.outcome, HandoffOutcome::Completed);
+                assert!(r.reason.contains("EINVAL"), "{}", r.reason);
+            } else {
+                assert_eq!(st.handoff.map(|h| h.phase), Some(HandoffPhase::Serving));
+                assert!(st.last_handoff.is_none());
+                export.served(pid, Ok(()));
+                let st = export.status("fuse", None);
+                let r = st.last_handoff.unwrap();
+                assert!(st.handoff.is_none());
+                assert_eq!(
+                    (r.outcome, r.reason.as_str()),
+                    (HandoffOutcome::Completed, "")
+                );
+                assert!(r.stall_us > 0);
+            }
+            assert_eq!(st.daemon.map(|d| d.epoch), Some(next.epoch));
+            current = next;
+        }
     }
 
     /// Where the frontend cannot lend (a kernel without FUSE_NOTIFY_RESEND),

@@ -207,6 +207,15 @@ pub(crate) fn mount_of(line: &str, dev: &str) -> Option<String> {
 /// ATTACH; `park`, then `resend`, then `serve_by`, before the daemon reads;
 /// `resend`, then `unpark`, once it is gone. (ublk: the kernel holds what
 /// a dead server read, and re-issues it itself; only `serve_by` acts.)
+/// When a daemon that begins serving a lent queue is the kernel's server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// From its RESTORE.
+    Now,
+    /// Once the kernel says so (the frontend calls `Export::served`).
+    Later,
+}
+
 pub trait Lender: Send + Sync {
     /// What a daemon needs to serve the queue, or why it cannot be lent
     /// now (the kernel has not initialised it, or cannot re-send).
@@ -231,10 +240,20 @@ pub trait Lender: Send + Sync {
     /// where its device's server is (ublk: START_DEV, or a recovery);
     /// nothing where the kernel need not know. Called once per daemon that
     /// begins serving (attached, revived, or an activated successor), not
-    /// for one that serves already.
-    fn serve_by(&self, _pid: u32) -> io::Result<()> {
-        Ok(())
+    /// for one that serves already. [`Serving::Later`]: the kernel takes
+    /// `pid` as its server only once it has fetched the queue, after its
+    /// RESTORED; the frontend then calls [`Export::served`].
+    ///
+    /// [`Export::served`]: crate::export::Export::served
+    fn serve_by(&self, _pid: u32) -> io::Result<Serving> {
+        Ok(Serving::Now)
     }
+    /// A planned handoff stops dispatching to the current daemon `pid`:
+    /// where the kernel can, it stops handing it requests too (ublk:
+    /// QUIESCE_DEV), so what the daemon holds when it is told to drain is
+    /// all it gets. Called under the export's lock: bounded, and it must
+    /// not call into the export.
+    fn quiesce(&self, _pid: u32) {}
     /// Whether only a direct-mode daemon can serve the export: the broker
     /// has no reader of its own on this queue.
     fn direct_only(&self) -> bool {

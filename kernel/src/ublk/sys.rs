@@ -362,11 +362,13 @@ impl Control {
             .map(drop)
     }
 
-    /// Quiesces a LIVE device with a server (a planned handoff): new
-    /// requests wait in the kernel, those the server holds are waited for
-    /// (up to `timeout_ms`, 0 for ever), then every FETCH is cancelled, so
-    /// the server's tags all come back aborted. It closes /dev/ublkcN and
-    /// the device is QUIESCED, to be recovered by the next server.
+    /// Quiesces a LIVE device with a server (a planned handoff), as read in
+    /// 7.3's `ublk_ctrl_quiesce_dev`: new requests wait in the kernel
+    /// (requeued), then, once the server has an idle tag (up to
+    /// `timeout_ms`, 0 for ever; EBUSY after), its idle FETCHes complete
+    /// aborted. The tags it holds come back with its COMMITs. The device
+    /// stays LIVE until the server closes /dev/ublkcN; then it is QUIESCED,
+    /// to be recovered by the next server.
     pub fn quiesce(&mut self, dev_id: u32, timeout_ms: u64) -> io::Result<()> {
         self.cmd(CMD_QUIESCE_DEV, dev_id, None, timeout_ms)
             .map(drop)

@@ -10,12 +10,20 @@
 //! any later one, nothing for the server it has (a daemon that went on
 //! serving while the broker restarted). START_DEV and END_USER_RECOVERY
 //! wait in the kernel until the server has fetched every tag, which it does
-//! after RESTORED: they run on a thread of their own.
+//! after RESTORED: they run on a thread of their own, and a handoff's stall
+//! ends when they return (`Export::served`).
+//!
+//! A planned handoff on a device added with `UBLK_F_QUIESCE` (Linux 6.16,
+//! where GET_FEATURES has it) begins with QUIESCE_DEV (`Custody::quiesce`):
+//! the kernel hands the old daemon nothing new and takes back its idle
+//! tags, so all it has to do is answer what it holds and close. Without it
+//! (6.12) the daemon stops by itself and leaves what came after its stop
+//! to the kernel to re-issue; the order is the same.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use holdfast_kernel::ublk::sys::{self, Control, DevInfo};
@@ -23,15 +31,22 @@ use holdfast_proto::{DirectTerms, UblkTerms};
 
 use super::{RECOVER_WAIT, UblkDevice, misfit, quiesced, start_recovery};
 use crate::export::Export;
-use crate::frontends::{Lender, Target};
+use crate::frontends::{Lender, Serving, Target};
 use crate::{info, warn};
+
+/// How long QUIESCE_DEV waits for the server to have an idle tag (it
+/// holds the device's lock meanwhile, and the export's lock is held too).
+const QUIESCE_WAIT_MS: u64 = 100;
 
 /// The device of a direct-mode export, lent to its daemons.
 struct Custody {
     name: String,
+    export: Weak<Export>,
     dev_id: u32,
     depth: u16,
     buf_size: u32,
+    /// Added with `UBLK_F_QUIESCE`: a handoff begins with QUIESCE_DEV.
+    quiesce: bool,
     /// Taken over from a previous broker and not served since: its server
     /// may be a daemon that went on serving, and attaches again.
     adopted: AtomicBool,
@@ -41,9 +56,11 @@ struct Custody {
 pub(super) fn lend(export: &Arc<Export>, info: &DevInfo, adopted: bool) {
     export.set_lender(Arc::new(Custody {
         name: export.name().to_owned(),
+        export: Arc::downgrade(export),
         dev_id: info.dev_id,
         depth: info.queue_depth,
         buf_size: info.max_io_buf_bytes,
+        quiesce: info.flags & sys::F_QUIESCE != 0,
         adopted: AtomicBool::new(adopted),
     }));
 }
@@ -70,10 +87,11 @@ pub(super) fn adopt(export: &Arc<Export>, dev_id: u32, record: PathBuf) -> io::R
 
 impl Custody {
     /// Runs START_DEV or END_USER_RECOVERY for `pid` on a thread: each
-    /// returns once `pid` has fetched every tag. One for a server that died
-    /// first fails (EINVAL: not the server); the next daemon's goes on.
-    fn await_server(&self, pid: u32, recovery: bool) -> io::Result<()> {
-        let (name, id) = (self.name.clone(), self.dev_id);
+    /// returns once `pid` has fetched every tag, and the export hears of
+    /// it. One for a server that died first fails (EINVAL: not the server);
+    /// the next daemon's goes on.
+    fn await_server(&self, pid: u32, recovery: bool) -> io::Result<Serving> {
+        let (name, id, export) = (self.name.clone(), self.dev_id, self.export.clone());
         let step = if recovery {
             "END_USER_RECOVERY"
         } else {
@@ -91,15 +109,25 @@ impl Custody {
                     }
                 });
                 let took = began.elapsed().as_secs_f64() * 1e3;
-                match done {
-                    Ok(()) if recovery => info!(
-                        "{name}: ublk device {id} recovered, served by pid {pid} ({took:.3} ms after its RESTORE)"
-                    ),
-                    Ok(()) => info!("{name}: block device /dev/ublkb{id} started, served by pid {pid}"),
-                    Err(e) => warn!("{name}: ublk device {id}: {step} for pid {pid}: {e}"),
+                let result = match done {
+                    Ok(()) if recovery => {
+                        info!("{name}: ublk device {id} recovered, served by pid {pid} ({took:.3} ms after its RESTORE)");
+                        Ok(())
+                    }
+                    Ok(()) => {
+                        info!("{name}: block device /dev/ublkb{id} started, served by pid {pid}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!("{name}: ublk device {id}: {step} for pid {pid}: {e}");
+                        Err(format!("{step}: {e}"))
+                    }
+                };
+                if let Some(export) = export.upgrade() {
+                    export.served(pid, result);
                 }
             })
-            .map(drop)
+            .map(|_| Serving::Later)
     }
 }
 
@@ -134,7 +162,7 @@ impl Lender for Custody {
         None
     }
 
-    fn serve_by(&self, pid: u32) -> io::Result<()> {
+    fn serve_by(&self, pid: u32) -> io::Result<Serving> {
         let mut ctl = Control::open()?;
         let info = ctl.info(self.dev_id)?;
         // Only where this broker never served it: in any other LIVE state
@@ -149,7 +177,7 @@ impl Lender for Custody {
                     "{}: ublk device {} is served by pid {pid} already",
                     self.name, self.dev_id
                 );
-                Ok(())
+                Ok(Serving::Now)
             }
             _ => {
                 let end = Instant::now() + RECOVER_WAIT;
@@ -157,6 +185,28 @@ impl Lender for Custody {
                 start_recovery(&mut ctl, self.dev_id, end)?;
                 self.await_server(pid, true)
             }
+        }
+    }
+
+    fn quiesce(&self, pid: u32) {
+        if !self.quiesce {
+            return;
+        }
+        let began = Instant::now();
+        // On an error or the bound, the kernel still dispatches nothing
+        // new (it is `canceling`), and the daemon's own stop closes the
+        // device: the handoff goes on either way.
+        match Control::open().and_then(|mut c| c.quiesce(self.dev_id, QUIESCE_WAIT_MS)) {
+            Ok(()) => info!(
+                "{}: ublk device {} quiesced by the kernel for pid {pid}'s drain ({:.3} ms)",
+                self.name,
+                self.dev_id,
+                began.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => warn!(
+                "{}: ublk device {}: QUIESCE_DEV: {e}; pid {pid} stops its queue by itself",
+                self.name, self.dev_id
+            ),
         }
     }
 

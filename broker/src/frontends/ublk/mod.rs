@@ -94,12 +94,19 @@ impl UblkDevice {
             features.0,
             sys::Features::names(features.0)
         );
+        // A direct-mode handoff begins with QUIESCE_DEV where the driver
+        // has it (custody.rs); the device must be added with the flag.
+        let quiesce = if direct && features.has(sys::F_QUIESCE) {
+            sys::F_QUIESCE
+        } else {
+            0
+        };
         let info = ctl.add(&DevInfo {
             nr_hw_queues: 1,
             queue_depth: depth16,
             max_io_buf_bytes: export.slot_size(),
             dev_id: u32::MAX,
-            flags: sys::Features::NEEDED,
+            flags: sys::Features::NEEDED | quiesce,
             ..DevInfo::default()
         })?;
         let dev_id = info.dev_id;
