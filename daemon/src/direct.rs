@@ -81,6 +81,13 @@ impl Meter {
         unsafe { &*self.words.as_ptr().add(i) }
     }
 
+    /// Publishes a whole record (a ublk queue's: the time it took the
+    /// oldest request it holds, 0 for none, and its answers so far).
+    pub fn publish(&self, busy_since_ns: u64, answered: u64) {
+        self.word(BUSY).store(busy_since_ns, Ordering::Release);
+        self.word(ANSWERED).store(answered, Ordering::Relaxed);
+    }
+
     fn busy(&self, since: Option<u64>) {
         self.word(BUSY).store(since.unwrap_or(0), Ordering::Release);
     }
@@ -120,7 +127,7 @@ pub fn total(meters: &[Meter]) -> ReaderProgress {
 }
 
 /// CLOCK_MONOTONIC in ns, never 0.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let ns = u64::try_from(t.tv_sec)
         .unwrap_or(0)

@@ -455,7 +455,9 @@ pub fn serve_attachment(
                 buf_size: terms.buf_size,
                 size,
             };
-            serve_ublk(conn, geo, backend, opts, signals, queue)
+            // Its progress, where the broker reads it.
+            let meter = Meter::shared(&Arc::new(att), 0).unwrap_or_else(Meter::private);
+            serve_ublk(conn, geo, backend, opts, signals, queue, meter)
         }
         None => serve(conn, att, backend, opts, signals),
     }
@@ -474,14 +476,18 @@ fn serve_ublk(
     opts: &Options,
     signals: &Signals,
     queue: &mut Option<ublk::Running>,
+    meter: Meter,
 ) -> Result<Served, Error> {
     if queue.as_ref().is_some_and(|q| q.geometry() != geo) {
         log("the broker serves another ublk device now: stopping the old queue");
         stop_queue(queue);
     }
+    if let Some(q) = queue.as_ref() {
+        q.publish_to(meter.clone());
+    }
     let start = |queue: &mut Option<ublk::Running>| -> Result<(), Error> {
         if queue.is_none() {
-            let q = ublk::Running::start(geo, backend.clone(), opts.workers)
+            let q = ublk::Running::start(geo, backend.clone(), opts.workers, meter.clone())
                 .map_err(|e| Error::io("cannot serve the ublk queue", e))?;
             log(&format!(
                 "direct mode: serving /dev/ublkc{} ({} tags of {} bytes)",

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use memmap2::MmapMut;
 use parking_lot::Mutex;
 
 use crate::backends::{self, Ask, Backend};
+use crate::direct::{Meter, monotonic_ns};
 
 /// How long to wait for /dev/ublkcN after ADD_DEV.
 const CDEV_WAIT: Duration = Duration::from_secs(5);
@@ -181,23 +182,45 @@ pub fn serve(
     server.run(workers.max(1), &AtomicBool::new(false))
 }
 
+/// Where a queue publishes its progress for the broker (the attachment's
+/// record, which changes when the daemon attaches to a new broker), and
+/// its answers when that record became its: the record counts from there.
+struct Published {
+    meter: Meter,
+    base: u64,
+}
+
 /// A queue served on a thread of its own (direct mode), until `stop`, or
 /// until the device takes every tag back (it was stopped, or deleted).
 pub struct Running {
     geo: Geometry,
     stop: Arc<AtomicBool>,
     mailbox: Arc<Mailbox>,
+    published: Arc<Mutex<Published>>,
+    answers: Arc<AtomicU64>,
     thread: JoinHandle<io::Result<Stats>>,
 }
 
 impl Running {
     /// Opens the queue, fetches every tag and serves it with `workers`
-    /// threads; returns once the tags are fetched (the broker's START_DEV
-    /// or END_USER_RECOVERY then completes), or why they are not.
-    pub fn start(geo: Geometry, backend: Arc<dyn Backend>, workers: usize) -> io::Result<Self> {
+    /// threads, publishing its progress to `meter`; returns once the tags
+    /// are fetched (the broker's START_DEV or END_USER_RECOVERY then
+    /// completes), or why they are not.
+    pub fn start(
+        geo: Geometry,
+        backend: Arc<dyn Backend>,
+        workers: usize,
+        meter: Meter,
+    ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let flag = stop.clone();
+        let published = Arc::new(Mutex::new(Published { meter, base: 0 }));
+        let answers = Arc::new(AtomicU64::new(0));
+        let progress = Progress {
+            published: published.clone(),
+            answers: answers.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("ublk-queue-{}", geo.dev_id))
             .spawn(move || {
@@ -208,6 +231,7 @@ impl Running {
                         return Err(e);
                     }
                 };
+                server.progress = progress;
                 let _ = tx.send(Ok(server.mailbox.clone()));
                 server.run(workers.max(1), &flag)
             })?;
@@ -220,12 +244,21 @@ impl Running {
             geo,
             stop,
             mailbox,
+            published,
+            answers,
             thread,
         })
     }
 
     pub fn geometry(&self) -> Geometry {
         self.geo
+    }
+
+    /// Publishes the queue's progress to `meter` from now on (the record
+    /// of this daemon's attachment to a new broker).
+    pub fn publish_to(&self, meter: Meter) {
+        let base = self.answers.load(Ordering::Relaxed);
+        *self.published.lock() = Published { meter, base };
     }
 
     /// Whether the queue ended by itself (the device took its tags back).
@@ -254,6 +287,28 @@ struct Server {
     stats: Stats,
     /// Requests handed to the workers and not committed yet.
     at_workers: usize,
+    /// When the server took each tag's request (CLOCK_MONOTONIC ns), 0
+    /// for a tag it does not hold.
+    held_since: Vec<u64>,
+    progress: Progress,
+}
+
+/// A queue's progress for the broker (`Running::publish_to`).
+struct Progress {
+    published: Arc<Mutex<Published>>,
+    answers: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn private() -> Self {
+        Self {
+            published: Arc::new(Mutex::new(Published {
+                meter: Meter::private(),
+                base: 0,
+            })),
+            answers: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 impl Server {
@@ -276,6 +331,8 @@ impl Server {
             }),
             stats: Stats::default(),
             at_workers: 0,
+            held_since: vec![0; usize::from(geo.depth)],
+            progress: Progress::private(),
         };
         server.start()?;
         Ok(server)
@@ -342,8 +399,19 @@ impl Server {
                     }
                 }
             }
+            self.publish();
         }
         Ok(())
+    }
+
+    /// Publishes the oldest request held and the answers so far.
+    fn publish(&self) {
+        let oldest = self.held_since.iter().copied().filter(|&t| t != 0).min();
+        let answers = self.stats.served.saturating_add(self.stats.failed);
+        self.progress.answers.store(answers, Ordering::Relaxed);
+        let p = self.progress.published.lock();
+        p.meter
+            .publish(oldest.unwrap_or(0), answers.saturating_sub(p.base));
     }
 
     /// Runs a request in place (`alone`) or hands it to a worker.
@@ -354,6 +422,9 @@ impl Server {
         alone: bool,
         jobs: &crossbeam_channel::Sender<Job>,
     ) -> io::Result<()> {
+        if let Some(t) = self.held_since.get_mut(usize::from(tag)) {
+            *t = monotonic_ns();
+        }
         let (op, offset, len) = match parse(desc, self.geo.size, self.geo.buf_size) {
             Ok(p) => p,
             Err(errno) => return self.commit(tag, errno.saturating_neg()),
@@ -380,6 +451,9 @@ impl Server {
             self.stats.failed += 1;
         } else {
             self.stats.served += 1;
+        }
+        if let Some(t) = self.held_since.get_mut(usize::from(tag)) {
+            *t = 0;
         }
         let addr = self.buffers.addr(tag);
         self.queue.commit(tag, result, addr)

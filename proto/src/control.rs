@@ -143,6 +143,15 @@ impl DirectTerms {
             Self::Ublk(_) => 0,
         }
     }
+
+    /// How many progress records (`shm::direct`) the daemon publishes: one
+    /// per FUSE descriptor, one for a ublk queue.
+    pub fn meters(&self) -> u32 {
+        match self {
+            Self::Fuse(f) => f.conns,
+            Self::Ublk(_) => 1,
+        }
+    }
 }
 
 /// Direct mode on a FUSE export: what the broker's INIT negotiated and the

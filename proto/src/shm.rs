@@ -47,8 +47,9 @@ pub const NEED_WAKEUP: u32 = 1;
 
 /// Direct mode's use of the rings memfd, whose rings it does not use: from
 /// [`offsets::ENTRIES`], one [`ReaderProgress`] per lent FUSE descriptor,
-/// written by the daemon's reader on it, read by the broker for status and
-/// to see a hung daemon. Every ring layout has room for them
+/// written by the daemon's reader on it (on ublk, one, written by the
+/// daemon's queue thread), read by the broker for status and to see a hung
+/// daemon (`DirectTerms::meters`). Every ring layout has room for them
 /// ([`RingLayout::byte_len`]).
 pub mod direct {
     use super::offsets;

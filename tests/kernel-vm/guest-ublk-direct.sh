@@ -11,13 +11,13 @@
 # device over from its record); a reader blocked across the broker's and
 # the daemon's SIGKILL; a write re-issued after its daemon died
 # between the backend's write and the COMMIT (REISSUE's double write, which
-# the file backend's writes at an offset make harmless); a daemon with
-# --relay refused.
+# the file backend's writes at an offset make harmless); a hung daemon
+# fenced at the request bound; a daemon with --relay refused.
 . "$HOLDFAST_REPO/tests/kernel-vm/guest-common.sh"
 
 echo "kernel $(uname -r)"
 export HOLDFAST_SOCKET=$W/s.sock
-broker_args="--socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk,direct"
+broker_args="--socket $W/s.sock --mountpoint $W/mnt --export vol0=64MiB,ublk,direct --request-timeout 10s"
 $B/holdfast-broker $broker_args > $W/broker.log 2>&1 &
 broker=$!
 daemon=
@@ -209,6 +209,26 @@ wait $writer
 dd if=$dev bs=4096 skip=100 count=1 iflag=direct status=none | cmp - $W/block
 dd if=$W/vol0.img bs=4096 skip=100 count=1 status=none | cmp - $W/block
 echo "a write re-issued after its daemon died before the COMMIT: written twice, the same bytes: ok"
+
+# A hung daemon (stopped under a reader): its progress shows no answer
+# while the kernel has a request started, so the broker fences it at
+# --request-timeout, and the kernel re-issues the read to the next daemon.
+wait_for 60 serving
+hung=$daemon
+kill -STOP $hung
+dd if=$dev of=$W/rh bs=1M count=4 skip=8 iflag=direct status=none &
+reader=$!
+wait_for 60 grep -q "daemon pid $hung (epoch [0-9]*) declared lost: a request has waited" $W/broker.log
+wait_for 30 sh -c "! kill -0 $hung 2>/dev/null"
+wait $hung 2>/dev/null || true
+kill -0 $reader  # still waiting: the kernel holds its request
+start_daemon
+if ! wait_for 60 sh -c "! kill -0 $reader 2>/dev/null" || ! wait $reader; then
+    echo "reader across a hung daemon's fencing: FAILED"; exit 1
+fi
+dd if=$W/vol0.img bs=1M skip=8 count=4 status=none | cmp - $W/rh
+grep "daemon pid $hung (epoch [0-9]*) declared lost" $W/broker.log
+echo "a hung daemon fenced at the request bound, its read re-issued to the next: ok"
 
 # A daemon that cannot serve the queue is refused, with the reason.
 if $B/holdfast-daemon --export vol0 --backend file:$W/vol0.img --relay > $W/relay.log 2>&1; then

@@ -64,7 +64,7 @@ impl Session {
     /// and an age that can only have the daemon declared lost sooner.
     pub(super) fn progress(&self) -> Progress {
         let mut p = Progress::default();
-        for r in (0..self.lent.len()).filter_map(|i| self.rings.reader_progress(i)) {
+        for r in (0..self.meters).filter_map(|i| self.rings.reader_progress(i)) {
             if r.busy_since_ns != 0 {
                 p.busy = p.busy.saturating_add(1);
                 p.oldest = match p.oldest {

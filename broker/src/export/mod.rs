@@ -120,8 +120,10 @@ struct Session {
     mode: Mode,
     /// In direct mode, the broker's references to the descriptors lent to
     /// the daemon: what the daemon read stays on their processing lists,
-    /// for FUSE_NOTIFY_RESEND, however the daemon ends.
-    lent: Vec<OwnedFd>,
+    /// for FUSE_NOTIFY_RESEND, however the daemon ends. Held, never read.
+    _lent: Vec<OwnedFd>,
+    /// Direct mode: how many progress records the daemon publishes.
+    meters: usize,
     /// Direct mode: the daemon's answers when last seen to change, or the
     /// kernel to wait on nothing, and when (`direct_age`).
     watch: Option<(u64, Instant)>,
@@ -635,7 +637,8 @@ impl Export {
             } else {
                 Mode::Relay
             },
-            lent,
+            meters: terms.as_ref().map_or(0, |t| t.meters() as usize),
+            _lent: lent,
             watch: None,
         };
         let grant = Grant {

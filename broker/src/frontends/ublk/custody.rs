@@ -158,8 +158,12 @@ impl Lender for Custody {
         false
     }
 
+    /// The requests the block layer has started and not seen completed
+    /// (`/sys/block/ublkbN/inflight`: reads, writes): the daemon holds
+    /// them, or has them on its ring.
     fn waiting(&self) -> Option<u64> {
-        None
+        let path = format!("/sys/block/ublkb{}/inflight", self.dev_id);
+        parse_inflight(&std::fs::read_to_string(path).ok()?)
     }
 
     fn serve_by(&self, pid: u32) -> io::Result<Serving> {
@@ -212,5 +216,28 @@ impl Lender for Custody {
 
     fn direct_only(&self) -> bool {
         true
+    }
+}
+
+/// The sum of a block device's `inflight` file ("reads writes").
+fn parse_inflight(text: &str) -> Option<u64> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let (Some(Some(reads)), Some(Some(writes)), None) =
+        (fields.next(), fields.next(), fields.next())
+    else {
+        return None;
+    };
+    reads.checked_add(writes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inflight_file() {
+        assert_eq!(super::parse_inflight("       3        5\n"), Some(8));
+        assert_eq!(super::parse_inflight("0 0"), Some(0));
+        for bad in ["", "1", "1 2 3", "a 1", "-1 2", "18446744073709551615 1"] {
+            assert_eq!(super::parse_inflight(bad), None, "{bad:?}");
+        }
     }
 }
