@@ -196,8 +196,7 @@ pub struct Running {
     geo: Geometry,
     stop: Arc<AtomicBool>,
     mailbox: Arc<Mailbox>,
-    published: Arc<Mutex<Published>>,
-    answers: Arc<AtomicU64>,
+    progress: Progress,
     thread: JoinHandle<io::Result<Stats>>,
 }
 
@@ -215,12 +214,8 @@ impl Running {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let flag = stop.clone();
-        let published = Arc::new(Mutex::new(Published { meter, base: 0 }));
-        let answers = Arc::new(AtomicU64::new(0));
-        let progress = Progress {
-            published: published.clone(),
-            answers: answers.clone(),
-        };
+        let progress = Progress::new(meter);
+        let published = progress.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ublk-queue-{}", geo.dev_id))
             .spawn(move || {
@@ -231,7 +226,7 @@ impl Running {
                         return Err(e);
                     }
                 };
-                server.progress = progress;
+                server.progress = published;
                 let _ = tx.send(Ok(server.mailbox.clone()));
                 server.run(workers.max(1), &flag)
             })?;
@@ -244,8 +239,7 @@ impl Running {
             geo,
             stop,
             mailbox,
-            published,
-            answers,
+            progress,
             thread,
         })
     }
@@ -257,8 +251,8 @@ impl Running {
     /// Publishes the queue's progress to `meter` from now on (the record
     /// of this daemon's attachment to a new broker).
     pub fn publish_to(&self, meter: Meter) {
-        let base = self.answers.load(Ordering::Relaxed);
-        *self.published.lock() = Published { meter, base };
+        let base = self.progress.answers.load(Ordering::Relaxed);
+        *self.progress.published.lock() = Published { meter, base };
     }
 
     /// Whether the queue ended by itself (the device took its tags back).
@@ -294,18 +288,16 @@ struct Server {
 }
 
 /// A queue's progress for the broker (`Running::publish_to`).
+#[derive(Clone)]
 struct Progress {
     published: Arc<Mutex<Published>>,
     answers: Arc<AtomicU64>,
 }
 
 impl Progress {
-    fn private() -> Self {
+    fn new(meter: Meter) -> Self {
         Self {
-            published: Arc::new(Mutex::new(Published {
-                meter: Meter::private(),
-                base: 0,
-            })),
+            published: Arc::new(Mutex::new(Published { meter, base: 0 })),
             answers: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -332,7 +324,7 @@ impl Server {
             stats: Stats::default(),
             at_workers: 0,
             held_since: vec![0; usize::from(geo.depth)],
-            progress: Progress::private(),
+            progress: Progress::new(Meter::private()),
         };
         server.start()?;
         Ok(server)

@@ -759,6 +759,16 @@ impl Export {
     /// The operator's restore: activate the attached daemon (replaying), or
     /// fail every pending request with EIO. Returns (replayed, failed).
     pub fn operator_restore(&self, fail_pending: bool) -> Result<(u32, u32), ErrorReply> {
+        if fail_pending && self.lender().is_some_and(|l| l.direct_only()) {
+            return Err(ErrorReply::new(
+                ErrorCode::BadState,
+                format!(
+                    "export {}: its pending requests wait in the kernel (direct mode on ublk), \
+                     which the broker cannot fail; start a daemon, or remove the export",
+                    self.name
+                ),
+            ));
+        }
         if fail_pending {
             let failed = {
                 let mut st = self.state.lock();
@@ -1610,6 +1620,8 @@ mod tests {
         export.restore(grant.epoch).unwrap();
         export.restore(grant.epoch).unwrap();
         export.operator_restore(false).unwrap();
+        let refused = export.operator_restore(true).unwrap_err();
+        assert!(refused.text.contains("cannot fail"), "{}", refused.text);
         let told = || {
             lender
                 .calls
