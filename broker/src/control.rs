@@ -590,7 +590,7 @@ impl<'a> Connection<'a> {
     ) -> Result<Option<Reply>, String> {
         let result = match req {
             Request::Restore => export.restore(epoch).map(|replayed| {
-                self.broker.note_restored(self.peer_pid);
+                self.broker.note_restored(self.peer_pid, &export.name);
                 Reply::Restored { replayed }
             }),
             Request::Detach => match export.begin_detach(epoch) {

@@ -66,8 +66,9 @@ pub struct Broker {
     state_dir: std::path::PathBuf,
     pub allow_uids: Vec<u32>,
     pub fence_timeout: Duration,
-    /// Pids of the latest daemons that got as far as RESTORE (bounded).
-    restored: Mutex<std::collections::VecDeque<u32>>,
+    /// Pids of the latest daemons that got as far as RESTORE, with their
+    /// exports (bounded).
+    restored: Mutex<std::collections::VecDeque<(u32, String)>>,
     /// Set after the control socket listens; suspended for an upgrade.
     supervisors: Mutex<Vec<Supervisor>>,
     /// The control socket, kept for the broker's own restart (the control
@@ -86,18 +87,33 @@ pub struct Broker {
 const RESTORED_PIDS: usize = 64;
 
 impl Broker {
-    /// Records that daemon `pid` restored (it was healthy).
-    pub fn note_restored(&self, pid: u32) {
+    /// Records that daemon `pid` restored `export` (it was healthy).
+    pub fn note_restored(&self, pid: u32, export: &str) {
         let mut r = self.restored.lock();
         if r.len() >= RESTORED_PIDS {
             r.pop_front();
         }
-        r.push_back(pid);
+        r.push_back((pid, export.to_owned()));
+    }
+
+    /// The export daemon `pid` last restored, if it did.
+    pub fn export_of(&self, pid: u32) -> Option<String> {
+        let r = self.restored.lock();
+        r.iter()
+            .rev()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, e)| e.clone())
+    }
+
+    /// Export `name`'s daemon: None if there is no such export.
+    pub fn daemon_of(&self, name: &str) -> Option<Option<u32>> {
+        let exports = self.exports.read();
+        Some(exports.iter().find(|e| e.name == name)?.daemon_pid())
     }
 
     /// Whether daemon `pid` ever restored.
     pub fn restored(&self, pid: u32) -> bool {
-        self.restored.lock().contains(&pid)
+        self.restored.lock().iter().any(|(p, _)| *p == pid)
     }
 
     /// The exports, in the order they were added.
@@ -528,9 +544,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .position(|s| &s.cmd == cmd)
             .map(|i| prior.swap_remove(i))
             .map(|s| (s.pid, s.start_time));
-        let b = broker.clone();
-        let healthy = Box::new(move |pid| b.restored(pid));
-        let s = Supervisor::start(cmd.clone(), healthy, adopt)
+        let s = Supervisor::start(cmd.clone(), supervise::Hooks::of(&broker), adopt)
             .map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?;
         broker.supervisors.lock().push(s);
     }

@@ -36,9 +36,11 @@ Options:
                           `--export TAG --backend dir:PATH`, and erofs
                           mounts `-o fsid=BLOB` read through it
   --supervise CMD         run daemon command line CMD (with /bin/sh) and run it
-                          again whenever it exits (repeatable); `holdfastctl
-                          upgrade EXPORT` or SIGHUP to the daemon hands its
-                          export off to a new copy of CMD
+                          again whenever it exits (repeatable), unless another
+                          daemon serves its export then (it waits), or the
+                          export was removed (it stops); `holdfastctl upgrade
+                          EXPORT` or SIGHUP to the daemon hands its export off
+                          to a new copy of CMD
   --request-timeout T     a request dispatched longer than T declares its daemon
                           lost (hung): it is killed and its requests replayed to
                           the next daemon [default: 30s; 0 = never]

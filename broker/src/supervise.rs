@@ -8,6 +8,12 @@
 //! daemon exits, the successor becomes the supervised daemon instead of a
 //! restart.
 //!
+//! A daemon that serves the supervised daemon's export by other means (a
+//! `holdfastctl handoff --exec` successor, one started by hand) is left to
+//! serve: the supervisor waits while the export has a daemon and starts
+//! its command again once it has none; once the export is removed, it
+//! stops.
+//!
 //! A supervised daemon outlives its broker: across an upgrade (the same
 //! process, re-executed: the daemon is still its child) and across a crash
 //! (the daemon is re-parented), the next broker supervises it again from
@@ -32,8 +38,39 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at successors and the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Tells whether a daemon pid got as far as RESTORE.
-pub type Healthy = Box<dyn Fn(u32) -> bool + Send + Sync>;
+/// What the supervisor asks the broker.
+pub struct Hooks {
+    /// Whether daemon `pid` got as far as RESTORE.
+    pub healthy: Box<dyn Fn(u32) -> bool + Send + Sync>,
+    /// The export daemon `pid` restored, if it did.
+    pub export_of: Box<dyn Fn(u32) -> Option<String> + Send + Sync>,
+    /// An export's daemon.
+    pub daemon_of: Box<dyn Fn(&str) -> ExportDaemon + Send + Sync>,
+}
+
+/// An export's daemon, as the broker knows it.
+pub enum ExportDaemon {
+    /// There is no such export (any more).
+    Removed,
+    None,
+    Pid(u32),
+}
+
+impl Hooks {
+    /// The hooks answered by `broker`.
+    pub fn of(broker: &Arc<crate::Broker>) -> Self {
+        let (a, b, c) = (broker.clone(), broker.clone(), broker.clone());
+        Self {
+            healthy: Box::new(move |pid| a.restored(pid)),
+            export_of: Box::new(move |pid| b.export_of(pid)),
+            daemon_of: Box::new(move |name| match c.daemon_of(name) {
+                None => ExportDaemon::Removed,
+                Some(None) => ExportDaemon::None,
+                Some(Some(pid)) => ExportDaemon::Pid(pid),
+            }),
+        }
+    }
+}
 
 /// A daemon command line run as `/bin/sh -c "exec CMD"` (so the daemon is
 /// the child itself), with stdin closed; as a handoff successor, with
@@ -99,7 +136,9 @@ pub struct Supervisor {
     stop: Arc<AtomicBool>,
     children: Arc<Mutex<Children>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    healthy: Arc<Healthy>,
+    hooks: Arc<Hooks>,
+    /// The export its daemons serve, once one has attached.
+    export: Arc<Mutex<Option<String>>>,
 }
 
 impl Supervisor {
@@ -107,11 +146,7 @@ impl Supervisor {
     /// daemon itself is the supervised child. With `adopt` (pid, start
     /// time), the daemon a previous broker supervised is supervised again
     /// instead of starting another, if it still runs.
-    pub fn start(
-        cmd: String,
-        healthy: Healthy,
-        adopt: Option<(u32, u64)>,
-    ) -> std::io::Result<Self> {
+    pub fn start(cmd: String, hooks: Hooks, adopt: Option<(u32, u64)>) -> std::io::Result<Self> {
         let current = adopt.and_then(|(pid, t)| {
             let d = Daemon::adopt(pid, t);
             match &d {
@@ -128,7 +163,8 @@ impl Supervisor {
                 successors: Vec::new(),
             })),
             thread: Mutex::new(None),
-            healthy: Arc::new(healthy),
+            hooks: Arc::new(hooks),
+            export: Arc::default(),
         };
         s.resume()?;
         Ok(s)
@@ -143,10 +179,10 @@ impl Supervisor {
     pub fn resume(&self) -> std::io::Result<()> {
         self.stop.store(false, Ordering::SeqCst);
         let (stop, children, cmd) = (self.stop.clone(), self.children.clone(), self.cmd.clone());
-        let healthy = self.healthy.clone();
+        let (hooks, export) = (self.hooks.clone(), self.export.clone());
         let t = std::thread::Builder::new()
             .name("holdfast-supervise".into())
-            .spawn(move || run(&cmd, &stop, &children, &healthy))?;
+            .spawn(move || run(&cmd, &stop, &children, &hooks, &export))?;
         *self.thread.lock() = Some(t);
         Ok(())
     }
@@ -204,11 +240,60 @@ impl Supervisor {
     }
 }
 
-fn run(cmd: &str, stop: &AtomicBool, children: &Mutex<Children>, healthy: &Healthy) {
+/// Whether to start the command now that no supervised daemon runs.
+#[derive(Debug, PartialEq, Eq)]
+enum Vacancy {
+    Start,
+    /// Another daemon serves the export (or the broker has yet to see
+    /// the last one go).
+    Wait(u32),
+    /// The export was removed.
+    Gone(String),
+}
+
+fn vacancy(hooks: &Hooks, export: &Mutex<Option<String>>) -> Vacancy {
+    let Some(name) = export.lock().clone() else {
+        return Vacancy::Start;
+    };
+    match (hooks.daemon_of)(&name) {
+        ExportDaemon::Removed => Vacancy::Gone(name),
+        ExportDaemon::Pid(pid) => Vacancy::Wait(pid),
+        ExportDaemon::None => Vacancy::Start,
+    }
+}
+
+fn run(
+    cmd: &str,
+    stop: &AtomicBool,
+    children: &Mutex<Children>,
+    hooks: &Hooks,
+    export: &Mutex<Option<String>>,
+) {
     let mut backoff = MIN_BACKOFF;
+    let mut waiting_for = None;
+    // The last supervised daemon: the broker may not have seen it go yet.
+    let mut last = None;
     while !stop.load(Ordering::SeqCst) {
         let pidfd = {
             let mut c = children.lock();
+            let vacant = c.current.is_none().then(|| vacancy(hooks, export));
+            match vacant {
+                Some(Vacancy::Gone(name)) => {
+                    info!("supervise: export {name} was removed; no longer running {cmd}");
+                    return;
+                }
+                Some(Vacancy::Wait(pid)) => {
+                    drop(c);
+                    if waiting_for.replace(pid) != Some(pid) && last != Some(pid) {
+                        info!(
+                            "supervise: pid {pid} serves the export; {cmd} starts again once it is gone"
+                        );
+                    }
+                    sleep_unless_stopped(TICK, stop);
+                    continue;
+                }
+                Some(Vacancy::Start) | None => waiting_for = None,
+            }
             if c.current.is_none() {
                 match Daemon::spawn(cmd, false) {
                     Ok(d) => {
@@ -246,6 +331,9 @@ fn run(cmd: &str, stop: &AtomicBool, children: &Mutex<Children>, healthy: &Healt
         let Some(status) = cur.pidfd.reap() else {
             continue;
         };
+        if let Some(name) = (hooks.export_of)(cur.pid()) {
+            *export.lock() = Some(name);
+        }
         let Some(old) = c.current.take() else {
             continue;
         };
@@ -263,7 +351,8 @@ fn run(cmd: &str, stop: &AtomicBool, children: &Mutex<Children>, healthy: &Healt
             continue;
         }
         drop(c);
-        backoff = if healthy(old.pid()) {
+        last = Some(old.pid());
+        backoff = if (hooks.healthy)(old.pid()) {
             MIN_BACKOFF
         } else {
             (backoff * 2).min(MAX_BACKOFF)

@@ -542,3 +542,74 @@ fn supervised_upgrade_in(mode: Mode) {
     broker.stop();
     check_backing(&scratch, &img, &state, seed);
 }
+
+/// A supervised export handed off with `--exec` to a daemon the
+/// supervisor did not start: the supervisor leaves it serving (no restarts
+/// refused as busy), starts its own command again once that daemon is
+/// killed, and stops for good once the export is removed.
+#[test]
+fn supervisor_leaves_an_exec_successor_alone_and_stops_with_its_export() {
+    let scratch = Scratch::new("handoff-supervised-exec", Duration::from_secs(120));
+    let img = scratch.path("vol0.img");
+    let socket = scratch.path("broker.sock");
+    let daemon = |log: &str| {
+        format!(
+            "{} --socket {} --export vol0 --backend file:{} --reconnect-timeout 2 2>>{}",
+            bin("holdfast-daemon").display(),
+            socket.display(),
+            img.display(),
+            scratch.path(log).display()
+        )
+    };
+    let broker = Broker::start(
+        &scratch,
+        BrokerOpts::new(&[("vol0", "32MiB")])
+            .arg("--supervise")
+            .arg(&daemon("supervised.log")),
+    );
+    let log = || broker.proc.log_text();
+    let started = || log().matches("supervise: started daemon pid").count();
+    let (pid0, e0) = broker.wait_active("vol0", 0, Duration::from_secs(10));
+    let out = broker.ctl(&["handoff", "vol0", "--exec", &daemon("exec.log")]);
+    assert!(out.status.success(), "{out:?}\nbroker log:\n{}", log());
+    let (pid1, e1) = broker.wait_active("vol0", e0, Duration::from_secs(10));
+    assert_ne!(pid1, pid0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(broker.status("vol0")["daemon"]["pid"], pid1);
+    assert_eq!(
+        started(),
+        1,
+        "the supervisor started another daemon:\n{}",
+        log()
+    );
+    assert!(
+        log().contains(&format!("supervise: pid {pid1} serves the export")),
+        "{}",
+        log()
+    );
+
+    // The other daemon killed: the supervisor's command serves again.
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid1 as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).unwrap();
+    let (pid2, _) = broker.wait_active("vol0", e1, Duration::from_secs(10));
+    assert!(
+        log().contains(&format!("supervise: started daemon pid {pid2}")),
+        "{}",
+        log()
+    );
+
+    // The export removed: its daemon detaches and is not started again.
+    let out = broker.ctl(&["export", "rm", "vol0"]);
+    assert!(out.status.success(), "{out:?}\nbroker log:\n{}", log());
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !log().contains("export vol0 was removed; no longer running") {
+        assert!(std::time::Instant::now() < end, "{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(started(), 2, "{}", log());
+}

@@ -1227,6 +1227,11 @@ impl Export {
         })
     }
 
+    /// The pid of the export's daemon (in any state), if it has one.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.state.lock().session.as_ref().map(|s| s.pidfd.pid())
+    }
+
     pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {
         let lender = self.lender().filter(|_| self.direct);
         let lendable = lender.as_ref().is_some_and(|l| l.terms().is_ok());
