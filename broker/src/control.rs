@@ -125,6 +125,7 @@ struct Connection<'a> {
     sock: OwnedFd,
     buf: Vec<u8>,
     peer_pid: u32,
+    peer_uid: u32,
     errors: u32,
     /// A reply could not be sent (the peer left, or does not read).
     broken: bool,
@@ -155,6 +156,7 @@ impl<'a> Connection<'a> {
             sock,
             buf: vec![0u8; MAX_MESSAGE_LEN],
             peer_pid: 0,
+            peer_uid: 0,
             errors: 0,
             broken: false,
         }
@@ -222,6 +224,7 @@ impl<'a> Connection<'a> {
             }
         };
         let uid = cred.uid.as_raw();
+        self.peer_uid = uid;
         self.peer_pid = u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0);
         if !self.broker.allow_uids.contains(&uid) {
             warn!("refused connection from uid {uid} (pid {})", self.peer_pid);
@@ -331,6 +334,16 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// Logs an operator's action, with who asked (the socket's
+    /// credentials) and how it ended.
+    fn audit(&self, action: std::fmt::Arguments<'_>, reply: &Reply) {
+        let (uid, pid) = (self.peer_uid, self.peer_pid);
+        match reply {
+            Reply::Error(e) => warn!("audit: uid={uid} pid={pid} {action}: refused: {}", e.text),
+            _ => info!("audit: uid={uid} pid={pid} {action}: accepted"),
+        }
+    }
+
     /// Requests any session may send.
     fn common(&self, req: Request) -> Reply {
         match req {
@@ -338,23 +351,36 @@ impl<'a> Connection<'a> {
             Request::OperatorRestore {
                 export,
                 fail_pending,
-            } => match self
-                .broker
-                .find(&export)
-                .and_then(|e| e.operator_restore(fail_pending))
-            {
-                Ok((replayed, failed)) => Reply::OperatorRestored { replayed, failed },
-                Err(err) => Reply::Error(err),
-            },
-            Request::ExportAdd(a) => match self.broker.add_export(&a) {
-                Ok(status) => Reply::ExportAdded(Box::new(status)),
-                Err(err) => Reply::Error(err),
-            },
+            } => {
+                let reply = match self
+                    .broker
+                    .find(&export)
+                    .and_then(|e| e.operator_restore(fail_pending))
+                {
+                    Ok((replayed, failed)) => Reply::OperatorRestored { replayed, failed },
+                    Err(err) => Reply::Error(err),
+                };
+                let action =
+                    format_args!("action=restore export={export} fail_pending={fail_pending}");
+                self.audit(action, &reply);
+                reply
+            }
+            Request::ExportAdd(a) => {
+                let reply = match self.broker.add_export(&a) {
+                    Ok(status) => Reply::ExportAdded(Box::new(status)),
+                    Err(err) => Reply::Error(err),
+                };
+                self.audit(format_args!("action=export-add export={}", a.name), &reply);
+                reply
+            }
             Request::ExportRemove { name, force } => {
-                match self.broker.remove_export(&name, force) {
+                let reply = match self.broker.remove_export(&name, force) {
                     Ok(()) => Reply::ExportRemoved,
                     Err(err) => Reply::Error(err),
-                }
+                };
+                let action = format_args!("action=export-rm export={name} force={force}");
+                self.audit(action, &reply);
+                reply
             }
             Request::Hello(_) => Reply::error(ErrorCode::BadState, "HELLO was already sent"),
             Request::Attach(_) | Request::Prepare { .. } => {
@@ -374,7 +400,16 @@ impl<'a> Connection<'a> {
             Ok(e) => e.clone(),
             Err(e) => return Reply::Error(e),
         };
-        let id = match self.broker.start_handoff(&export, &req) {
+        let started = self.broker.start_handoff(&export, &req);
+        let reply = started
+            .as_ref()
+            .map_or_else(|e| Reply::Error(e.clone()), |(_, a)| a.clone());
+        let action = format_args!(
+            "action=handoff export={} dry_run={} spawn={}",
+            req.export, req.dry_run, req.spawn
+        );
+        self.audit(action, &reply);
+        let id = match started {
             Ok((id, armed)) => {
                 self.send(&armed);
                 id

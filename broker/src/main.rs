@@ -179,7 +179,8 @@ fn main() -> ExitCode {
     match holdfast_broker::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("holdfast-broker: {e}");
+            let err = holdfast_broker::log::prefix(holdfast_broker::log::ERR);
+            eprintln!("{err}holdfast-broker: {e}");
             ExitCode::FAILURE
         }
     }

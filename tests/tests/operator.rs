@@ -427,3 +427,50 @@ fn direct_removal_releases_or_fences_the_daemon_first() {
         broker.proc.log_text()
     );
 }
+
+/// Under systemd (stderr is the stream `JOURNAL_STREAM` names) every line
+/// carries its syslog priority, so `journalctl -p warning` works; an
+/// operator's action is logged with the caller's uid and pid.
+#[test]
+fn journal_lines_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let scratch = Scratch::new("journal", Duration::from_secs(60));
+    let opts = BrokerOpts::new(&[("vol0", "32MiB")]);
+    let log = scratch.path("broker.log");
+    std::fs::File::create(&log).unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let mut cmd = Command::new(bin("holdfast-broker"));
+    cmd.args(Broker::args(&scratch, &opts))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    // The same file, truncated: the same inode.
+    let proc = scratch.spawn(&mut cmd, "broker.log");
+    let mut broker = Broker::started(&scratch, &opts, proc);
+    let out = broker.ctl(&["restore", "vol0", "--fail-pending"]);
+    assert!(out.status.success(), "{out:?}");
+    broker.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<6>[") && l.contains("ready: socket")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<4>[") && l.contains("operator failed")),
+        "{text}"
+    );
+    // The operator's action, with who asked.
+    let uid = rustix::process::geteuid().as_raw();
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("audit: uid={uid} pid="))
+                && l.contains("action=restore export=vol0 fail_pending=true: accepted")),
+        "{text}"
+    );
+    for line in text.lines() {
+        assert!(
+            ["<3>", "<4>", "<6>"].iter().any(|p| line.starts_with(p)),
+            "a line without its priority: {line:?}"
+        );
+    }
+}
