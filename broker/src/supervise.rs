@@ -274,26 +274,27 @@ fn run(
     // The last supervised daemon: the broker may not have seen it go yet.
     let mut last = None;
     while !stop.load(Ordering::SeqCst) {
+        // Asked without the children's lock, so that no lock of the
+        // broker's is ever taken under it.
+        let vacant = children.lock().current.is_none();
+        match vacant.then(|| vacancy(hooks, export)) {
+            Some(Vacancy::Gone(name)) => {
+                info!("supervise: export {name} was removed; no longer running {cmd}");
+                return;
+            }
+            Some(Vacancy::Wait(pid)) => {
+                if waiting_for.replace(pid) != Some(pid) && last != Some(pid) {
+                    info!(
+                        "supervise: pid {pid} serves the export; {cmd} starts again once it is gone"
+                    );
+                }
+                sleep_unless_stopped(TICK, stop);
+                continue;
+            }
+            Some(Vacancy::Start) | None => waiting_for = None,
+        }
         let pidfd = {
             let mut c = children.lock();
-            let vacant = c.current.is_none().then(|| vacancy(hooks, export));
-            match vacant {
-                Some(Vacancy::Gone(name)) => {
-                    info!("supervise: export {name} was removed; no longer running {cmd}");
-                    return;
-                }
-                Some(Vacancy::Wait(pid)) => {
-                    drop(c);
-                    if waiting_for.replace(pid) != Some(pid) && last != Some(pid) {
-                        info!(
-                            "supervise: pid {pid} serves the export; {cmd} starts again once it is gone"
-                        );
-                    }
-                    sleep_unless_stopped(TICK, stop);
-                    continue;
-                }
-                Some(Vacancy::Start) | None => waiting_for = None,
-            }
             if c.current.is_none() {
                 match Daemon::spawn(cmd, false) {
                     Ok(d) => {
