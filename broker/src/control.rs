@@ -307,7 +307,10 @@ impl<'a> Connection<'a> {
                     reply
                 }
                 // On success the new broker answers on this connection.
+                // Logged first: a broker that upgrades does not return here.
                 Request::BrokerUpgrade => {
+                    let (uid, pid) = (self.peer_uid, self.peer_pid);
+                    info!("audit: uid={uid} pid={pid} action=broker-upgrade: requested");
                     Reply::error(ErrorCode::BadState, self.broker.request_upgrade(&self.sock))
                 }
                 Request::Restore

@@ -330,10 +330,7 @@ fn an_upgrade_to_a_binary_that_cannot_take_over_is_refused() {
     put(&broker.file("vol0"), b"serving on");
     // Nothing was handed over: the same broker and daemon serve on.
     assert_eq!(broker.status("vol0")["daemon"]["epoch"], 1);
-    assert!(
-        broker
-            .proc
-            .log_text()
-            .contains("upgrade failed, this broker goes on")
-    );
+    let log = broker.proc.log_text();
+    assert!(log.contains("upgrade failed, this broker goes on"), "{log}");
+    assert!(log.contains("action=broker-upgrade: requested"), "{log}");
 }
