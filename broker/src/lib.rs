@@ -105,10 +105,18 @@ impl Broker {
             .map(|(_, e)| e.clone())
     }
 
-    /// Export `name`'s daemon: None if there is no such export.
-    pub fn daemon_of(&self, name: &str) -> Option<Option<u32>> {
+    /// Export `name`'s daemon, for a supervisor.
+    pub fn daemon_of(&self, name: &str) -> supervise::ExportDaemon {
         let exports = self.exports.read();
-        Some(exports.iter().find(|e| e.name == name)?.daemon_pid())
+        match exports
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.daemon_pid())
+        {
+            None => supervise::ExportDaemon::Removed,
+            Some(None) => supervise::ExportDaemon::None,
+            Some(Some(pid)) => supervise::ExportDaemon::Pid(pid),
+        }
     }
 
     /// Whether daemon `pid` ever restored.

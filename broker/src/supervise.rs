@@ -63,11 +63,7 @@ impl Hooks {
         Self {
             healthy: Box::new(move |pid| a.restored(pid)),
             export_of: Box::new(move |pid| b.export_of(pid)),
-            daemon_of: Box::new(move |name| match c.daemon_of(name) {
-                None => ExportDaemon::Removed,
-                Some(None) => ExportDaemon::None,
-                Some(Some(pid)) => ExportDaemon::Pid(pid),
-            }),
+            daemon_of: Box::new(move |name| c.daemon_of(name)),
         }
     }
 }

@@ -153,6 +153,15 @@ pub struct Proc {
     registry: Registry,
 }
 
+/// Sends `sig` to `pid` through a pidfd, so that a pid the broker reported
+/// cannot be confused with a later process.
+pub fn signal_pid(pid: u32, sig: rustix::process::Signal) -> std::io::Result<()> {
+    let p = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())?;
+    Ok(rustix::process::pidfd_send_signal(&fd, sig)?)
+}
+
 impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

@@ -4,7 +4,6 @@
 //! hold its last acknowledged write, through the mount and, for the file
 //! backend, in the backing file itself.
 
-use std::os::fd::AsFd;
 use std::time::Duration;
 
 use holdfast_tests::{
@@ -91,15 +90,9 @@ fn direct_crash_loop_mem_backend() {
     crash_loop("direct-crash-mem", "mem", 20, Mode::Direct);
 }
 
-/// SIGKILL through a pidfd, so a pid the broker reported cannot be confused
-/// with a later process.
+/// SIGKILL through a pidfd (`signal_pid`); a daemon already gone is fine.
 fn kill_pid(pid: u32) {
-    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
-        return;
-    };
-    if let Ok(fd) = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()) {
-        let _ = rustix::process::pidfd_send_signal(fd.as_fd(), rustix::process::Signal::KILL);
-    }
+    let _ = holdfast_tests::signal_pid(pid, rustix::process::Signal::KILL);
 }
 
 #[test]

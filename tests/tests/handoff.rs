@@ -513,12 +513,7 @@ fn supervised_upgrade_in(mode: Mode) {
 
     // SIGHUP to the supervised daemon (through a pidfd: the pid is the
     // broker's child, and the pidfd cannot name a reused pid).
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid1 as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::HUP).unwrap();
+    holdfast_tests::signal_pid(pid1, rustix::process::Signal::HUP).unwrap();
     let s = broker.wait_status("vol0", Duration::from_secs(10), "SIGHUP handoff", |s| {
         s["daemon"]["epoch"].as_u64().unwrap_or(0) > e1 && s["daemon"]["state"] == "active"
     });
@@ -528,12 +523,7 @@ fn supervised_upgrade_in(mode: Mode) {
 
     // The new daemon is supervised: killing it restarts it.
     let (pid2, e2) = broker.wait_active("vol0", e1, Duration::from_secs(1));
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid2 as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).unwrap();
+    holdfast_tests::signal_pid(pid2, rustix::process::Signal::KILL).unwrap();
     let (pid3, _) = broker.wait_active("vol0", e2, Duration::from_secs(10));
     assert_ne!(pid3, pid2);
     std::thread::sleep(Duration::from_millis(200));
@@ -589,12 +579,7 @@ fn supervisor_leaves_an_exec_successor_alone_and_stops_with_its_export() {
     );
 
     // The other daemon killed: the supervisor's command serves again.
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid1 as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).unwrap();
+    holdfast_tests::signal_pid(pid1, rustix::process::Signal::KILL).unwrap();
     let (pid2, _) = broker.wait_active("vol0", e1, Duration::from_secs(10));
     assert!(
         log().contains(&format!("supervise: started daemon pid {pid2}")),
