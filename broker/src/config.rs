@@ -92,6 +92,8 @@ pub struct Config {
     pub daemon_wait: Option<Duration>,
     /// How long to wait for a killed daemon to be gone before warning.
     pub fence_timeout: Duration,
+    /// Where to serve `GET /metrics` (`--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -111,6 +113,7 @@ impl Default for Config {
             request_timeout: Some(Duration::from_secs(30)),
             daemon_wait: None,
             fence_timeout: Duration::from_secs(10),
+            metrics_listen: None,
         }
     }
 }

@@ -313,6 +313,13 @@ impl<'a> Connection<'a> {
                     info!("audit: uid={uid} pid={pid} action=broker-upgrade: requested");
                     Reply::error(ErrorCode::BadState, self.broker.request_upgrade(&self.sock))
                 }
+                Request::Metrics => {
+                    let reply = self.metrics();
+                    if self.broken {
+                        return;
+                    }
+                    reply
+                }
                 Request::Restore
                 | Request::Detach
                 | Request::Ready
@@ -344,6 +351,31 @@ impl<'a> Connection<'a> {
         match reply {
             Reply::Error(e) => warn!("audit: uid={uid} pid={pid} {action}: refused: {}", e.text),
             _ => info!("audit: uid={uid} pid={pid} {action}: accepted"),
+        }
+    }
+
+    /// METRICS: every part of the text but the last is sent here; the
+    /// last is the reply.
+    fn metrics(&mut self) -> Reply {
+        let text = crate::metrics::render(&self.broker.metrics());
+        let mut parts = crate::metrics::chunks(&text, holdfast_proto::METRICS_CHUNK).peekable();
+        while let Some(part) = parts.next() {
+            let more = parts.peek().is_some();
+            let reply = Reply::MetricsText {
+                text: part.to_owned(),
+                more,
+            };
+            if !more {
+                return reply;
+            }
+            self.send(&reply);
+            if self.broken {
+                break;
+            }
+        }
+        Reply::MetricsText {
+            text: String::new(),
+            more: false,
         }
     }
 

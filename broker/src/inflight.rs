@@ -64,6 +64,8 @@ struct Request {
     heap: Option<Box<[u8]>>,
     state: State,
     replayed: bool,
+    /// When the broker took it from the kernel (its latency's start).
+    arrived: Instant,
 }
 
 /// A request ready to be written to a submission ring.
@@ -82,6 +84,8 @@ pub struct Done {
     pub len: u64,
     /// Bytes transferred, or a positive errno.
     pub result: Result<u64, i32>,
+    /// When the broker took the request from the kernel.
+    pub arrived: Instant,
 }
 
 /// A request failed by the broker itself (wait bound, operator).
@@ -240,6 +244,7 @@ impl Inflight {
                 heap,
                 state: State::Queued,
                 replayed: false,
+                arrived: Instant::now(),
             },
         );
         self.queued.insert((priority, seq));
@@ -383,6 +388,7 @@ impl Inflight {
             slot: c.slot,
             len: req.len,
             result,
+            arrived: req.arrived,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod fault;
 pub mod frontends;
 pub mod inflight;
 pub mod log;
+pub mod metrics;
 pub mod restart;
 pub mod shm;
 pub mod supervise;
@@ -81,6 +82,9 @@ pub struct Broker {
     /// Operators' BROKER_UPGRADE requests for the main thread.
     upgrades: Mutex<Vec<UpgradeRequest>>,
     reexec: Reexec,
+    /// How many times a broker took this state over (upgrades, restarts
+    /// after a crash), from the record it was given.
+    restarts: u64,
 }
 
 /// How many restored pids are remembered for the supervisor.
@@ -157,6 +161,39 @@ impl Broker {
             .iter()
             .map(|e| self.export_status(e))
             .collect()
+    }
+
+    /// Every figure `holdfastctl metrics` and `--metrics-listen` show.
+    pub fn metrics(&self) -> metrics::BrokerMetrics {
+        let exports = self
+            .exports()
+            .iter()
+            .map(|e| {
+                let s = self.export_status(e);
+                let (handoffs, stall, latency) = e.histograms();
+                metrics::ExportMetrics {
+                    name: s.name,
+                    frontend: s.frontend,
+                    mode: s.daemon.map_or(s.mode, |d| d.mode).name().to_owned(),
+                    daemon_attached: s.daemon.is_some(),
+                    inflight: u64::from(s.inflight),
+                    pending: u64::from(s.pending),
+                    completed: s.completed_total,
+                    failed: s.failed_total,
+                    replayed: s.replayed_total,
+                    rejected: s.rejected_completions,
+                    daemons_lost: s.daemons_lost,
+                    handoffs,
+                    stall,
+                    latency,
+                }
+            })
+            .collect();
+        metrics::BrokerMetrics {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            restarts: self.restarts,
+            exports,
+        }
     }
 
     fn export_status(&self, e: &Export) -> ExportStatus {
@@ -444,6 +481,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     let lock = restart::lock::InstanceLock::acquire(&cfg.socket, inherited.take(names::LOCK))?;
+    let metrics_listener = cfg.metrics_listen.map(metrics::http::bind).transpose()?;
     let requesters = inherited.take_prefix(names::REQUESTER_PREFIX);
     // What systemd's store holds: everything it passed, or everything the
     // broker before this one passed on (it kept the store in step).
@@ -501,6 +539,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             next_id: AtomicU64::new(next_id),
             upgrades: Mutex::default(),
             reexec,
+            restarts: record.as_ref().map_or(0, |r| r.restarts.saturating_add(1)),
         }
     });
     broker.restore_exports(&cfg, record.as_ref(), &mut inherited)?;
@@ -524,6 +563,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
         spawn(
             "holdfast-control",
             Box::new(move || control::serve(broker, listener)),
+        )?;
+    }
+    if let Some(listener) = metrics_listener {
+        if let Some(addr) = cfg.metrics_listen {
+            info!("metrics at http://{addr}/metrics");
+        }
+        let broker = broker.clone();
+        spawn(
+            "holdfast-metrics",
+            Box::new(move || {
+                metrics::http::serve(listener, &|| metrics::render(&broker.metrics()))
+            }),
         )?;
     }
     {

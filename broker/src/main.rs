@@ -48,6 +48,10 @@ Options:
                           EIO [default: forever]
   --fence-timeout T       how long to wait for a killed daemon to be gone before
                           warning (it is waited for regardless) [default: 10s]
+  --metrics-listen ADDR:PORT
+                          serve the metrics (as `holdfastctl metrics` prints
+                          them) over HTTP at /metrics, e.g. 127.0.0.1:9464;
+                          anyone who can connect can read them
   --fuse-workers N        FUSE worker threads per export [default: 4]
   --slots N               in-flight slots per export, a power of two larger
                           than --fuse-workers [default: 64]
@@ -134,6 +138,12 @@ fn parse_args() -> Result<Option<Config>, String> {
                 cfg.slot_size =
                     u32::try_from(size).map_err(|_| "--slot-size is too large".to_string())?;
             }
+            Long("metrics-listen") => {
+                let v = string_value(&mut parser)?;
+                cfg.metrics_listen = Some(v.parse().map_err(|_| {
+                    format!("--metrics-listen {v:?}: expected ADDRESS:PORT, like 127.0.0.1:9464 or [::1]:9464")
+                })?);
+            }
             Long("recover") => {}
             Long("cachefiles") => {
                 cfg.cachefiles = Some(config::parse_cachefiles(&string_value(&mut parser)?)?);
@@ -150,9 +160,9 @@ fn parse_args() -> Result<Option<Config>, String> {
             }
             Short('V') | Long("version") => {
                 println!(
-                    "holdfast-broker {} (restart record {})",
+                    "holdfast-broker {} {}",
                     env!("CARGO_PKG_VERSION"),
-                    holdfast_broker::restart::record::VERSION
+                    holdfast_broker::restart::record::readable()
                 );
                 return Ok(None);
             }

@@ -54,6 +54,7 @@ mod kind {
     pub const EXPORT_ADD: u16 = 0x000d;
     pub const EXPORT_REMOVE: u16 = 0x000e;
     pub const BROKER_UPGRADE: u16 = 0x000f;
+    pub const METRICS: u16 = 0x0010;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const ATTACHED: u16 = 0x8002;
@@ -71,6 +72,7 @@ mod kind {
     pub const EXPORT_ADDED: u16 = 0x800e;
     pub const EXPORT_REMOVED: u16 = 0x800f;
     pub const BROKER_UPGRADED: u16 = 0x8010;
+    pub const METRICS_TEXT: u16 = 0x8011;
     pub const ERROR: u16 = 0x80ff;
 }
 
@@ -259,7 +261,14 @@ pub enum Request {
     /// export; answered BROKER_UPGRADED by the new broker (or ERROR by the
     /// old one, which then keeps serving).
     BrokerUpgrade,
+    /// The broker's figures in the Prometheus text format: answered with
+    /// METRICS_TEXT messages, the last with `more` false.
+    Metrics,
 }
+
+/// Most bytes of metrics text in one METRICS_TEXT message (a string's
+/// length is a u16 on the wire); the broker splits at line ends.
+pub const METRICS_CHUNK: usize = 60_000;
 
 /// What an export holds, and so which ops its daemon gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,6 +452,12 @@ pub enum Reply {
     ExportAdded(Box<ExportStatus>),
     ExportRemoved,
     BrokerUpgraded(UpgradeReport),
+    /// Part of the metrics text, at most [`METRICS_CHUNK`] bytes of whole
+    /// lines; more parts follow while `more`.
+    MetricsText {
+        text: String,
+        more: bool,
+    },
     /// Notice to the current daemon in a handoff: finish what you have,
     /// release the lease, answer QUIESCED.
     Quiesce,
@@ -540,6 +555,7 @@ impl Request {
                 w
             }
             Self::BrokerUpgrade => header(kind::BROKER_UPGRADE),
+            Self::Metrics => header(kind::METRICS),
         };
         w.finish()
     }
@@ -589,6 +605,7 @@ impl Request {
                 force: r.bool("export_remove.force")?,
             },
             kind::BROKER_UPGRADE => Self::BrokerUpgrade,
+            kind::METRICS => Self::Metrics,
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -613,6 +630,7 @@ impl Request {
             Self::ExportAdd(_) => "EXPORT_ADD",
             Self::ExportRemove { .. } => "EXPORT_REMOVE",
             Self::BrokerUpgrade => "BROKER_UPGRADE",
+            Self::Metrics => "METRICS",
         }
     }
 }
@@ -887,6 +905,11 @@ impl Reply {
                 report.put(&mut w);
                 w
             }
+            Self::MetricsText { text, more } => {
+                let mut w = header(kind::METRICS_TEXT);
+                w.str(text, METRICS_CHUNK).bool(*more);
+                w
+            }
             Self::Quiesce => header(kind::QUIESCE),
             Self::Activate => header(kind::ACTIVATE),
             Self::Revive => header(kind::REVIVE),
@@ -949,6 +972,10 @@ impl Reply {
             kind::EXPORT_ADDED => Self::ExportAdded(Box::new(get_export(&mut r)?)),
             kind::EXPORT_REMOVED => Self::ExportRemoved,
             kind::BROKER_UPGRADED => Self::BrokerUpgraded(UpgradeReport::get(&mut r)?),
+            kind::METRICS_TEXT => Self::MetricsText {
+                text: r.str("metrics.text", METRICS_CHUNK)?,
+                more: r.bool("metrics.more")?,
+            },
             kind::QUIESCE => Self::Quiesce,
             kind::ACTIVATE => Self::Activate,
             kind::REVIVE => Self::Revive,
@@ -1076,6 +1103,7 @@ mod tests {
                 force: true,
             },
             Request::BrokerUpgrade,
+            Request::Metrics,
         ]
     }
 
@@ -1156,6 +1184,10 @@ mod tests {
                 reattached: 2,
                 missing: vec!["vol1".into(), "vol9".into()],
             }),
+            Reply::MetricsText {
+                text: "holdfast_broker_restarts_total 0\n".into(),
+                more: true,
+            },
             Reply::error(ErrorCode::Busy, "export vol0 is busy"),
         ]
     }

@@ -18,7 +18,7 @@ pub mod wire;
 
 pub use control::{
     Attach, Attached, DaemonState, DaemonStatus, DirectTerms, ExportAdd, ExportKind, ExportStatus,
-    FuseTerms, Hello, MAX_DIRECT_CONNS, Mode, Reply, Request, UblkTerms,
+    FuseTerms, Hello, MAX_DIRECT_CONNS, METRICS_CHUNK, Mode, Reply, Request, UblkTerms,
 };
 pub use error::{ErrorCode, ErrorReply};
 pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};

@@ -563,6 +563,12 @@ impl Export {
         } else {
             info!("{line}");
         }
+        st.stats.handoffs.count(outcome);
+        if outcome == HandoffOutcome::Completed {
+            st.stats
+                .stall
+                .observe(Duration::from_micros(report.stall_us));
+        }
         st.last_handoff = Some((h.id, report));
         self.changed.notify_all();
     }

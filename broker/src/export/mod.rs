@@ -25,6 +25,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::frontends::{Lender, Origin, Outcome, Reopen, SlotData, Target};
 use crate::inflight::{Data, Done, Failed, Inflight, Priority};
+use crate::metrics;
 use crate::shm::{RingViolation, Rings, SharedRegion};
 use crate::sys::{self, pidfd::Pidfd};
 use crate::{info, warn};
@@ -57,6 +58,9 @@ struct Stats {
     failed: u64,
     lost: u64,
     rejected: u64,
+    handoffs: metrics::Handoffs,
+    stall: metrics::Histogram,
+    latency: metrics::Histogram,
 }
 
 /// What the broker tells a daemon unasked, through its session thread.
@@ -872,9 +876,13 @@ impl Export {
             for d in &done {
                 self.reply(d);
             }
+            let now = Instant::now();
             let mut st = self.state.lock();
             for d in &done {
                 st.inflight.release(d.slot);
+                st.stats
+                    .latency
+                    .observe(now.saturating_duration_since(d.arrived));
             }
             st.stats.completed = st.stats.completed.saturating_add(n as u64);
             self.dispatch(&mut st);
@@ -1230,6 +1238,13 @@ impl Export {
     /// The pid of the export's daemon (in any state), if it has one.
     pub fn daemon_pid(&self) -> Option<u32> {
         self.state.lock().session.as_ref().map(|s| s.pidfd.pid())
+    }
+
+    /// The figures `status` does not show: handoffs by result and the
+    /// stall and latency histograms.
+    pub fn histograms(&self) -> (metrics::Handoffs, metrics::Histogram, metrics::Histogram) {
+        let st = self.state.lock();
+        (st.stats.handoffs, st.stats.stall, st.stats.latency)
     }
 
     pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {

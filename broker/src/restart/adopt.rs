@@ -100,6 +100,7 @@ impl Broker {
             exports,
             supervised,
             upgrade: None,
+            restarts: self.restarts,
         };
         (record, fds)
     }

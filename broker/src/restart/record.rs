@@ -22,7 +22,17 @@ use rustix::fs::{MemfdFlags, SealFlags};
 const MAGIC: u32 = u32::from_le_bytes(*b"HFST");
 /// Bumped when the layout changes; a broker refuses a record it cannot
 /// read, and an upgrade to a binary that reads another layout is refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+
+/// The layouts this broker reads, as `--version` says them: one
+/// "(restart record N)" each, which is what an older broker looks for
+/// before it upgrades to this binary (`upgrade::check_binary`).
+pub fn readable() -> String {
+    let all: Vec<String> = (1..=VERSION)
+        .map(|v| format!("(restart record {v})"))
+        .collect();
+    all.join(" ")
+}
 /// Longest path or command line in a record.
 const MAX_TEXT: usize = u16::MAX as usize;
 /// Largest record read back.
@@ -76,6 +86,9 @@ pub struct Record {
     pub supervised: Vec<SupervisedRecord>,
     /// Set by a broker that re-executes for an upgrade.
     pub upgrade: Option<UpgradeRecord>,
+    /// How many times the state was taken over by a next broker before
+    /// this record was written (layout 2; 0 in layout 1).
+    pub restarts: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +192,7 @@ impl Record {
                 w.str(s, MAX_NAME_LEN);
             }
         }
+        w.u64(self.restarts);
         w.finish()
     }
 
@@ -189,15 +203,15 @@ impl Record {
             return Err(RecordError::Decode(DecodeError::BadMagic(magic)));
         }
         let version = r.u16("record.version").map_err(RecordError::Decode)?;
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(RecordError::Version(version));
         }
-        Self::fields(&mut r)
+        Self::fields(&mut r, version)
             .and_then(|rec| r.finish().map(|()| rec))
             .map_err(RecordError::Decode)
     }
 
-    fn fields(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    fn fields(r: &mut Reader<'_>, version: u16) -> Result<Self, DecodeError> {
         let mut rec = Self {
             seq: r.u64("record.seq")?,
             next_id: r.u64("record.next_id")?,
@@ -224,6 +238,9 @@ impl Record {
                 u.serving.push(r.str("upgrade.serving", MAX_NAME_LEN)?);
             }
             rec.upgrade = Some(u);
+        }
+        if version >= 2 {
+            rec.restarts = r.u64("record.restarts")?;
         }
         Ok(rec)
     }
@@ -411,6 +428,7 @@ mod tests {
                 stopped_ns: 99,
                 serving: vec!["vol0".into()],
             }),
+            restarts: 4,
         }
     }
 
@@ -423,6 +441,17 @@ mod tests {
         let file = std::fs::File::from(fd);
         assert!(file.write_at(b"x", 0).is_err());
         assert!(file.set_len(1).is_err());
+    }
+
+    #[test]
+    fn layout_1_is_read_with_no_restarts() {
+        let mut rec = sample();
+        rec.restarts = 0;
+        let mut v1 = rec.encode();
+        v1[4] = 1;
+        v1.truncate(v1.len() - 8);
+        assert_eq!(Record::decode(&v1).unwrap(), rec);
+        assert!(readable().starts_with("(restart record 1) (restart record 2)"));
     }
 
     #[test]
@@ -439,10 +468,10 @@ mod tests {
             }
         }
         let mut newer = buf.clone();
-        newer[4] = 2;
+        newer[4] = 3;
         assert!(matches!(
             Record::decode(&newer),
-            Err(RecordError::Version(2))
+            Err(RecordError::Version(3))
         ));
         let mut trailing = buf;
         trailing.push(0);
