@@ -237,34 +237,7 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
     })
 }
 
-/// Parses a duration bound: seconds (`30`, `2.5`), or with a unit (`500ms`,
-/// `30s`, `5m`); `0`, `off` or `forever` mean no bound.
-pub fn parse_bound(s: &str) -> Result<Option<Duration>, String> {
-    let t = s.trim();
-    if matches!(t, "0" | "off" | "forever" | "none") {
-        return Ok(None);
-    }
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 30, 500ms, 5m, forever)"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    const MAX: Duration = Duration::from_secs(365 * 86_400);
-    match Duration::try_from_secs_f64(v * scale) {
-        Ok(d) if d <= MAX => Ok((!d.is_zero()).then_some(d)),
-        _ => Err(format!("{s:?} is too large (at most a year; use forever)")),
-    }
-}
+pub use holdfast_proto::parse_bound;
 
 #[cfg(test)]
 mod tests {

@@ -375,6 +375,7 @@ impl DaemonState {
 
 /// The daemon attached to an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DaemonStatus {
     pub pid: u32,
     pub epoch: u64,
@@ -384,6 +385,7 @@ pub struct DaemonStatus {
 
 /// One export in a STATUS reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ExportStatus {
     pub name: String,
     pub size: u64,
@@ -403,12 +405,12 @@ pub struct ExportStatus {
     /// Requests waiting for a daemon (new, or to be replayed).
     pub pending: u32,
     /// Requests re-delivered after a daemon loss, since the broker started.
-    pub replayed_total: u64,
+    pub replayed: u64,
     /// Requests completed to the kernel, since the broker started.
-    pub completed_total: u64,
+    pub completed: u64,
     /// Requests failed to the kernel with an error the broker chose (wait
     /// bound, `--fail-pending`), since the broker started.
-    pub failed_total: u64,
+    pub failed: u64,
     /// Daemons declared lost (crash, hang, takeover, protocol violation).
     pub daemons_lost: u64,
     /// Completions rejected as invalid (bad slot, stale epoch, bad result).
@@ -657,9 +659,9 @@ fn put_export(w: &mut Writer, e: &ExportStatus) {
     put_daemon(w, e.successor.as_ref());
     w.u32(e.inflight)
         .u32(e.pending)
-        .u64(e.replayed_total)
-        .u64(e.completed_total)
-        .u64(e.failed_total)
+        .u64(e.replayed)
+        .u64(e.completed)
+        .u64(e.failed)
         .u64(e.daemons_lost)
         .u64(e.rejected_completions);
     put_opt_u64(w, e.waiting_ms);
@@ -813,9 +815,9 @@ fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
         successor,
         inflight: r.u32("export.inflight")?,
         pending: r.u32("export.pending")?,
-        replayed_total: r.u64("export.replayed_total")?,
-        completed_total: r.u64("export.completed_total")?,
-        failed_total: r.u64("export.failed_total")?,
+        replayed: r.u64("export.replayed")?,
+        completed: r.u64("export.completed")?,
+        failed: r.u64("export.failed")?,
         daemons_lost: r.u64("export.daemons_lost")?,
         rejected_completions: r.u64("export.rejected_completions")?,
         waiting_ms: get_opt_u64(r, "export.waiting_ms")?,
@@ -1019,9 +1021,9 @@ mod tests {
             }),
             inflight: 3,
             pending: 4,
-            replayed_total: 5,
-            completed_total: 6,
-            failed_total: 7,
+            replayed: 5,
+            completed: 6,
+            failed: 7,
             daemons_lost: 8,
             rejected_completions: 9,
             waiting_ms: i.is_multiple_of(3).then_some(1234),

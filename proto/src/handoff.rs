@@ -97,6 +97,7 @@ impl HandoffPhase {
 
 /// A running handoff, as STATUS shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HandoffProgress {
     pub phase: HandoffPhase,
     pub dry_run: bool,
@@ -159,6 +160,7 @@ impl HandoffOutcome {
 /// The figures of a finished handoff. Durations are in microseconds; a
 /// step that did not happen is 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HandoffReport {
     pub outcome: HandoffOutcome,
     /// Why it was aborted, or what was notable (the old daemon fenced).

@@ -25,6 +25,29 @@ pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, 
 pub use upgrade::UpgradeReport;
 pub use wire::DecodeError;
 
+use std::time::Duration;
+
+/// JSON (`holdfastctl ... --json`) spells an enum the way logs and tables
+/// do: its `name()`.
+#[cfg(feature = "serde")]
+mod serde_names {
+    macro_rules! by_name {
+        ($($t:ty),*) => {$(
+            impl serde::Serialize for $t {
+                fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    s.serialize_str(self.name())
+                }
+            }
+        )*};
+    }
+    by_name!(
+        crate::Mode,
+        crate::DaemonState,
+        crate::HandoffPhase,
+        crate::HandoffOutcome
+    );
+}
+
 /// The control protocol version this crate speaks. A broker answers a HELLO
 /// with another version with [`ErrorCode::UnsupportedVersion`].
 pub const PROTOCOL_VERSION: u16 = 5;
@@ -102,6 +125,41 @@ mod tests {
         assert!(validate_name("a/b").is_err());
         assert!(validate_name(&"x".repeat(MAX_NAME_LEN + 1)).is_err());
     }
+}
+
+/// Parses a duration bound: seconds (`30`, `2.5`), or with a unit (`500ms`,
+/// `30s`, `5m`); `0`, `off` or `forever` mean no bound.
+pub fn parse_bound(s: &str) -> Result<Option<Duration>, String> {
+    let t = s.trim();
+    if matches!(t, "0" | "off" | "forever" | "none") {
+        return Ok(None);
+    }
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 30, 500ms, 5m, forever)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    const MAX: Duration = Duration::from_secs(365 * 86_400);
+    match Duration::try_from_secs_f64(v * scale) {
+        Ok(d) if d <= MAX => Ok((!d.is_zero()).then_some(d)),
+        _ => Err(format!("{s:?} is too large (at most a year; use forever)")),
+    }
+}
+
+/// Parses a duration that must be given: like [`parse_bound`], but `0`
+/// and `forever` are refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_bound(s)?.ok_or_else(|| format!("{s:?}: give a positive duration (examples: 30s, 500ms, 2m)"))
 }
 
 /// Parses a size: a number with an optional binary suffix (K, M, G, T, with

@@ -10,6 +10,7 @@ pub const MAX_VERSION_LEN: usize = 64;
 
 /// What a broker upgrade did. Durations are in microseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct UpgradeReport {
     pub old_pid: u32,
     pub new_pid: u32,

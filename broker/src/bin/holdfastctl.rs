@@ -6,237 +6,240 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use holdfast_broker::supervise;
 use holdfast_broker::sys::{self, pidfd::Pidfd, seqpacket};
 use holdfast_proto::{
-    DaemonStatus, ExportAdd, ExportStatus, HandoffOutcome, HandoffReport, HandoffRequest, Hello,
+    ExportAdd, ExportStatus, HandoffOutcome, HandoffProgress, HandoffReport, HandoffRequest, Hello,
     MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV, UpgradeReport,
 };
 
-const USAGE: &str = "\
-holdfastctl: inspect and operate a holdfast broker.
+/// The layout of `status --json`; bumped when a key changes meaning or
+/// goes away (new keys do not bump it).
+const STATUS_JSON_VERSION: u32 = 1;
 
-Usage: holdfastctl [--socket PATH] COMMAND
+#[derive(Parser)]
+#[command(
+    name = "holdfastctl",
+    version,
+    about = "Inspect and operate a holdfast broker",
+    after_help = "Exit status: 0 on success (a handoff that completed, or a dry run that warmed \
+                  a successor up), 1 on failure (a handoff that was aborted), 2 on bad usage.\n\
+                  Durations: 500ms, 30s, 2m (a bare number is seconds). Sizes: 4096, 64KiB, 1GiB."
+)]
+struct Cli {
+    /// The broker's control socket
+    #[arg(
+        long,
+        global = true,
+        env = SOCKET_ENV,
+        default_value = holdfast_broker::config::DEFAULT_SOCKET,
+        value_name = "PATH"
+    )]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
 
-Commands:
-  status [--json]               every export: its daemon (pid, epoch, state),
-                                requests in flight, pending, replayed so far
-  restore EXPORT                replay pending requests to the attached daemon
-  restore EXPORT --fail-pending fail every pending request with EIO
-  handoff EXPORT [--exec CMD]   replace the export's daemon with a successor
-                                without failing or losing a request: CMD is
-                                started (sh -c, with HOLDFAST_SUCCESSOR=1 and
-                                HOLDFAST_SOCKET set), or without --exec, start
-                                `holdfast-daemon ... --successor` yourself.
-                                Waits for the end and prints the figures.
-                                CMD's log goes to this command's stderr
-                                unless CMD redirects it (CMD 2>>LOG).
-  upgrade EXPORT                handoff to a successor the broker starts with
-                                the command line it supervises the daemon with
-  export add NAME SIZE [--block | --frontend ublk] [--direct | --relay]
-                                add an export (SIZE like 1GiB); with --block it
-                                also gets a block device (/dev/loopN), with
-                                --frontend ublk it is a ublk device
-                                (/dev/ublkbN). Daemons serve a FUSE export's
-                                connection themselves (direct mode, Linux
-                                6.9+) unless --relay: then every request goes
-                                through the broker. A ublk export is relayed
-                                unless --direct: then its daemon serves the
-                                device's queue; start a daemon for it:
-                                holdfast-daemon --export NAME ...
-  export rm NAME [--force]      remove an export; refused while its file or
-                                block device is open, unless --force (its users
-                                then get I/O errors)
-  broker upgrade [--json]       replace the broker with the binary now on disk,
-                                in the same process, keeping every export, its
-                                mount, block device and daemon; what the old
-                                broker held is re-sent by the kernel. Waits
-                                and prints the old and new broker, the time
-                                without dispatch and the FUSE requests re-sent
-
-Handoff options:
-  --dry-run             warm a successor up, then release it; the current
-                        daemon keeps serving
-  --timeout SECS        for the successor to attach and be ready [default: 60]
-  --drain-timeout SECS  for the old daemon to drain (then it is killed and its
-                        requests replayed to the successor) [default: 5]
-  --json                print the report as JSON
-
-Options:
-  --socket PATH   the broker's control socket [default: $HOLDFAST_SOCKET or
-                  /run/holdfast/holdfast.sock]
-  -h, --help      print this help
-
-Exit status: 0 on success (a handoff that completed, or a dry run that warmed
-a successor up), 1 on failure (a handoff that was aborted), 2 on bad usage.";
-
+#[derive(Subcommand)]
 enum Command {
+    /// Every export: its daemon (pid, epoch, state), requests in flight,
+    /// pending, replayed so far, the running and the last handoff
     Status {
+        /// Print JSON (keys as in the README's "Status")
+        #[arg(long)]
         json: bool,
     },
+    /// The broker's figures in the Prometheus text format (as
+    /// `holdfast-broker --metrics-listen` serves them)
+    Metrics,
+    /// Replay an export's pending requests to its attached daemon, or fail
+    /// them
     Restore {
+        /// The export's name
+        #[arg(value_parser = export_name)]
         export: String,
+        /// Fail every pending request with EIO instead (the writers see an
+        /// error; nothing is replayed)
+        #[arg(long)]
         fail_pending: bool,
     },
+    /// Replace an export's daemon with a successor without failing or
+    /// losing a request; waits for the end and prints the figures
+    #[command(after_help = "Without --exec, start `holdfast-daemon ... --successor` yourself \
+        once the handoff is armed. CMD's log goes to this command's stderr unless CMD \
+        redirects it (CMD 2>>LOG).")]
     Handoff {
-        req: HandoffRequest,
+        /// The export's name
+        #[arg(value_parser = export_name)]
+        export: String,
+        /// Start the successor: CMD runs with /bin/sh, with
+        /// HOLDFAST_SUCCESSOR=1 and HOLDFAST_SOCKET set
+        #[arg(long, value_name = "CMD")]
         exec: Option<String>,
-        json: bool,
+        #[command(flatten)]
+        opts: HandoffOpts,
     },
-    ExportAdd(ExportAdd),
-    ExportRemove {
+    /// Hand an export off to a successor the broker starts with the command
+    /// line it supervises the export's daemon with
+    Upgrade {
+        /// The export's name
+        #[arg(value_parser = export_name)]
+        export: String,
+        #[command(flatten)]
+        opts: HandoffOpts,
+    },
+    /// Add or remove exports
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Operate the broker itself
+    #[command(subcommand)]
+    Broker(BrokerCommand),
+    /// Print a shell completion script (e.g. `holdfastctl completions bash
+    /// > /etc/bash_completion.d/holdfastctl`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages of holdfastctl and its commands to DIR
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct HandoffOpts {
+    /// Warm a successor up, then release it; the current daemon keeps
+    /// serving
+    #[arg(long)]
+    dry_run: bool,
+    /// For the successor to attach and be ready [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = millis)]
+    timeout: Option<u32>,
+    /// For the old daemon to drain; then it is killed and its requests are
+    /// replayed to the successor [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = millis)]
+    drain_timeout: Option<u32>,
+    /// Print the report as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// Add an export; it waits for a daemon (holdfast-daemon --export NAME
+    /// ...)
+    #[command(after_help = "Daemons serve a FUSE export's connection themselves (direct \
+        mode, Linux 6.9+) unless --relay: then every request goes through the broker. A ublk \
+        export is relayed unless --direct: then its daemon serves the device's queue.")]
+    Add {
+        /// The export's name
+        #[arg(value_parser = export_name)]
         name: String,
+        /// Its size, like 1GiB
+        #[arg(value_parser = holdfast_proto::parse_size)]
+        size: u64,
+        /// Also give it a block device (/dev/loopN) over its FUSE file
+        #[arg(long)]
+        block: bool,
+        /// What the kernel sees: a FUSE file, or a ublk device (/dev/ublkbN)
+        #[arg(long, value_enum, default_value_t = Frontend::Fuse)]
+        frontend: Frontend,
+        /// Let its daemons serve the kernel's queue themselves
+        #[arg(long, conflicts_with = "relay")]
+        direct: bool,
+        /// Take every request through the broker
+        #[arg(long)]
+        relay: bool,
+    },
+    /// Remove an export; refused while its file or block device is open
+    Rm {
+        /// The export's name
+        #[arg(value_parser = export_name)]
+        name: String,
+        /// Remove it even while open: its users then get I/O errors
+        #[arg(long)]
         force: bool,
     },
-    BrokerUpgrade {
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Frontend {
+    Fuse,
+    Ublk,
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Replace the broker with the binary now on disk, in the same process,
+    /// keeping every export, its mount, block device and daemon; prints the
+    /// old and new broker, the time without dispatch and the FUSE requests
+    /// re-sent
+    Upgrade {
+        /// Print the report as JSON
+        #[arg(long)]
         json: bool,
     },
 }
 
-/// Seconds on the command line to whole milliseconds on the wire.
-fn seconds_ms(flag: &str, v: &str) -> Result<u32, String> {
-    let secs: f64 = v
-        .parse()
-        .map_err(|_| format!("{flag} {v:?}: expected a number of seconds"))?;
-    if !(0.001..=86_400.0).contains(&secs) {
-        return Err(format!("{flag} must be from 0.001 to 86400 seconds"));
-    }
-    Ok((secs * 1000.0).round() as u32)
+fn export_name(s: &str) -> Result<String, String> {
+    holdfast_proto::validate_name(s).map(|()| s.to_owned())
 }
 
-fn parse_args() -> Result<Option<(PathBuf, Command)>, String> {
-    use lexopt::prelude::*;
-    let mut socket: PathBuf = std::env::var_os(SOCKET_ENV).map_or_else(
-        || holdfast_broker::config::DEFAULT_SOCKET.into(),
-        PathBuf::from,
-    );
-    let mut words = Vec::new();
-    let (mut json, mut fail_pending, mut dry_run) = (false, false, false);
-    let (mut exec, mut ready_ms, mut drain_ms) = (None, 0u32, 0u32);
-    let mut handoff_flags = false;
-    let (mut block, mut force, mut ublk) = (false, false, false);
-    let (mut direct, mut relay) = (false, false);
-    let mut parser = lexopt::Parser::from_env();
-    let text = |p: &mut lexopt::Parser| -> Result<String, String> {
-        p.value()
-            .map_err(|e| e.to_string())?
-            .into_string()
-            .map_err(|v| format!("{v:?} is not UTF-8"))
-    };
-    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        match arg {
-            Long("socket") => socket = parser.value().map_err(|e| e.to_string())?.into(),
-            Long("json") => json = true,
-            Long("fail-pending") => fail_pending = true,
-            Long("block") => block = true,
-            Long("direct") => direct = true,
-            Long("relay") => relay = true,
-            Long("frontend") => match text(&mut parser)?.as_str() {
-                "ublk" => ublk = true,
-                "fuse" => ublk = false,
-                other => return Err(format!("--frontend {other:?}: fuse or ublk")),
-            },
-            Long("force") => force = true,
-            Long("dry-run") => (dry_run, handoff_flags) = (true, true),
-            Long("exec") => (exec, handoff_flags) = (Some(text(&mut parser)?), true),
-            Long("timeout") => {
-                ready_ms = seconds_ms("--timeout", &text(&mut parser)?)?;
-                handoff_flags = true;
-            }
-            Long("drain-timeout") => {
-                drain_ms = seconds_ms("--drain-timeout", &text(&mut parser)?)?;
-                handoff_flags = true;
-            }
-            Short('h') | Long("help") => {
-                println!("{USAGE}");
-                return Ok(None);
-            }
-            Value(v) => words.push(v.into_string().map_err(|v| format!("{v:?} is not UTF-8"))?),
-            other => return Err(other.unexpected().to_string()),
-        }
-    }
-    let cmd = match words
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        _ if (block || force || ublk || direct || relay)
-            && words.first().map(String::as_str) != Some("export") =>
-        {
-            return Err(
-                "--block, --frontend, --direct, --relay and --force belong to export add and export rm"
-                    .into(),
-            );
-        }
-        ["export", "add", ..] if direct && relay => {
-            return Err("--direct and --relay exclude each other".into());
-        }
-        ["export", "add", ..] if block && ublk => {
-            return Err(
-                "--block is for FUSE exports; a ublk export is a block device already".into(),
-            );
-        }
-        ["export", "add", name, size] if !json && !fail_pending && !handoff_flags && !force => {
-            holdfast_proto::validate_name(name)?;
-            Command::ExportAdd(ExportAdd {
-                name: (*name).to_owned(),
-                size: holdfast_broker::config::parse_size(size)?,
-                block,
-                ublk,
-                // FUSE: direct unless --relay; ublk: relay unless --direct.
-                direct: direct || !(relay || ublk),
-            })
-        }
-        ["export", "rm", name]
-            if !json && !fail_pending && !handoff_flags && !block && !ublk && !direct && !relay =>
-        {
-            Command::ExportRemove {
-                name: (*name).to_owned(),
-                force,
-            }
-        }
-        ["export", ..] => {
-            return Err(
-                "usage: export add NAME SIZE [--block | --frontend ublk] [--relay] | export rm NAME [--force]"
-                    .into(),
-            );
-        }
-        ["status"] if !fail_pending && !handoff_flags => Command::Status { json },
-        ["broker", "upgrade"] if !fail_pending && !handoff_flags => Command::BrokerUpgrade { json },
-        ["broker", ..] => return Err("usage: broker upgrade [--json]".into()),
-        ["restore", export] if !json && !handoff_flags => Command::Restore {
-            export: (*export).to_owned(),
-            fail_pending,
-        },
-        [verb @ ("handoff" | "upgrade"), export] if !fail_pending => {
-            let spawn = *verb == "upgrade";
-            if spawn && exec.is_some() {
-                return Err(
-                    "upgrade starts the supervised command line; use handoff --exec CMD for another"
-                        .into(),
-                );
-            }
-            holdfast_proto::validate_name(export)?;
-            Command::Handoff {
-                req: HandoffRequest {
-                    export: (*export).to_owned(),
-                    dry_run,
-                    spawn,
-                    ready_timeout_ms: ready_ms,
-                    drain_timeout_ms: drain_ms,
-                },
-                exec,
-                json,
-            }
-        }
-        [verb @ ("restore" | "handoff" | "upgrade")] => {
-            return Err(format!("{verb} needs an export name"));
-        }
-        [] => return Err("no command given".into()),
-        other => return Err(format!("unknown command or arguments: {}", other.join(" "))),
-    };
-    Ok(Some((socket, cmd)))
+/// A duration on the command line to whole milliseconds on the wire.
+fn millis(s: &str) -> Result<u32, String> {
+    let d = holdfast_proto::parse_duration(s)?;
+    u32::try_from(d.as_millis())
+        .ok()
+        .filter(|ms| (1..=86_400_000).contains(ms))
+        .ok_or_else(|| format!("{s:?}: from 1ms to 24h"))
+}
+
+/// `status --json`.
+#[derive(serde::Serialize)]
+struct StatusJson<'a> {
+    version: u32,
+    exports: &'a [ExportStatus],
+}
+
+fn to_json(v: &impl serde::Serialize) -> Result<String, String> {
+    serde_json::to_string(v).map_err(|e| format!("cannot write JSON: {e}"))
+}
+
+/// Connects, saying what to check when that fails.
+fn connect(socket: &Path) -> Result<OwnedFd, String> {
+    seqpacket::connect(socket).map_err(|e| {
+        let at = socket.display();
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOENT) => format!(
+                "no broker has a socket there. Is it running (`systemctl status holdfast`, \
+                 `pgrep -a holdfast-broker`)? Start one with `holdfast-broker --socket {at}`, \
+                 or point to another with --socket or ${SOCKET_ENV}"
+            ),
+            Some(libc::ECONNREFUSED) => format!(
+                "the socket is there but nothing listens on it: the broker that made it has \
+                 stopped. Start one with `holdfast-broker --socket {at}`"
+            ),
+            Some(libc::EACCES) | Some(libc::EPERM) => "permission denied: run as root or as \
+                 the broker's user, or start the broker with --allow-uid and --socket-mode"
+                .to_owned(),
+            _ => "check --socket".to_owned(),
+        };
+        format!("cannot connect to {at}: {e}; {hint}")
+    })
+}
+
+fn hello(sock: &OwnedFd) -> Result<(), String> {
+    call(
+        sock,
+        &Request::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            caps: 0,
+            pid: std::process::id(),
+        }),
+    )
+    .map(drop)
 }
 
 fn call(sock: &OwnedFd, req: &Request) -> Result<Reply, String> {
@@ -310,9 +313,9 @@ fn table(exports: &[ExportStatus]) -> String {
             state,
             e.inflight.to_string(),
             e.pending.to_string(),
-            e.replayed_total.to_string(),
-            e.completed_total.to_string(),
-            e.failed_total.to_string(),
+            e.replayed.to_string(),
+            e.completed.to_string(),
+            e.failed.to_string(),
             e.daemons_lost.to_string(),
             e.rejected_completions.to_string(),
             e.waiting_ms
@@ -401,104 +404,6 @@ fn upgrade_line(r: &UpgradeReport) -> String {
     )
 }
 
-fn upgrade_json(r: &UpgradeReport) -> String {
-    let missing: Vec<String> = r.missing.iter().map(|m| json_str(m)).collect();
-    format!(
-        "{{\"old_pid\":{},\"new_pid\":{},\"old_version\":{},\"new_version\":{},\"stall_us\":{},\"resent\":{},\"reattached\":{},\"missing\":[{}]}}",
-        r.old_pid,
-        r.new_pid,
-        json_str(&r.old_version),
-        json_str(&r.new_version),
-        r.stall_us,
-        r.resent,
-        r.reattached,
-        missing.join(",")
-    )
-}
-
-fn daemon_json(d: Option<&DaemonStatus>) -> String {
-    d.map_or("null".into(), |d| {
-        format!(
-            "{{\"pid\":{},\"epoch\":{},\"state\":{},\"mode\":{}}}",
-            d.pid,
-            d.epoch,
-            json_str(d.state.name()),
-            json_str(d.mode.name())
-        )
-    })
-}
-
-fn report_json(r: &HandoffReport) -> String {
-    format!(
-        "{{\"outcome\":{},\"reason\":{},\"from_pid\":{},\"from_epoch\":{},\"to_pid\":{},\"to_epoch\":{},\"warmup_us\":{},\"drain_us\":{},\"stall_us\":{},\"total_us\":{},\"replayed\":{},\"fenced\":{}}}",
-        json_str(r.outcome.name()),
-        json_str(&r.reason),
-        r.from_pid,
-        r.from_epoch,
-        r.to_pid,
-        r.to_epoch,
-        r.warmup_us,
-        r.drain_us,
-        r.stall_us,
-        r.total_us,
-        r.replayed,
-        r.fenced
-    )
-}
-
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn json(exports: &[ExportStatus]) -> String {
-    let items: Vec<String> = exports
-        .iter()
-        .map(|e| {
-            let handoff = e.handoff.map_or("null".into(), |h| {
-                format!(
-                    "{{\"phase\":{},\"dry_run\":{},\"elapsed_ms\":{}}}",
-                    json_str(h.phase.name()),
-                    h.dry_run,
-                    h.elapsed_ms
-                )
-            });
-            format!(
-                "{{\"name\":{},\"size\":{},\"frontend\":{},\"mode\":{},\"device\":{},\"block_size\":{},\"daemon\":{},\"successor\":{},\"handoff\":{handoff},\"last_handoff\":{},\"inflight\":{},\"pending\":{},\"replayed\":{},\"completed\":{},\"failed\":{},\"daemons_lost\":{},\"rejected_completions\":{},\"waiting_ms\":{}}}",
-                json_str(&e.name),
-                e.size,
-                json_str(&e.frontend),
-                json_str(e.mode.name()),
-                e.device.as_deref().map_or("null".into(), json_str),
-                e.block_size,
-                daemon_json(e.daemon.as_ref()),
-                daemon_json(e.successor.as_ref()),
-                e.last_handoff.as_ref().map_or("null".into(), report_json),
-                e.inflight,
-                e.pending,
-                e.replayed_total,
-                e.completed_total,
-                e.failed_total,
-                e.daemons_lost,
-                e.rejected_completions,
-                e.waiting_ms.map_or("null".into(), |v| v.to_string()),
-            )
-        })
-        .collect();
-    format!("{{\"exports\":[{}]}}", items.join(","))
-}
-
 /// Starts a handoff successor: `sh -c "exec CMD"`, told by its environment
 /// that it is a successor and where the broker is. It outlives holdfastctl,
 /// so it must not hold holdfastctl's stdout: a caller reading that to its
@@ -512,8 +417,54 @@ fn start_successor(cmd: &str, socket: &Path) -> Result<Child, String> {
         .map_err(|e| format!("cannot start the successor {cmd:?}: {e}"))
 }
 
-/// Runs a handoff: arms it, starts the successor for --exec, waits for
-/// the report. Returns whether it succeeded.
+/// Prints a running handoff's phases as they change, from STATUS on a
+/// connection of its own (the handoff's waits for the report).
+struct Progress {
+    sock: Option<OwnedFd>,
+    last: Option<(&'static str, Option<u32>)>,
+}
+
+impl Progress {
+    fn new(socket: &Path) -> Self {
+        let sock = connect(socket).ok().filter(|s| hello(s).is_ok());
+        Self { sock, last: None }
+    }
+
+    fn show(&mut self, export: &str) {
+        let Some(sock) = &self.sock else {
+            return;
+        };
+        let Ok(Reply::Status(all)) = call(sock, &Request::Status) else {
+            self.sock = None;
+            return;
+        };
+        let Some(e) = all.iter().find(|e| e.name == export) else {
+            return;
+        };
+        let Some(HandoffProgress {
+            phase, elapsed_ms, ..
+        }) = e.handoff
+        else {
+            return;
+        };
+        let now = (phase.name(), e.successor.map(|d| d.pid));
+        if self.last == Some(now) {
+            return;
+        }
+        self.last = Some(now);
+        let who = e.successor.map_or("no successor yet".into(), |d| {
+            format!("successor pid {} {}", d.pid, d.state.name())
+        });
+        eprintln!(
+            "{export}: {} at {:.1}s: {who}",
+            phase.name(),
+            elapsed_ms as f64 / 1000.0
+        );
+    }
+}
+
+/// Runs a handoff: arms it, starts the successor for --exec, prints its
+/// phases, waits for the report. Returns whether it succeeded.
 fn handoff(
     sock: &OwnedFd,
     socket: &Path,
@@ -536,6 +487,7 @@ fn handoff(
     if let Some(c) = &child {
         eprintln!("{export}: started successor pid {}", c.id());
     }
+    let mut progress = Progress::new(socket);
     // The report, unless the successor we started exits first without
     // one; closing the connection then cancels the handoff.
     let mut exited_at: Option<Instant> = None;
@@ -548,6 +500,7 @@ fn handoff(
                 other => return Err(format!("unexpected reply {other:?}")),
             }
         }
+        progress.show(&export);
         if let Some(c) = child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
         {
@@ -562,7 +515,7 @@ fn handoff(
         }
     };
     if as_json {
-        println!("{}", report_json(&report));
+        println!("{}", to_json(&report)?);
     } else {
         println!("{export}: handoff {}", report_line(&report));
     }
@@ -588,23 +541,79 @@ fn handoff(
     Ok(report.outcome != HandoffOutcome::Aborted)
 }
 
-fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
-    let sock = seqpacket::connect(socket)
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-    call(
-        &sock,
-        &Request::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            caps: 0,
-            pid: std::process::id(),
-        }),
-    )?;
+/// The metrics text, from every METRICS_TEXT part.
+fn metrics(sock: &OwnedFd) -> Result<String, String> {
+    let mut text = String::new();
+    let mut reply = call(sock, &Request::Metrics)?;
+    loop {
+        match reply {
+            Reply::MetricsText { text: part, more } => {
+                text.push_str(&part);
+                if !more {
+                    return Ok(text);
+                }
+            }
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+        reply = receive(sock)?;
+    }
+}
+
+fn handoff_request(export: String, opts: &HandoffOpts, spawn: bool) -> HandoffRequest {
+    HandoffRequest {
+        export,
+        dry_run: opts.dry_run,
+        spawn,
+        ready_timeout_ms: opts.timeout.unwrap_or(0),
+        drain_timeout_ms: opts.drain_timeout.unwrap_or(0),
+    }
+}
+
+fn export_add(add: ExportAdd, sock: &OwnedFd) -> Result<(), String> {
+    match call(sock, &Request::ExportAdd(add))? {
+        Reply::ExportAdded(e) => {
+            let device = e.device.map(|d| format!(", block device {d}"));
+            println!(
+                "{}: added, {}{}; it waits for a daemon (holdfast-daemon --export {} --backend ...)",
+                e.name,
+                human_size(e.size),
+                device.unwrap_or_default(),
+                e.name
+            );
+            Ok(())
+        }
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+fn run(socket: &Path, cmd: Command) -> Result<(), String> {
+    // What needs no broker.
     match cmd {
-        Command::Status { json: as_json } => match call(&sock, &Request::Status)? {
-            Reply::Status(exports) if as_json => println!("{}", json(&exports)),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "holdfastctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { dir } => {
+            return clap_mangen::generate_to(Cli::command(), &dir)
+                .map_err(|e| format!("cannot write the man pages to {}: {e}", dir.display()));
+        }
+        _ => {}
+    }
+    let sock = connect(socket)?;
+    hello(&sock)?;
+    match cmd {
+        Command::Status { json } => match call(&sock, &Request::Status)? {
+            Reply::Status(exports) if json => println!(
+                "{}",
+                to_json(&StatusJson {
+                    version: STATUS_JSON_VERSION,
+                    exports: &exports,
+                })?
+            ),
             Reply::Status(exports) => print!("{}", table(&exports)),
             other => return Err(format!("unexpected reply {other:?}")),
         },
+        Command::Metrics => print!("{}", metrics(&sock)?),
         Command::Restore {
             export,
             fail_pending,
@@ -615,29 +624,46 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
                 fail_pending,
             },
         )? {
-            Reply::OperatorRestored { replayed, failed } if fail_pending => {
+            Reply::OperatorRestored { failed, .. } if fail_pending => {
                 println!("{export}: failed {failed} pending requests with EIO");
-                let _ = replayed;
             }
             Reply::OperatorRestored { replayed, .. } => {
                 println!("{export}: restored, replaying {replayed} requests");
             }
             other => return Err(format!("unexpected reply {other:?}")),
         },
-        Command::ExportAdd(add) => match call(&sock, &Request::ExportAdd(add))? {
-            Reply::ExportAdded(e) => {
-                let device = e.device.map(|d| format!(", block device {d}"));
-                println!(
-                    "{}: added, {}{}; it waits for a daemon (holdfast-daemon --export {} --backend ...)",
-                    e.name,
-                    human_size(e.size),
-                    device.unwrap_or_default(),
-                    e.name
-                );
+        Command::Handoff { export, exec, opts } => {
+            let req = handoff_request(export, &opts, false);
+            if !handoff(&sock, socket, req, exec.as_deref(), opts.json)? {
+                return Err("the handoff was aborted; the current daemon keeps serving".into());
             }
-            other => return Err(format!("unexpected reply {other:?}")),
-        },
-        Command::ExportRemove { name, force } => {
+        }
+        Command::Upgrade { export, opts } => {
+            let req = handoff_request(export, &opts, true);
+            if !handoff(&sock, socket, req, None, opts.json)? {
+                return Err("the handoff was aborted; the current daemon keeps serving".into());
+            }
+        }
+        Command::Export(ExportCommand::Add {
+            name,
+            size,
+            block,
+            frontend,
+            direct,
+            relay,
+        }) => {
+            let ublk = frontend == Frontend::Ublk;
+            let add = ExportAdd {
+                name,
+                size,
+                block,
+                ublk,
+                // FUSE: direct unless --relay; ublk: relay unless --direct.
+                direct: direct || !(relay || ublk),
+            };
+            export_add(add, &sock)?;
+        }
+        Command::Export(ExportCommand::Rm { name, force }) => {
             match call(
                 &sock,
                 &Request::ExportRemove {
@@ -649,41 +675,47 @@ fn run(socket: &std::path::Path, cmd: Command) -> Result<(), String> {
                 other => return Err(format!("unexpected reply {other:?}")),
             }
         }
-        Command::BrokerUpgrade { json: as_json } => match call(&sock, &Request::BrokerUpgrade)? {
-            Reply::BrokerUpgraded(r) if as_json => println!("{}", upgrade_json(&r)),
-            Reply::BrokerUpgraded(r) => {
-                println!("{}", upgrade_line(&r));
-                if !r.missing.is_empty() {
-                    return Err(format!(
-                        "no daemon came back for {} (holdfastctl status)",
-                        r.missing.join(", ")
-                    ));
+        Command::Broker(BrokerCommand::Upgrade { json }) => {
+            match call(&sock, &Request::BrokerUpgrade)? {
+                Reply::BrokerUpgraded(r) if json => println!("{}", to_json(&r)?),
+                Reply::BrokerUpgraded(r) => {
+                    println!("{}", upgrade_line(&r));
+                    if !r.missing.is_empty() {
+                        return Err(format!(
+                            "no daemon came back for {} (holdfastctl status)",
+                            r.missing.join(", ")
+                        ));
+                    }
                 }
-            }
-            other => return Err(format!("unexpected reply {other:?}")),
-        },
-        Command::Handoff { req, exec, json } => {
-            if !handoff(&sock, socket, req, exec.as_deref(), json)? {
-                return Err("the handoff was aborted; the current daemon keeps serving".into());
+                other => return Err(format!("unexpected reply {other:?}")),
             }
         }
+        Command::Completions { .. } | Command::Man { .. } => {}
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
-    match parse_args() {
-        Ok(None) => ExitCode::SUCCESS,
-        Ok(Some((socket, cmd))) => match run(&socket, cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("holdfastctl: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    // Usage errors exit 2 and --help/--version 0, from clap.
+    let cli = Cli::parse();
+    if let Command::Export(ExportCommand::Add {
+        block: true,
+        frontend: Frontend::Ublk,
+        ..
+    }) = cli.command
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--block is for FUSE exports; a ublk export is a block device already",
+            )
+            .exit();
+    }
+    match run(&cli.socket, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("holdfastctl: {e}\nTry 'holdfastctl --help'.");
-            ExitCode::from(2)
+            eprintln!("holdfastctl: {e}");
+            ExitCode::FAILURE
         }
     }
 }

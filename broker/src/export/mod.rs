@@ -1275,9 +1275,9 @@ impl Export {
             daemon,
             inflight: u32::try_from(inflight).unwrap_or(u32::MAX),
             pending: u32::try_from(st.inflight.queued()).unwrap_or(u32::MAX),
-            replayed_total: st.stats.replayed,
-            completed_total: st.stats.completed.saturating_add(direct.answered),
-            failed_total: st.stats.failed,
+            replayed: st.stats.replayed,
+            completed: st.stats.completed.saturating_add(direct.answered),
+            failed: st.stats.failed,
             daemons_lost: st.stats.lost,
             rejected_completions: st.stats.rejected.saturating_add(direct.refused),
             waiting_ms: st.waiting_since.map(|t| millis(t.elapsed())),
@@ -1570,7 +1570,7 @@ mod tests {
         );
         let st = export.status("fuse", None);
         assert_eq!(st.daemon.map(|d| d.mode), Some(Mode::Direct));
-        assert_eq!((st.pending, st.inflight, st.replayed_total), (0, 0, 1));
+        assert_eq!((st.pending, st.inflight, st.replayed), (0, 0, 1));
         assert!(
             replies.0.lock().is_empty(),
             "a forgotten request was answered"

@@ -243,19 +243,20 @@ pub fn render(m: &BrokerMetrics) -> String {
         &mut out,
         "holdfast_handoffs_total",
         "counter",
-        "Handoffs by result: completed, dry_run or aborted.",
+        "Handoffs by result: completed, dry-run or aborted.",
     );
     for e in &m.exports {
         let h = e.handoffs;
         for (result, n) in [
-            ("completed", h.completed),
-            ("dry_run", h.dry_run),
-            ("aborted", h.aborted),
+            (HandoffOutcome::Completed, h.completed),
+            (HandoffOutcome::DryRun, h.dry_run),
+            (HandoffOutcome::Aborted, h.aborted),
         ] {
             let _ = writeln!(
                 out,
-                "holdfast_handoffs_total{{export=\"{}\",result=\"{result}\"}} {n}",
-                label(&e.name)
+                "holdfast_handoffs_total{{export=\"{}\",result=\"{}\"}} {n}",
+                label(&e.name),
+                result.name()
             );
         }
     }
