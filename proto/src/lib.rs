@@ -159,7 +159,8 @@ pub fn parse_bound(s: &str) -> Result<Option<Duration>, String> {
 /// Parses a duration that must be given: like [`parse_bound`], but `0`
 /// and `forever` are refused.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    parse_bound(s)?.ok_or_else(|| format!("{s:?}: give a positive duration (examples: 30s, 500ms, 2m)"))
+    parse_bound(s)?
+        .ok_or_else(|| format!("{s:?}: give a positive duration (examples: 30s, 500ms, 2m)"))
 }
 
 /// Parses a size: a number with an optional binary suffix (K, M, G, T, with

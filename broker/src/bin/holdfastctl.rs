@@ -66,9 +66,11 @@ enum Command {
     },
     /// Replace an export's daemon with a successor without failing or
     /// losing a request; waits for the end and prints the figures
-    #[command(after_help = "Without --exec, start `holdfast-daemon ... --successor` yourself \
+    #[command(
+        after_help = "Without --exec, start `holdfast-daemon ... --successor` yourself \
         once the handoff is armed. CMD's log goes to this command's stderr unless CMD \
-        redirects it (CMD 2>>LOG).")]
+        redirects it (CMD 2>>LOG)."
+    )]
     Handoff {
         /// The export's name
         #[arg(value_parser = export_name)]
@@ -130,9 +132,11 @@ struct HandoffOpts {
 enum ExportCommand {
     /// Add an export; it waits for a daemon (holdfast-daemon --export NAME
     /// ...)
-    #[command(after_help = "Daemons serve a FUSE export's connection themselves (direct \
+    #[command(
+        after_help = "Daemons serve a FUSE export's connection themselves (direct \
         mode, Linux 6.9+) unless --relay: then every request goes through the broker. A ublk \
-        export is relayed unless --direct: then its daemon serves the device's queue.")]
+        export is relayed unless --direct: then its daemon serves the device's queue."
+    )]
     Add {
         /// The export's name
         #[arg(value_parser = export_name)]
@@ -590,7 +594,12 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
     // What needs no broker.
     match cmd {
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "holdfastctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "holdfastctl",
+                &mut std::io::stdout(),
+            );
             return Ok(());
         }
         Command::Man { dir } => {
