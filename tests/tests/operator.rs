@@ -73,7 +73,7 @@ fn status_in(mode: Mode) {
     // Usage errors are clear and exit 2.
     let out = broker.ctl(&["restart"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"));
     let out = broker.ctl(&["restore", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no export named \"nope\""));
