@@ -121,7 +121,7 @@ enum Incoming {
 }
 
 struct Connection<'a> {
-    broker: &'a Broker,
+    broker: &'a Arc<Broker>,
     sock: OwnedFd,
     buf: Vec<u8>,
     peer_pid: u32,
@@ -150,7 +150,7 @@ enum End {
 }
 
 impl<'a> Connection<'a> {
-    fn new(broker: &'a Broker, sock: OwnedFd) -> Self {
+    fn new(broker: &'a Arc<Broker>, sock: OwnedFd) -> Self {
         Self {
             broker,
             sock,
@@ -402,15 +402,20 @@ impl<'a> Connection<'a> {
             }
             Request::ExportAdd(a) => {
                 let reply = match self.broker.add_export(&a) {
-                    Ok(status) => Reply::ExportAdded(Box::new(status)),
+                    Ok((status, kept)) => Reply::ExportAdded {
+                        status: Box::new(status),
+                        kept,
+                    },
                     Err(err) => Reply::Error(err),
                 };
-                self.audit(format_args!("action=export-add export={}", a.name), &reply);
+                let action =
+                    format_args!("action=export-add export={} daemon={:?}", a.name, a.daemon);
+                self.audit(action, &reply);
                 reply
             }
             Request::ExportRemove { name, force } => {
                 let reply = match self.broker.remove_export(&name, force) {
-                    Ok(()) => Reply::ExportRemoved,
+                    Ok(kept) => Reply::ExportRemoved { kept },
                     Err(err) => Reply::Error(err),
                 };
                 let action = format_args!("action=export-rm export={name} force={force}");

@@ -82,6 +82,8 @@ pub struct Broker {
     /// Operators' BROKER_UPGRADE requests for the main thread.
     upgrades: Mutex<Vec<UpgradeRequest>>,
     reexec: Reexec,
+    /// `--config`: where `export add` and `export rm` are kept.
+    config_file: Option<std::path::PathBuf>,
     /// How many times a broker took this state over (upgrades, restarts
     /// after a crash), from the record it was given.
     restarts: u64,
@@ -215,8 +217,12 @@ impl Broker {
     }
 
     /// Adds an export: mounts its file and, for `block`, attaches a block
-    /// device over it. It waits for a daemon like any other export.
-    pub fn add_export(&self, req: &ExportAdd) -> Result<ExportStatus, ErrorReply> {
+    /// device over it; supervises `req.daemon` for it, if given; keeps it in
+    /// the `--config` file. Returns its status and where it was kept.
+    pub fn add_export(
+        self: &Arc<Self>,
+        req: &ExportAdd,
+    ) -> Result<(ExportStatus, String), ErrorReply> {
         let _admin = self.admin.lock();
         let spec = config::ExportSpec {
             name: req.name.clone(),
@@ -246,8 +252,32 @@ impl Broker {
             .create(&spec, None)
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, e))?;
         info!("export {} added ({} bytes)", export.name, export.size);
+        let daemon = Some(req.daemon.as_str()).filter(|d| !d.trim().is_empty());
+        if let Some(cmd) = daemon {
+            match Supervisor::start(cmd.to_owned(), supervise::Hooks::of(self), None) {
+                Ok(s) => self.supervisors.lock().push(s),
+                Err(e) => warn!("export {}: cannot supervise {cmd:?}: {e}", export.name),
+            }
+        }
         self.persist();
-        Ok(self.export_status(&export))
+        let kept = self.keep(|path| config::file::add_export(path, &spec, daemon).map(|()| true));
+        Ok((self.export_status(&export), kept))
+    }
+
+    /// Applies an export's addition or removal to the `--config` file;
+    /// says what became of it, for the operator.
+    fn keep(&self, change: impl FnOnce(&std::path::Path) -> Result<bool, String>) -> String {
+        let Some(path) = &self.config_file else {
+            return "not kept for the broker's next start (it has no --config file)".into();
+        };
+        match change(path) {
+            Ok(true) => format!("kept in {}", path.display()),
+            Ok(false) => format!("it was not in {}", path.display()),
+            Err(e) => {
+                warn!("{e}");
+                format!("NOT kept for the broker's next start: {e}")
+            }
+        }
     }
 
     /// Creates, mounts and lists an export. A ublk export takes over the
@@ -345,7 +375,7 @@ impl Broker {
 
     /// Removes an export. Refused while its file or block device is open,
     /// unless `force`: then the users' I/O fails with EIO from here on.
-    pub fn remove_export(&self, name: &str, force: bool) -> Result<(), ErrorReply> {
+    pub fn remove_export(&self, name: &str, force: bool) -> Result<String, ErrorReply> {
         let _admin = self.admin.lock();
         let export = self.find(name)?;
         if export.kind == ExportKind::Blobs {
@@ -397,7 +427,7 @@ impl Broker {
                 format!(" while in use ({})", users.join("; "))
             }
         );
-        Ok(())
+        Ok(self.keep(|path| config::file::remove_export(path, name)))
     }
 
     /// Arms a handoff of `export` and, for `spawn`, starts its successor
@@ -539,6 +569,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             next_id: AtomicU64::new(next_id),
             upgrades: Mutex::default(),
             reexec,
+            config_file: cfg.config_file.clone(),
             restarts: record.as_ref().map_or(0, |r| r.restarts.saturating_add(1)),
         }
     });
@@ -606,6 +637,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let s = Supervisor::start(cmd.clone(), supervise::Hooks::of(&broker), adopt)
             .map_err(|e| format!("cannot supervise {cmd:?}: {e}"))?;
         broker.supervisors.lock().push(s);
+    }
+    // What the previous broker supervised beyond its command line: daemons
+    // of exports added at run time with --daemon.
+    for s in prior {
+        info!(
+            "supervise: {:?} was added at run time; supervising it again",
+            s.cmd
+        );
+        match Supervisor::start(
+            s.cmd.clone(),
+            supervise::Hooks::of(&broker),
+            Some((s.pid, s.start_time)),
+        ) {
+            Ok(s) => broker.supervisors.lock().push(s),
+            Err(e) => warn!("cannot supervise {:?}: {e}", s.cmd),
+        }
     }
     broker.persist();
     if let Some(upgrade) = record.and_then(|r| r.upgrade) {

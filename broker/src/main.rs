@@ -14,6 +14,10 @@ With no --export, serves one export vol0 of 1 GiB, and (unless --supervise is
 given) supervises `holdfast-daemon --backend file:/var/lib/holdfast/vol0.img`.
 
 Options:
+  --config FILE           options and exports in TOML, each export with the
+                          daemon command line that serves it (README
+                          'Configuration file'); the flags below override
+                          it, and `holdfastctl export add/rm` keep it
   --socket PATH           control socket [default: /run/holdfast/holdfast.sock]
   --socket-mode MODE      octal permissions of the socket [default: 600]
   --allow-uid UID         also accept connections from UID (repeatable;
@@ -82,22 +86,41 @@ fn string_value(parser: &mut lexopt::Parser) -> Result<String, String> {
         .map_err(|v| format!("{v:?} is not valid UTF-8"))
 }
 
+/// `--config FILE`, looked for before the other flags so that they
+/// override it.
+fn config_file() -> Result<Option<std::path::PathBuf>, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_env();
+    let mut path = None;
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("config") => path = Some(string_value(&mut parser)?.into()),
+            Long(_) | Short(_) => {
+                // Skip the flag's value, if it takes one.
+                let _ = parser.optional_value();
+            }
+            Value(_) => {}
+        }
+    }
+    Ok(path)
+}
+
 fn parse_args() -> Result<Option<Config>, String> {
     use lexopt::prelude::*;
-    let mut cfg = Config::default();
+    let mut cfg = match config_file()? {
+        Some(path) => config::file::load(&path)?,
+        None => Config::default(),
+    };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("socket") => cfg.socket = string_value(&mut parser)?.into(),
             Long("socket-mode") => {
-                let v = string_value(&mut parser)?;
-                cfg.socket_mode = u32::from_str_radix(&v, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o777)
-                    .ok_or_else(|| {
-                        format!("--socket-mode {v:?}: expected an octal mode like 600")
-                    })?;
+                cfg.socket_mode = config::parse_mode(&string_value(&mut parser)?)
+                    .map_err(|e| format!("--socket-mode {e}"))?;
             }
+            // Read first (`config_file`); flags then override it.
+            Long("config") => drop(parser.value()),
             Long("allow-uid") => {
                 let v = string_value(&mut parser)?;
                 cfg.allow_uids.push(
@@ -139,10 +162,10 @@ fn parse_args() -> Result<Option<Config>, String> {
                     u32::try_from(size).map_err(|_| "--slot-size is too large".to_string())?;
             }
             Long("metrics-listen") => {
-                let v = string_value(&mut parser)?;
-                cfg.metrics_listen = Some(v.parse().map_err(|_| {
-                    format!("--metrics-listen {v:?}: expected ADDRESS:PORT, like 127.0.0.1:9464 or [::1]:9464")
-                })?);
+                cfg.metrics_listen = Some(
+                    config::parse_listen(&string_value(&mut parser)?)
+                        .map_err(|e| format!("--metrics-listen {e}"))?,
+                );
             }
             Long("recover") => {}
             Long("cachefiles") => {

@@ -31,12 +31,13 @@ fn help_and_version() {
         "--daemon-wait",
         "--recover",
         ",ublk",
+        "--metrics-listen",
     ] {
         assert!(text.contains(flag), "--help does not mention {flag}");
     }
     assert!(broker(&["--version"]).status.success());
     let o = Command::new(env!("CARGO_BIN_EXE_holdfastctl"))
-        .arg("--help")
+        .args(["restore", "--help"])
         .output()
         .unwrap();
     assert!(o.status.success());
@@ -65,6 +66,7 @@ fn bad_arguments_exit_2_with_a_reason() {
         (&["--socket-mode", "999"], "octal mode"),
         (&["--block-size", "1024"], "512 or 4096"),
         (&["--frobnicate"], "--frobnicate"),
+        (&["--metrics-listen", "9464"], "expected ADDRESS:PORT"),
     ];
     for (args, want) in cases {
         let o = broker(args);

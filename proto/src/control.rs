@@ -206,6 +206,9 @@ pub struct ExportAdd {
     pub ublk: bool,
     /// Daemons that can may serve it in direct mode (FUSE only).
     pub direct: bool,
+    /// A daemon command line for the broker to supervise for it (empty:
+    /// none), at most [`MAX_TEXT_LEN`] bytes.
+    pub daemon: String,
 }
 
 /// A message a client sends to the broker.
@@ -451,8 +454,15 @@ pub enum Reply {
         from_epoch: u64,
     },
     HandoffDone(HandoffReport),
-    ExportAdded(Box<ExportStatus>),
-    ExportRemoved,
+    /// `kept` says whether and where the change was kept for the broker's
+    /// next start (its `--config` file).
+    ExportAdded {
+        status: Box<ExportStatus>,
+        kept: String,
+    },
+    ExportRemoved {
+        kept: String,
+    },
     BrokerUpgraded(UpgradeReport),
     /// Part of the metrics text, at most [`METRICS_CHUNK`] bytes of whole
     /// lines; more parts follow while `more`.
@@ -548,7 +558,8 @@ impl Request {
                     .u64(a.size)
                     .bool(a.block)
                     .bool(a.ublk)
-                    .bool(a.direct);
+                    .bool(a.direct)
+                    .str(&a.daemon, MAX_TEXT_LEN);
                 w
             }
             Self::ExportRemove { name, force } => {
@@ -601,6 +612,7 @@ impl Request {
                 block: r.bool("export_add.block")?,
                 ublk: r.bool("export_add.ublk")?,
                 direct: r.bool("export_add.direct")?,
+                daemon: r.str("export_add.daemon", MAX_TEXT_LEN)?,
             }),
             kind::EXPORT_REMOVE => Self::ExportRemove {
                 name: r.str("export_remove.name", MAX_NAME_LEN)?,
@@ -896,12 +908,17 @@ impl Reply {
                 report.put(&mut w);
                 w
             }
-            Self::ExportAdded(e) => {
+            Self::ExportAdded { status, kept } => {
                 let mut w = header(kind::EXPORT_ADDED);
-                put_export(&mut w, e);
+                put_export(&mut w, status);
+                w.str(kept, MAX_TEXT_LEN);
                 w
             }
-            Self::ExportRemoved => header(kind::EXPORT_REMOVED),
+            Self::ExportRemoved { kept } => {
+                let mut w = header(kind::EXPORT_REMOVED);
+                w.str(kept, MAX_TEXT_LEN);
+                w
+            }
             Self::BrokerUpgraded(report) => {
                 let mut w = header(kind::BROKER_UPGRADED);
                 report.put(&mut w);
@@ -971,8 +988,13 @@ impl Reply {
                 from_epoch: r.u64("armed.from_epoch")?,
             },
             kind::HANDOFF_DONE => Self::HandoffDone(HandoffReport::get(&mut r)?),
-            kind::EXPORT_ADDED => Self::ExportAdded(Box::new(get_export(&mut r)?)),
-            kind::EXPORT_REMOVED => Self::ExportRemoved,
+            kind::EXPORT_ADDED => Self::ExportAdded {
+                status: Box::new(get_export(&mut r)?),
+                kept: r.str("export_added.kept", MAX_TEXT_LEN)?,
+            },
+            kind::EXPORT_REMOVED => Self::ExportRemoved {
+                kept: r.str("export_removed.kept", MAX_TEXT_LEN)?,
+            },
             kind::BROKER_UPGRADED => Self::BrokerUpgraded(UpgradeReport::get(&mut r)?),
             kind::METRICS_TEXT => Self::MetricsText {
                 text: r.str("metrics.text", METRICS_CHUNK)?,
@@ -1099,6 +1121,7 @@ mod tests {
                 block: true,
                 ublk: false,
                 direct: true,
+                daemon: "holdfast-daemon --export vol2 --backend mem".into(),
             }),
             Request::ExportRemove {
                 name: "vol2".into(),
@@ -1174,8 +1197,13 @@ mod tests {
             Reply::Quiesce,
             Reply::Activate,
             Reply::Revive,
-            Reply::ExportAdded(Box::new(sample_export(1))),
-            Reply::ExportRemoved,
+            Reply::ExportAdded {
+                status: Box::new(sample_export(1)),
+                kept: "kept in /etc/holdfast/holdfast.toml".into(),
+            },
+            Reply::ExportRemoved {
+                kept: String::new(),
+            },
             Reply::BrokerUpgraded(UpgradeReport {
                 old_pid: 1,
                 new_pid: 1,

@@ -755,7 +755,7 @@ fn bad_settings_are_refused() {
             url.as_str(),
             vec!["--cache-dir", cache, "--uploads", "0"],
             2,
-            "--uploads must be",
+            "0 is not in 1..=256",
         ),
         (
             "s3://no-such-bucket/vol",

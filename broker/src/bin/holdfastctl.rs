@@ -156,6 +156,11 @@ enum ExportCommand {
         /// Take every request through the broker
         #[arg(long)]
         relay: bool,
+        /// A daemon command line the broker supervises for it (run with
+        /// /bin/sh, started again whenever it exits); kept with the export
+        /// in the broker's --config file
+        #[arg(long, value_name = "CMD", value_parser = daemon_cmd)]
+        daemon: Option<String>,
     },
     /// Remove an export; refused while its file or block device is open
     Rm {
@@ -185,6 +190,16 @@ enum BrokerCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn daemon_cmd(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() || s.len() > holdfast_proto::MAX_TEXT_LEN {
+        return Err(format!(
+            "a command line of 1 to {} bytes",
+            holdfast_proto::MAX_TEXT_LEN
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 fn export_name(s: &str) -> Result<String, String> {
@@ -574,15 +589,23 @@ fn handoff_request(export: String, opts: &HandoffOpts, spawn: bool) -> HandoffRe
 }
 
 fn export_add(add: ExportAdd, sock: &OwnedFd) -> Result<(), String> {
+    let supervised = !add.daemon.is_empty();
     match call(sock, &Request::ExportAdd(add))? {
-        Reply::ExportAdded(e) => {
+        Reply::ExportAdded { status: e, kept } => {
             let device = e.device.map(|d| format!(", block device {d}"));
+            let daemon = if supervised {
+                "its daemon is started".to_owned()
+            } else {
+                format!(
+                    "it waits for a daemon (holdfast-daemon --export {} --backend ...)",
+                    e.name
+                )
+            };
             println!(
-                "{}: added, {}{}; it waits for a daemon (holdfast-daemon --export {} --backend ...)",
+                "{}: added, {}{}; {daemon}; {kept}",
                 e.name,
                 human_size(e.size),
                 device.unwrap_or_default(),
-                e.name
             );
             Ok(())
         }
@@ -660,6 +683,7 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
             frontend,
             direct,
             relay,
+            daemon,
         }) => {
             let ublk = frontend == Frontend::Ublk;
             let add = ExportAdd {
@@ -669,6 +693,7 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
                 ublk,
                 // FUSE: direct unless --relay; ublk: relay unless --direct.
                 direct: direct || !(relay || ublk),
+                daemon: daemon.unwrap_or_default(),
             };
             export_add(add, &sock)?;
         }
@@ -680,7 +705,7 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
                     force,
                 },
             )? {
-                Reply::ExportRemoved => println!("{name}: removed"),
+                Reply::ExportRemoved { kept } => println!("{name}: removed; {kept}"),
                 other => return Err(format!("unexpected reply {other:?}")),
             }
         }

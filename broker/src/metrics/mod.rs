@@ -150,6 +150,14 @@ fn histogram(
     }
 }
 
+/// A counter or gauge per export: name, type, help, value.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ExportMetrics) -> u64,
+);
+
 /// The text a scrape gets.
 pub fn render(m: &BrokerMetrics) -> String {
     let mut out = String::with_capacity(1024 + m.exports.len() * 6 * 1024);
@@ -186,7 +194,7 @@ pub fn render(m: &BrokerMetrics) -> String {
             label(&e.mode)
         );
     }
-    let series: [(&str, &str, &str, fn(&ExportMetrics) -> u64); 8] = [
+    let series: [Series; 8] = [
         (
             "holdfast_daemon_attached",
             "gauge",
@@ -265,7 +273,7 @@ pub fn render(m: &BrokerMetrics) -> String {
         m,
         (
             "holdfast_handoff_stall_seconds",
-            "Completed handoffs: from the successor's READY to its first request.",
+            "Completed handoffs' stall: from the successor's READY to it serving.",
         ),
         |e| &e.stall,
     );

@@ -1,4 +1,7 @@
-//! Broker configuration: command-line values, their parsing, and defaults.
+//! Broker configuration: command-line values, their parsing, and defaults;
+//! `file` reads and keeps `--config FILE`.
+
+pub mod file;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -94,6 +97,8 @@ pub struct Config {
     pub fence_timeout: Duration,
     /// Where to serve `GET /metrics` (`--metrics-listen`).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `--config FILE`: where `export add` and `export rm` are kept.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -114,6 +119,7 @@ impl Default for Config {
             daemon_wait: None,
             fence_timeout: Duration::from_secs(10),
             metrics_listen: None,
+            config_file: None,
         }
     }
 }
@@ -238,6 +244,20 @@ pub fn parse_export(s: &str) -> Result<ExportSpec, String> {
 }
 
 pub use holdfast_proto::parse_bound;
+
+/// An octal permission mode like `600`.
+pub fn parse_mode(v: &str) -> Result<u32, String> {
+    u32::from_str_radix(v, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{v:?}: expected an octal mode like 600"))
+}
+
+/// `ADDRESS:PORT` to listen on.
+pub fn parse_listen(v: &str) -> Result<std::net::SocketAddr, String> {
+    v.parse()
+        .map_err(|_| format!("{v:?}: expected ADDRESS:PORT, like 127.0.0.1:9464 or [::1]:9464"))
+}
 
 #[cfg(test)]
 mod tests {
