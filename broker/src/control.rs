@@ -445,8 +445,8 @@ impl<'a> Connection<'a> {
             .as_ref()
             .map_or_else(|e| Reply::Error(e.clone()), |(_, a)| a.clone());
         let action = format_args!(
-            "action=handoff export={} dry_run={} spawn={}",
-            req.export, req.dry_run, req.spawn
+            "action=handoff export={} dry_run={} spawn={} cmd={:?}",
+            req.export, req.dry_run, req.spawn, req.cmd
         );
         self.audit(action, &reply);
         let id = match started {

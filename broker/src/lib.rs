@@ -264,6 +264,15 @@ impl Broker {
         Ok((self.export_status(&export), kept))
     }
 
+    /// A supervisor now runs `new` instead of `old` (`upgrade --cmd`): the
+    /// `--config` file says so too, where it had `old`.
+    pub fn supervised_command_changed(&self, old: &str, new: &str) {
+        let _admin = self.admin.lock();
+        let kept = self.keep(|path| config::file::replace_daemon(path, old, new));
+        info!("supervise: {new:?} replaces {old:?}; {kept}");
+        self.persist();
+    }
+
     /// Applies an export's addition or removal to the `--config` file;
     /// says what became of it, for the operator.
     fn keep(&self, change: impl FnOnce(&std::path::Path) -> Result<bool, String>) -> String {
@@ -460,12 +469,15 @@ impl Broker {
                         export.name, export.name
                     ),
                 )),
-                Some(s) => s.spawn_successor().map(drop).map_err(|e| {
-                    ErrorReply::new(
-                        ErrorCode::Internal,
-                        format!("export {}: cannot start the successor: {e}", export.name),
-                    )
-                }),
+                Some(s) => s
+                    .spawn_successor(Some(req.cmd.as_str()).filter(|c| !c.is_empty()))
+                    .map(drop)
+                    .map_err(|e| {
+                        ErrorReply::new(
+                            ErrorCode::Internal,
+                            format!("export {}: cannot start the successor: {e}", export.name),
+                        )
+                    }),
             };
             drop(supervisors);
             if let Err(e) = spawned {

@@ -46,6 +46,9 @@ pub struct Hooks {
     pub export_of: Box<dyn Fn(u32) -> Option<String> + Send + Sync>,
     /// An export's daemon.
     pub daemon_of: Box<dyn Fn(&str) -> ExportDaemon + Send + Sync>,
+    /// The supervised command line changed from the first to the second
+    /// (`holdfastctl upgrade EXPORT --cmd`): keep it.
+    pub changed: Box<dyn Fn(&str, &str) + Send + Sync>,
 }
 
 /// An export's daemon, as the broker knows it.
@@ -59,11 +62,17 @@ pub enum ExportDaemon {
 impl Hooks {
     /// The hooks answered by `broker`.
     pub fn of(broker: &Arc<crate::Broker>) -> Self {
-        let (a, b, c) = (broker.clone(), broker.clone(), broker.clone());
+        let (a, b, c, d) = (
+            broker.clone(),
+            broker.clone(),
+            broker.clone(),
+            broker.clone(),
+        );
         Self {
             healthy: Box::new(move |pid| a.restored(pid)),
             export_of: Box::new(move |pid| b.export_of(pid)),
             daemon_of: Box::new(move |name| c.daemon_of(name)),
+            changed: Box::new(move |old, new| d.supervised_command_changed(old, new)),
         }
     }
 }
@@ -85,6 +94,8 @@ pub fn shell(cmd: &str, successor: bool) -> Command {
 struct Daemon {
     pidfd: Arc<Pidfd>,
     started: Instant,
+    /// The command line it was started from.
+    cmd: String,
 }
 
 impl Daemon {
@@ -95,6 +106,7 @@ impl Daemon {
             Ok(p) => Ok(Self {
                 pidfd: Arc::new(p),
                 started: Instant::now(),
+                cmd: cmd.to_owned(),
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -105,7 +117,7 @@ impl Daemon {
     }
 
     /// The daemon `pid` that started at `start_time`, if it still runs.
-    fn adopt(pid: u32, start_time: u64) -> Option<Self> {
+    fn adopt(pid: u32, start_time: u64, cmd: &str) -> Option<Self> {
         let pidfd = Pidfd::open(pid).ok()?;
         // Opened first, checked second: the pidfd pins the process, so a
         // matching start time and a live pidfd are the same process.
@@ -113,6 +125,7 @@ impl Daemon {
         same.then(|| Self {
             pidfd: Arc::new(pidfd),
             started: Instant::now(),
+            cmd: cmd.to_owned(),
         })
     }
 
@@ -128,7 +141,9 @@ struct Children {
 }
 
 pub struct Supervisor {
-    cmd: String,
+    /// What it starts; a successor started from another command line
+    /// (`upgrade --cmd`) replaces it once that successor is supervised.
+    cmd: Arc<Mutex<String>>,
     stop: Arc<AtomicBool>,
     children: Arc<Mutex<Children>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -144,7 +159,7 @@ impl Supervisor {
     /// instead of starting another, if it still runs.
     pub fn start(cmd: String, hooks: Hooks, adopt: Option<(u32, u64)>) -> std::io::Result<Self> {
         let current = adopt.and_then(|(pid, t)| {
-            let d = Daemon::adopt(pid, t);
+            let d = Daemon::adopt(pid, t, &cmd);
             match &d {
                 Some(_) => info!("supervise: daemon pid {pid} supervised again: {cmd}"),
                 None => info!("supervise: daemon pid {pid} is gone; starting {cmd}"),
@@ -152,7 +167,7 @@ impl Supervisor {
             d
         });
         let s = Self {
-            cmd,
+            cmd: Arc::new(Mutex::new(cmd)),
             stop: Arc::new(AtomicBool::new(false)),
             children: Arc::new(Mutex::new(Children {
                 current,
@@ -167,8 +182,8 @@ impl Supervisor {
     }
 
     /// The command line.
-    pub fn cmd(&self) -> &str {
-        &self.cmd
+    pub fn cmd(&self) -> String {
+        self.cmd.lock().clone()
     }
 
     /// (Re)starts the thread that restarts the daemon when it exits.
@@ -203,11 +218,14 @@ impl Supervisor {
         Some((pid, crate::sys::pidfd::start_time(pid)?))
     }
 
-    /// Starts the command line as a handoff successor; returns its pid.
-    pub fn spawn_successor(&self) -> std::io::Result<u32> {
-        let d = Daemon::spawn(&self.cmd, true)?;
+    /// Starts the command line, or `cmd` instead, as a handoff successor;
+    /// returns its pid. If it takes over, its command line is the one
+    /// supervised from then on.
+    pub fn spawn_successor(&self, cmd: Option<&str>) -> std::io::Result<u32> {
+        let cmd = cmd.map_or_else(|| self.cmd(), str::to_owned);
+        let d = Daemon::spawn(&cmd, true)?;
         let pid = d.pid();
-        info!("supervise: started successor pid {pid}: {}", self.cmd);
+        info!("supervise: started successor pid {pid}: {cmd}");
         self.children.lock().successors.push(d);
         Ok(pid)
     }
@@ -259,7 +277,7 @@ fn vacancy(hooks: &Hooks, export: &Mutex<Option<String>>) -> Vacancy {
 }
 
 fn run(
-    cmd: &str,
+    command: &Mutex<String>,
     stop: &AtomicBool,
     children: &Mutex<Children>,
     hooks: &Hooks,
@@ -270,6 +288,8 @@ fn run(
     // The last supervised daemon: the broker may not have seen it go yet.
     let mut last = None;
     while !stop.load(Ordering::SeqCst) {
+        let cmd = command.lock().clone();
+        let cmd = cmd.as_str();
         // Asked without the children's lock, so that no lock of the
         // broker's is ever taken under it.
         let vacant = children.lock().current.is_none();
@@ -344,7 +364,14 @@ fn run(
                 old.pid(),
                 next.pid()
             );
+            let new = (next.cmd != cmd).then(|| next.cmd.clone());
             c.current = Some(next);
+            drop(c);
+            if let Some(new) = new {
+                info!("supervise: the command line is now {new} (was {cmd})");
+                *command.lock() = new.clone();
+                (hooks.changed)(cmd, &new);
+            }
             continue;
         }
         drop(c);

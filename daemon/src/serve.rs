@@ -725,6 +725,7 @@ fn upgrade_request(opts: &Options) -> Request {
         spawn: true,
         ready_timeout_ms: 0,
         drain_timeout_ms: 0,
+        cmd: String::new(),
     })
 }
 

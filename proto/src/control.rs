@@ -1114,6 +1114,7 @@ mod tests {
                 spawn: true,
                 ready_timeout_ms: 60_000,
                 drain_timeout_ms: 5_000,
+                cmd: "holdfast-daemon --export vol0 --backend mem --workers 4".into(),
             }),
             Request::ExportAdd(ExportAdd {
                 name: "vol2".into(),

@@ -10,8 +10,8 @@
 //! exits. A failure before the successor's RESTORE sends REVIVE to the old
 //! daemon instead: it takes its lease back and sends RESTORE.
 
-use crate::MAX_NAME_LEN;
 use crate::wire::{DecodeError, Reader, Writer};
+use crate::{MAX_NAME_LEN, MAX_TEXT_LEN};
 
 /// Longest reason text in a handoff report, in bytes (bounds STATUS).
 pub const MAX_REASON_LEN: usize = 200;
@@ -33,6 +33,10 @@ pub struct HandoffRequest {
     /// How long the old daemon has to drain (and the successor to restore
     /// after ACTIVATE), in ms; 0 for the broker's default.
     pub drain_timeout_ms: u32,
+    /// With `spawn`: the command line to start the successor from instead,
+    /// supervised from then on if the handoff completes (empty: the
+    /// supervised one), at most [`MAX_TEXT_LEN`] bytes.
+    pub cmd: String,
 }
 
 impl HandoffRequest {
@@ -41,7 +45,8 @@ impl HandoffRequest {
             .bool(self.dry_run)
             .bool(self.spawn)
             .u32(self.ready_timeout_ms)
-            .u32(self.drain_timeout_ms);
+            .u32(self.drain_timeout_ms)
+            .str(&self.cmd, MAX_TEXT_LEN);
     }
 
     pub(crate) fn get(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -51,6 +56,7 @@ impl HandoffRequest {
             spawn: r.bool("handoff.spawn")?,
             ready_timeout_ms: r.u32("handoff.ready_timeout_ms")?,
             drain_timeout_ms: r.u32("handoff.drain_timeout_ms")?,
+            cmd: r.str("handoff.cmd", MAX_TEXT_LEN)?,
         })
     }
 }

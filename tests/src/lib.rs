@@ -427,6 +427,7 @@ impl Broker {
             spawn: false,
             ready_timeout_ms: 30_000,
             drain_timeout_ms: drain_ms,
+            cmd: String::new(),
         });
         match c.call(&req, &[]) {
             Ok((Reply::HandoffArmed { from_pid, .. }, _)) => (c, from_pid),

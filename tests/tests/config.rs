@@ -42,6 +42,13 @@ fn start(scratch: &Scratch, config: &Path) -> Broker {
     broker
 }
 
+/// A process's command line, its arguments joined by spaces.
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
 fn write_block(broker: &Broker, export: &str, byte: u8) {
     let mut b = AlignedBuf::new(4096);
     b.fill(byte);
@@ -94,6 +101,28 @@ fn exports_and_their_daemons_come_back_from_the_config_file() {
         text.contains("name = \"vol1\"") && text.contains(&cmd),
         "{text}"
     );
+
+    // Upgraded to another command line: the successor serves, and its
+    // command line is the one supervised (a kill restarts it) and kept.
+    let (old, epoch) = broker.wait_active("vol0", 0, Duration::from_secs(5));
+    let new_cmd = format!("{} --workers 3", daemon_cmd(&scratch, "vol0"));
+    let out = broker.ctl(&["upgrade", "vol0", "--cmd", &new_cmd]);
+    assert!(out.status.success(), "{out:?}");
+    let (pid, epoch) = broker.wait_active("vol0", epoch, Duration::from_secs(15));
+    assert_ne!(pid, old);
+    assert!(cmdline(pid).contains("--workers 3"), "{}", cmdline(pid));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&config).unwrap().contains(&new_cmd) {
+        assert!(
+            Instant::now() < end,
+            "{}",
+            std::fs::read_to_string(&config).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    holdfast_tests::signal_pid(pid, rustix::process::Signal::KILL).unwrap();
+    let (pid, _) = broker.wait_active("vol0", epoch, Duration::from_secs(15));
+    assert!(cmdline(pid).contains("--workers 3"), "{}", cmdline(pid));
 
     // A broker started afresh from the file has both, served.
     broker.stop();

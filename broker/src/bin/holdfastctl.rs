@@ -83,11 +83,16 @@ enum Command {
         opts: HandoffOpts,
     },
     /// Hand an export off to a successor the broker starts with the command
-    /// line it supervises the export's daemon with
+    /// line it supervises the export's daemon with, or with a new one
     Upgrade {
         /// The export's name
         #[arg(value_parser = export_name)]
         export: String,
+        /// Start the successor from this command line instead; once it
+        /// serves, it is the one supervised (and kept in the broker's
+        /// --config file)
+        #[arg(long, value_name = "CMD", value_parser = daemon_cmd)]
+        cmd: Option<String>,
         #[command(flatten)]
         opts: HandoffOpts,
     },
@@ -578,13 +583,16 @@ fn metrics(sock: &OwnedFd) -> Result<String, String> {
     }
 }
 
-fn handoff_request(export: String, opts: &HandoffOpts, spawn: bool) -> HandoffRequest {
+/// A HANDOFF; `spawn` (upgrade) with the successor's command line, if
+/// another than the supervised one.
+fn handoff_request(export: String, opts: &HandoffOpts, spawn: Option<String>) -> HandoffRequest {
     HandoffRequest {
         export,
         dry_run: opts.dry_run,
-        spawn,
+        spawn: spawn.is_some(),
         ready_timeout_ms: opts.timeout.unwrap_or(0),
         drain_timeout_ms: opts.drain_timeout.unwrap_or(0),
+        cmd: spawn.unwrap_or_default(),
     }
 }
 
@@ -665,13 +673,13 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
             other => return Err(format!("unexpected reply {other:?}")),
         },
         Command::Handoff { export, exec, opts } => {
-            let req = handoff_request(export, &opts, false);
+            let req = handoff_request(export, &opts, None);
             if !handoff(&sock, socket, req, exec.as_deref(), opts.json)? {
                 return Err("the handoff was aborted; the current daemon keeps serving".into());
             }
         }
-        Command::Upgrade { export, opts } => {
-            let req = handoff_request(export, &opts, true);
+        Command::Upgrade { export, cmd, opts } => {
+            let req = handoff_request(export, &opts, Some(cmd.unwrap_or_default()));
             if !handoff(&sock, socket, req, None, opts.json)? {
                 return Err("the handoff was aborted; the current daemon keeps serving".into());
             }

@@ -275,6 +275,39 @@ pub fn remove_export(path: &Path, name: &str) -> Result<bool, String> {
     Ok(found)
 }
 
+/// Replaces the daemon command line `old` with `new` wherever the file at
+/// `path` has it (an export's `daemon`, an entry of `supervise`); whether
+/// it had it.
+pub fn replace_daemon(path: &Path, old: &str, new: &str) -> Result<bool, String> {
+    let mut found = false;
+    edit(path, |doc| {
+        if let Some(a) = doc
+            .get_mut("export")
+            .and_then(toml_edit::Item::as_array_of_tables_mut)
+        {
+            for t in a.iter_mut() {
+                if t.get("daemon").and_then(toml_edit::Item::as_str) == Some(old) {
+                    t["daemon"] = toml_edit::value(new);
+                    found = true;
+                }
+            }
+        }
+        if let Some(list) = doc
+            .get_mut("supervise")
+            .and_then(toml_edit::Item::as_array_mut)
+        {
+            for v in list.iter_mut() {
+                if v.as_str() == Some(old) {
+                    *v = new.into();
+                    found = true;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 /// Reads, changes and atomically replaces the file (a new file beside it,
 /// synced, renamed over it, the directory synced): a crash leaves the old
 /// file or the new one.
@@ -430,6 +463,12 @@ mod tests {
             cfg.supervise,
             ["holdfast-daemon --export vol2 --backend mem"]
         );
+        let upgraded = "holdfast-daemon --export vol2 --backend mem --workers 2";
+        assert!(
+            replace_daemon(&p, "holdfast-daemon --export vol2 --backend mem", upgraded).unwrap()
+        );
+        assert!(!replace_daemon(&p, "not there", "x").unwrap());
+        assert_eq!(load(&p).unwrap().supervise, [upgraded]);
         assert!(remove_export(&p, "vol2").unwrap());
         assert!(!remove_export(&p, "vol2").unwrap());
         assert!(load(&p).unwrap().exports.is_empty());

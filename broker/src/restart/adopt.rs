@@ -88,7 +88,7 @@ impl Broker {
             .filter_map(|s| {
                 let (pid, start_time) = s.current()?;
                 Some(SupervisedRecord {
-                    cmd: s.cmd().to_owned(),
+                    cmd: s.cmd(),
                     pid,
                     start_time,
                 })
