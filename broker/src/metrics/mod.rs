@@ -198,7 +198,7 @@ pub fn render(m: &BrokerMetrics) -> String {
         (
             "holdfast_daemon_attached",
             "gauge",
-            "1 while a daemon serves the export.",
+            "1 while a daemon is attached to the export (in any state).",
             |e| u64::from(e.daemon_attached),
         ),
         (
