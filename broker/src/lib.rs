@@ -456,19 +456,25 @@ impl Broker {
             ready_timeout: bound(req.ready_timeout_ms, DEFAULT_READY_TIMEOUT),
             drain_timeout: bound(req.drain_timeout_ms, DEFAULT_DRAIN_TIMEOUT),
         };
+        if req.spawn {
+            // Refused before it is armed: a daemon nobody supervises is no
+            // handoff that was aborted.
+            let pid = export.daemon_pid();
+            let supervised = self
+                .supervisors
+                .lock()
+                .iter()
+                .any(|s| pid.is_some() && s.current_pid() == pid);
+            if let (Some(pid), false) = (pid, supervised) {
+                return Err(not_supervised(&export.name, pid));
+            }
+        }
         let (id, pid, epoch) = export.begin_handoff(params)?;
         if req.spawn {
             let supervisors = self.supervisors.lock();
             let supervisor = supervisors.iter().find(|s| s.current_pid() == Some(pid));
             let spawned = match supervisor {
-                None => Err(ErrorReply::new(
-                    ErrorCode::BadState,
-                    format!(
-                        "export {}: its daemon pid {pid} is not supervised by this broker (--supervise); \
-                         start a successor yourself: holdfastctl handoff {} --exec CMD",
-                        export.name, export.name
-                    ),
-                )),
+                None => Err(not_supervised(&export.name, pid)),
                 Some(s) => s
                     .spawn_successor(Some(req.cmd.as_str()).filter(|c| !c.is_empty()))
                     .map(drop)
@@ -493,6 +499,17 @@ impl Broker {
             },
         ))
     }
+}
+
+fn not_supervised(export: &str, pid: u32) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::BadState,
+        format!(
+            "export {export}: its daemon pid {pid} is not supervised by this broker \
+             (--supervise, or an export's daemon in --config); start a successor yourself: \
+             holdfastctl handoff {export} --exec CMD"
+        ),
+    )
 }
 
 /// The signals the main thread takes: SIGTERM and SIGINT stop the broker,

@@ -107,9 +107,12 @@ fn config_file() -> Result<Option<std::path::PathBuf>, String> {
 
 fn parse_args() -> Result<Option<Config>, String> {
     use lexopt::prelude::*;
-    let mut cfg = match config_file()? {
-        Some(path) => config::file::load(&path)?,
-        None => Config::default(),
+    // A bad file is reported after the flags: --help and --version work
+    // regardless.
+    let (mut cfg, bad_file) = match config_file()?.map(|p| config::file::load(&p)) {
+        Some(Ok(cfg)) => (cfg, None),
+        Some(Err(e)) => (Config::default(), Some(e)),
+        None => (Config::default(), None),
     };
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
@@ -191,6 +194,9 @@ fn parse_args() -> Result<Option<Config>, String> {
             }
             other => return Err(other.unexpected().to_string()),
         }
+    }
+    if let Some(e) = bad_file {
+        return Err(e);
     }
     let daemon = std::env::current_exe()
         .map(|p| p.with_file_name("holdfast-daemon"))

@@ -48,8 +48,11 @@ pub struct Hooks {
     pub daemon_of: Box<dyn Fn(&str) -> ExportDaemon + Send + Sync>,
     /// The supervised command line changed from the first to the second
     /// (`holdfastctl upgrade EXPORT --cmd`): keep it.
-    pub changed: Box<dyn Fn(&str, &str) + Send + Sync>,
+    pub changed: CommandChanged,
 }
+
+/// Called with the old and the new supervised command line.
+pub type CommandChanged = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 /// An export's daemon, as the broker knows it.
 pub enum ExportDaemon {

@@ -719,9 +719,12 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
         }
         Command::Broker(BrokerCommand::Upgrade { json }) => {
             match call(&sock, &Request::BrokerUpgrade)? {
-                Reply::BrokerUpgraded(r) if json => println!("{}", to_json(&r)?),
                 Reply::BrokerUpgraded(r) => {
-                    println!("{}", upgrade_line(&r));
+                    if json {
+                        println!("{}", to_json(&r)?);
+                    } else {
+                        println!("{}", upgrade_line(&r));
+                    }
                     if !r.missing.is_empty() {
                         return Err(format!(
                             "no daemon came back for {} (holdfastctl status)",
