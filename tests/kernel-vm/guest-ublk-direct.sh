@@ -61,10 +61,11 @@ head -c 8M $W/back | cmp - $W/pattern
 cmp -n 8388608 $W/vol0.img $W/pattern
 echo "round trip: ok"
 
-fio_verify() { # fio_verify NAME: random 4 KiB writes over 32 MiB, verified
-    fio --name=$1 --filename=$dev --direct=1 --ioengine=io_uring --iodepth=8 \
+fio_verify() { # fio_verify NAME [FIO-ARG...]: random 4 KiB writes over 32 MiB, verified
+    name=$1; shift
+    fio --name=$name --filename=$dev --direct=1 --ioengine=io_uring --iodepth=8 \
         --rw=randwrite --bs=4k --size=32M --verify=crc32c --do_verify=1 \
-        --verify_fatal=1 --verify_state_save=0 --output=$W/fio-$1.log > /dev/null 2>&1
+        --verify_fatal=1 --verify_state_save=0 --output=$W/fio-$name.log "$@" > /dev/null 2>&1
 }
 fio_wait() { # fio_wait NAME (bounded: where the block layer holds what hangs)
     n=400
@@ -150,13 +151,17 @@ echo "device and backing file: identical"
 
 # The broker's SIGKILL under fio: the daemon serves on (the broker is not
 # on the data path), attaches to the next broker, and is not restarted.
+# Four passes: one (16384 I/Os) can end within the 4 s below in direct mode.
 wait_for 60 serving
-fio_verify broker &
+fio_verify broker --loops=4 &
 fio=$!
 sleep 2
 kill -9 $broker; wait $broker 2>/dev/null || true
 sleep 2
-kill -0 $fio  # still writing, with no broker
+kill -0 $fio 2>/dev/null || { # still writing, with no broker
+    wait $fio && echo "fio ended within 4 s: its run was too short" || echo "fio failed with no broker"
+    cat $W/fio-broker.log; exit 1
+}
 $B/holdfast-broker $broker_args >> $W/broker.log 2>&1 &
 broker=$!
 wait_for 60 serving
