@@ -320,7 +320,15 @@ impl<'a> Connection<'a> {
                     }
                     reply
                 }
+                Request::Status => {
+                    let reply = self.status();
+                    if self.broken {
+                        return;
+                    }
+                    reply
+                }
                 Request::Restore
+                | Request::Report(_)
                 | Request::Detach
                 | Request::Ready
                 | Request::Quiesced
@@ -379,10 +387,33 @@ impl<'a> Connection<'a> {
         }
     }
 
+    /// STATUS: every batch of exports but the last is sent here; the last
+    /// is the reply.
+    fn status(&mut self) -> Reply {
+        let all = self.broker.status();
+        let mut batches = all.chunks(holdfast_proto::STATUS_BATCH).peekable();
+        while let Some(batch) = batches.next() {
+            let reply = Reply::Status {
+                exports: batch.to_vec(),
+                more: batches.peek().is_some(),
+            };
+            if batches.peek().is_none() {
+                return reply;
+            }
+            self.send(&reply);
+            if self.broken {
+                break;
+            }
+        }
+        Reply::Status {
+            exports: Vec::new(),
+            more: false,
+        }
+    }
+
     /// Requests any session may send.
     fn common(&self, req: Request) -> Reply {
         match req {
-            Request::Status => Reply::Status(self.broker.status()),
             Request::OperatorRestore {
                 export,
                 fail_pending,
@@ -709,6 +740,11 @@ impl<'a> Connection<'a> {
                 }
                 Err(e) => Err(e),
             },
+            Request::Report(figures) => {
+                export.report(epoch, figures);
+                return Ok(None);
+            }
+            Request::Status => Ok(self.status()),
             other => Ok(self.common(other)),
         };
         Ok(Some(result.unwrap_or_else(Reply::Error)))

@@ -188,6 +188,7 @@ impl Broker {
                     handoffs,
                     stall,
                     latency,
+                    backend: s.backend,
                 }
             })
             .collect();
@@ -205,7 +206,31 @@ impl Broker {
             None if e.kind == ExportKind::Blobs => ("cachefiles", Some(cachefiles::DEVICE.into())),
             None => ("fuse", self.frontend.device(&e.name)),
         };
-        e.status(frontend, device.map(|d| d.to_string_lossy().into_owned()))
+        let mut status = e.status(frontend, device.map(|d| d.to_string_lossy().into_owned()));
+        status.supervisor = self.supervisor_of(&status);
+        status
+    }
+
+    /// The supervisor of an export's daemons: the one running its daemon
+    /// or successor, else the one whose daemons last restored it. Taken
+    /// with no export's lock held.
+    fn supervisor_of(&self, e: &ExportStatus) -> Option<holdfast_proto::SupervisorStatus> {
+        let pids: Vec<u32> = [e.daemon, e.successor]
+            .iter()
+            .flatten()
+            .map(|d| d.pid)
+            .collect();
+        let supervisors = self.supervisors.lock();
+        let by_pid = supervisors
+            .iter()
+            .find(|s| s.current_pid().is_some_and(|p| pids.contains(&p)));
+        by_pid
+            .or_else(|| {
+                supervisors
+                    .iter()
+                    .find(|s| s.export().as_deref() == Some(e.name.as_str()))
+            })
+            .map(Supervisor::status)
     }
 
     fn ublk_device(&self, name: &str) -> Option<std::path::PathBuf> {

@@ -1,7 +1,8 @@
 //! `--supervise CMD`: run a daemon command line and run it again whenever it
-//! exits: at once if it had got as far as RESTORE (it was healthy and was
-//! killed or crashed while serving), with a growing back-off if it keeps
-//! failing before that (a bad command line, a missing backend).
+//! exits: at once if it had got as far as RESTORE and served for a while
+//! (it was healthy and was killed or crashed while serving), with a
+//! growing back-off if it keeps failing before that (a bad command line, a
+//! missing backend) or soon after (a crash on a request it is replayed).
 //!
 //! For a handoff (`holdfastctl upgrade`, SIGHUP to the daemon) the
 //! supervisor starts the same command line as a successor; when the old
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use holdfast_proto::SUCCESSOR_ENV;
+use holdfast_proto::{SUCCESSOR_ENV, SupervisorStatus};
 use parking_lot::Mutex;
 use rustix::process::Signal;
 
@@ -35,6 +36,9 @@ use crate::{info, warn};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A daemon that restored and ran this long was healthy: the next start
+/// after it exits waits no more than MIN_BACKOFF.
+const STABLE: Duration = Duration::from_secs(10);
 /// How often the supervisor looks at successors and the stop flag.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -143,16 +147,33 @@ struct Children {
     successors: Vec<Daemon>,
 }
 
-pub struct Supervisor {
+/// What `holdfastctl status` shows of a supervisor's past.
+#[derive(Default)]
+struct History {
+    /// Daemons started after one exited or failed to start.
+    restarts: u64,
+    /// How the last one ended.
+    last_exit: Option<String>,
+    /// While backing off: when the command starts again.
+    next_start: Option<Instant>,
+}
+
+/// What a supervisor and its thread share.
+struct Shared {
     /// What it starts; a successor started from another command line
     /// (`upgrade --cmd`) replaces it once that successor is supervised.
-    cmd: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    children: Arc<Mutex<Children>>,
+    cmd: Mutex<String>,
+    stop: AtomicBool,
+    children: Mutex<Children>,
+    hooks: Hooks,
+    /// The export its daemons serve, once one has restored.
+    export: Mutex<Option<String>>,
+    history: Mutex<History>,
+}
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    hooks: Arc<Hooks>,
-    /// The export its daemons serve, once one has attached.
-    export: Arc<Mutex<Option<String>>>,
 }
 
 impl Supervisor {
@@ -170,15 +191,18 @@ impl Supervisor {
             d
         });
         let s = Self {
-            cmd: Arc::new(Mutex::new(cmd)),
-            stop: Arc::new(AtomicBool::new(false)),
-            children: Arc::new(Mutex::new(Children {
-                current,
-                successors: Vec::new(),
-            })),
+            shared: Arc::new(Shared {
+                cmd: Mutex::new(cmd),
+                stop: AtomicBool::new(false),
+                children: Mutex::new(Children {
+                    current,
+                    successors: Vec::new(),
+                }),
+                hooks,
+                export: Mutex::default(),
+                history: Mutex::default(),
+            }),
             thread: Mutex::new(None),
-            hooks: Arc::new(hooks),
-            export: Arc::default(),
         };
         s.resume()?;
         Ok(s)
@@ -186,17 +210,37 @@ impl Supervisor {
 
     /// The command line.
     pub fn cmd(&self) -> String {
-        self.cmd.lock().clone()
+        self.shared.cmd.lock().clone()
+    }
+
+    /// The export its daemons serve, once one has restored.
+    pub fn export(&self) -> Option<String> {
+        self.shared.export.lock().clone()
+    }
+
+    /// What `holdfastctl status` shows of it.
+    pub fn status(&self) -> SupervisorStatus {
+        let pid = self.current_pid();
+        let h = self.shared.history.lock();
+        SupervisorStatus {
+            cmd: self.cmd(),
+            pid,
+            restarts: h.restarts,
+            last_exit: h.last_exit.clone(),
+            backoff_ms: h.next_start.map(|t| {
+                let left = t.saturating_duration_since(Instant::now());
+                u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+            }),
+        }
     }
 
     /// (Re)starts the thread that restarts the daemon when it exits.
     pub fn resume(&self) -> std::io::Result<()> {
-        self.stop.store(false, Ordering::SeqCst);
-        let (stop, children, cmd) = (self.stop.clone(), self.children.clone(), self.cmd.clone());
-        let (hooks, export) = (self.hooks.clone(), self.export.clone());
+        self.shared.stop.store(false, Ordering::SeqCst);
+        let shared = self.shared.clone();
         let t = std::thread::Builder::new()
             .name("holdfast-supervise".into())
-            .spawn(move || run(&cmd, &stop, &children, &hooks, &export))?;
+            .spawn(move || run(&shared))?;
         *self.thread.lock() = Some(t);
         Ok(())
     }
@@ -204,7 +248,7 @@ impl Supervisor {
     /// Stops restarting, leaving the daemons running (for an upgrade: the
     /// next broker supervises them).
     pub fn suspend(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
@@ -212,7 +256,12 @@ impl Supervisor {
 
     /// The pid of the supervised daemon, if one runs.
     pub fn current_pid(&self) -> Option<u32> {
-        self.children.lock().current.as_ref().map(Daemon::pid)
+        self.shared
+            .children
+            .lock()
+            .current
+            .as_ref()
+            .map(Daemon::pid)
     }
 
     /// The supervised daemon's pid and start time, for the next broker.
@@ -229,7 +278,7 @@ impl Supervisor {
         let d = Daemon::spawn(&cmd, true)?;
         let pid = d.pid();
         info!("supervise: started successor pid {pid}: {cmd}");
-        self.children.lock().successors.push(d);
+        self.shared.children.lock().successors.push(d);
         Ok(pid)
     }
 
@@ -237,7 +286,7 @@ impl Supervisor {
     /// those that have not exited within `grace`.
     pub fn shutdown(&self, grace: Duration) {
         self.suspend();
-        let mut c = self.children.lock();
+        let mut c = self.shared.children.lock();
         let all: Vec<Daemon> = c
             .current
             .take()
@@ -279,24 +328,29 @@ fn vacancy(hooks: &Hooks, export: &Mutex<Option<String>>) -> Vacancy {
     }
 }
 
-fn run(
-    command: &Mutex<String>,
-    stop: &AtomicBool,
-    children: &Mutex<Children>,
-    hooks: &Hooks,
-    export: &Mutex<Option<String>>,
-) {
+/// The next back-off after a daemon ran for `ran`: none to speak of after
+/// a daemon that served (restored) for a while; growing for one that
+/// failed before it served, or crashes soon after each restore.
+fn next_backoff(backoff: Duration, healthy: bool, ran: Duration) -> Duration {
+    if healthy && ran >= STABLE {
+        MIN_BACKOFF
+    } else {
+        (backoff * 2).min(MAX_BACKOFF)
+    }
+}
+
+fn run(sh: &Shared) {
     let mut backoff = MIN_BACKOFF;
     let mut waiting_for = None;
     // The last supervised daemon: the broker may not have seen it go yet.
     let mut last = None;
-    while !stop.load(Ordering::SeqCst) {
-        let cmd = command.lock().clone();
+    while !sh.stop.load(Ordering::SeqCst) {
+        let cmd = sh.cmd.lock().clone();
         let cmd = cmd.as_str();
         // Asked without the children's lock, so that no lock of the
         // broker's is ever taken under it.
-        let vacant = children.lock().current.is_none();
-        match vacant.then(|| vacancy(hooks, export)) {
+        let vacant = sh.children.lock().current.is_none();
+        match vacant.then(|| vacancy(&sh.hooks, &sh.export)) {
             Some(Vacancy::Gone(name)) => {
                 info!("supervise: export {name} was removed; no longer running {cmd}");
                 return;
@@ -307,37 +361,17 @@ fn run(
                         "supervise: pid {pid} serves the export; {cmd} starts again once it is gone"
                     );
                 }
-                sleep_unless_stopped(TICK, stop);
+                sleep_unless_stopped(TICK, &sh.stop);
                 continue;
             }
             Some(Vacancy::Start) | None => waiting_for = None,
         }
-        let pidfd = {
-            let mut c = children.lock();
-            if c.current.is_none() {
-                match Daemon::spawn(cmd, false) {
-                    Ok(d) => {
-                        info!("supervise: started daemon pid {}: {cmd}", d.pid());
-                        c.current = Some(d);
-                    }
-                    Err(e) => {
-                        drop(c);
-                        warn!("supervise: cannot start {cmd:?}: {e}");
-                        sleep_unless_stopped(backoff, stop);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue;
-                    }
-                }
-            }
-            c.current.as_ref().map(|d| d.pidfd.clone())
+        let Some(pidfd) = current_or_start(sh, cmd, &mut backoff) else {
+            continue;
         };
-        match &pidfd {
-            Some(p) => {
-                let _ = sys::poll_readable(&[p.as_fd()], TICK);
-            }
-            None => std::thread::sleep(TICK),
-        }
-        let mut c = children.lock();
+        let _ = sys::poll_readable(&[pidfd.as_fd()], TICK);
+        learn_export(sh, pidfd.pid());
+        let mut c = sh.children.lock();
         c.successors.retain(|d| match d.pidfd.reap() {
             None => true,
             Some(s) => {
@@ -351,13 +385,14 @@ fn run(
         let Some(status) = cur.pidfd.reap() else {
             continue;
         };
-        if let Some(name) = (hooks.export_of)(cur.pid()) {
-            *export.lock() = Some(name);
-        }
         let Some(old) = c.current.take() else {
             continue;
         };
-        if stop.load(Ordering::SeqCst) {
+        drop(c);
+        // It may have restored since the last look.
+        learn_export(sh, old.pid());
+        let mut c = sh.children.lock();
+        if sh.stop.load(Ordering::SeqCst) {
             break;
         }
         if !c.successors.is_empty() {
@@ -372,30 +407,98 @@ fn run(
             drop(c);
             if let Some(new) = new {
                 info!("supervise: the command line is now {new} (was {cmd})");
-                *command.lock() = new.clone();
-                (hooks.changed)(cmd, &new);
+                *sh.cmd.lock() = new.clone();
+                (sh.hooks.changed)(cmd, &new);
             }
             continue;
         }
         drop(c);
         last = Some(old.pid());
-        backoff = if (hooks.healthy)(old.pid()) {
-            MIN_BACKOFF
-        } else {
-            (backoff * 2).min(MAX_BACKOFF)
-        };
+        let ran = old.started.elapsed();
+        backoff = next_backoff(backoff, (sh.hooks.healthy)(old.pid()), ran);
         info!(
             "supervise: daemon pid {} exited ({status}) after {:.1}s; restarting in {backoff:?}",
             old.pid(),
-            old.started.elapsed().as_secs_f64()
+            ran.as_secs_f64()
         );
-        sleep_unless_stopped(backoff, stop);
+        back_off(
+            sh,
+            format!("{status} after {:.1}s", ran.as_secs_f64()),
+            backoff,
+        );
     }
+}
+
+/// The supervised daemon's pidfd, started first if none runs; None if it
+/// could not be started (after backing off).
+fn current_or_start(sh: &Shared, cmd: &str, backoff: &mut Duration) -> Option<Arc<Pidfd>> {
+    let mut c = sh.children.lock();
+    if c.current.is_none() {
+        match Daemon::spawn(cmd, false) {
+            Ok(d) => {
+                info!("supervise: started daemon pid {}: {cmd}", d.pid());
+                c.current = Some(d);
+                let mut h = sh.history.lock();
+                if h.last_exit.is_some() {
+                    h.restarts = h.restarts.saturating_add(1);
+                }
+            }
+            Err(e) => {
+                drop(c);
+                warn!("supervise: cannot start {cmd:?}: {e}");
+                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+                back_off(sh, format!("cannot start: {e}"), *backoff);
+                return None;
+            }
+        }
+    }
+    c.current.as_ref().map(|d| d.pidfd.clone())
+}
+
+/// The export the supervised daemons serve, once daemon `pid` restored
+/// it (asked with none of the supervisor's locks held).
+fn learn_export(sh: &Shared, pid: u32) {
+    if sh.export.lock().is_some() {
+        return;
+    }
+    if let Some(name) = (sh.hooks.export_of)(pid) {
+        *sh.export.lock() = Some(name);
+    }
+}
+
+/// Records how the last daemon ended and waits `backoff` before the next.
+fn back_off(sh: &Shared, exit: String, backoff: Duration) {
+    {
+        let mut h = sh.history.lock();
+        h.last_exit = Some(exit);
+        h.next_start = Some(Instant::now() + backoff);
+    }
+    sleep_unless_stopped(backoff, &sh.stop);
+    sh.history.lock().next_start = None;
 }
 
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
     let end = Instant::now() + d;
     while !stop.load(Ordering::SeqCst) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_resets_only_after_a_daemon_that_served_for_a_while() {
+        let long = STABLE + Duration::from_secs(1);
+        let short = Duration::from_millis(300);
+        assert_eq!(next_backoff(MAX_BACKOFF, true, long), MIN_BACKOFF);
+        // Restored, then crashed at once, again and again: it grows.
+        let mut b = MIN_BACKOFF;
+        for _ in 0..10 {
+            b = next_backoff(b, true, short);
+        }
+        assert_eq!(b, MAX_BACKOFF);
+        assert_eq!(next_backoff(MIN_BACKOFF, false, long), MIN_BACKOFF * 2);
     }
 }

@@ -14,9 +14,10 @@
 
 use crate::error::{ErrorCode, ErrorReply};
 use crate::handoff::{HandoffProgress, HandoffReport, HandoffRequest};
+use crate::report::Figures;
 use crate::upgrade::UpgradeReport;
 use crate::wire::{DecodeError, Reader, Writer};
-use crate::{MAX_DEVICE_LEN, MAX_EXPORTS, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
+use crate::{MAX_DEVICE_LEN, MAX_NAME_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION};
 
 /// First four bytes of every control message: "HFCT".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"HFCT");
@@ -55,6 +56,7 @@ mod kind {
     pub const EXPORT_REMOVE: u16 = 0x000e;
     pub const BROKER_UPGRADE: u16 = 0x000f;
     pub const METRICS: u16 = 0x0010;
+    pub const REPORT: u16 = 0x0011;
 
     pub const HELLO_OK: u16 = 0x8001;
     pub const ATTACHED: u16 = 0x8002;
@@ -267,7 +269,13 @@ pub enum Request {
     /// The broker's figures in the Prometheus text format: answered with
     /// METRICS_TEXT messages, the last with `more` false.
     Metrics,
+    /// A daemon's backend figures ([`crate::report`]); not answered.
+    Report(Figures),
 }
+
+/// Most exports in one STATUS_OK message: a status is as many messages as
+/// it takes, the last with `more` false.
+pub const STATUS_BATCH: usize = 32;
 
 /// Most bytes of metrics text in one METRICS_TEXT message (a string's
 /// length is a u16 on the wire); the broker splits at line ends.
@@ -424,6 +432,27 @@ pub struct ExportStatus {
     pub handoff: Option<HandoffProgress>,
     /// The last handoff that ended.
     pub last_handoff: Option<HandoffReport>,
+    /// The broker's supervisor of the export's daemons, if it has one.
+    pub supervisor: Option<SupervisorStatus>,
+    /// What the attached daemon last reported of its backend.
+    pub backend: Figures,
+}
+
+/// A supervisor (`--supervise`, an export's daemon in `--config`, `export
+/// add --daemon`), as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct SupervisorStatus {
+    /// The command line it runs (cut at [`MAX_TEXT_LEN`] bytes).
+    pub cmd: String,
+    /// The daemon it runs now.
+    pub pid: Option<u32>,
+    /// Daemons it started after one exited.
+    pub restarts: u64,
+    /// How the last of its daemons ended, e.g. `signal 9`.
+    pub last_exit: Option<String>,
+    /// How long until it starts the next daemon, while it backs off.
+    pub backoff_ms: Option<u64>,
 }
 
 /// A message the broker sends to a client.
@@ -440,7 +469,11 @@ pub enum Reply {
         replayed: u32,
     },
     Detached,
-    Status(Vec<ExportStatus>),
+    /// Up to [`STATUS_BATCH`] exports; `more`: another STATUS_OK follows.
+    Status {
+        exports: Vec<ExportStatus>,
+        more: bool,
+    },
     OperatorRestored {
         replayed: u32,
         failed: u32,
@@ -569,6 +602,11 @@ impl Request {
             }
             Self::BrokerUpgrade => header(kind::BROKER_UPGRADE),
             Self::Metrics => header(kind::METRICS),
+            Self::Report(f) => {
+                let mut w = header(kind::REPORT);
+                f.put(&mut w);
+                w
+            }
         };
         w.finish()
     }
@@ -620,6 +658,7 @@ impl Request {
             },
             kind::BROKER_UPGRADE => Self::BrokerUpgrade,
             kind::METRICS => Self::Metrics,
+            kind::REPORT => Self::Report(Figures::get_from(&mut r)?),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -645,6 +684,7 @@ impl Request {
             Self::ExportRemove { .. } => "EXPORT_REMOVE",
             Self::BrokerUpgrade => "BROKER_UPGRADE",
             Self::Metrics => "METRICS",
+            Self::Report(_) => "REPORT",
         }
     }
 }
@@ -685,6 +725,40 @@ fn put_export(w: &mut Writer, e: &ExportStatus) {
     if let Some(h) = &e.last_handoff {
         h.put(w);
     }
+    w.bool(e.supervisor.is_some());
+    if let Some(s) = &e.supervisor {
+        w.str(&s.cmd, MAX_TEXT_LEN);
+        put_opt_u64(w, s.pid.map(u64::from));
+        w.u64(s.restarts)
+            .bool(s.last_exit.is_some())
+            .str(s.last_exit.as_deref().unwrap_or_default(), MAX_NAME_LEN);
+        put_opt_u64(w, s.backoff_ms);
+    }
+    e.backend.put(w);
+}
+
+fn get_supervisor(r: &mut Reader<'_>) -> Result<Option<SupervisorStatus>, DecodeError> {
+    if !r.bool("export.supervisor")? {
+        return Ok(None);
+    }
+    let cmd = r.str("supervisor.cmd", MAX_TEXT_LEN)?;
+    let pid = match get_opt_u64(r, "supervisor.pid")? {
+        Some(p) => Some(u32::try_from(p).map_err(|_| DecodeError::BadValue {
+            field: "supervisor.pid",
+            value: p,
+        })?),
+        None => None,
+    };
+    let restarts = r.u64("supervisor.restarts")?;
+    let has_exit = r.bool("supervisor.last_exit")?;
+    let last_exit = r.str("supervisor.last_exit", MAX_NAME_LEN)?;
+    Ok(Some(SupervisorStatus {
+        cmd,
+        pid,
+        restarts,
+        last_exit: has_exit.then_some(last_exit),
+        backoff_ms: get_opt_u64(r, "supervisor.backoff_ms")?,
+    }))
 }
 
 fn put_daemon(w: &mut Writer, d: Option<&DaemonStatus>) {
@@ -841,6 +915,8 @@ fn get_export(r: &mut Reader<'_>) -> Result<ExportStatus, DecodeError> {
             true => Some(HandoffReport::get(r)?),
             false => None,
         },
+        supervisor: get_supervisor(r)?,
+        backend: Figures::get_from(r)?,
     })
 }
 
@@ -879,13 +955,14 @@ impl Reply {
                 w
             }
             Self::Detached => header(kind::DETACHED),
-            Self::Status(exports) => {
+            Self::Status { exports, more } => {
                 let mut w = header(kind::STATUS_OK);
-                let n = exports.len().min(MAX_EXPORTS);
+                let n = exports.len().min(STATUS_BATCH);
                 w.u32(u32::try_from(n).unwrap_or(0));
                 for e in exports.iter().take(n) {
                     put_export(&mut w, e);
                 }
+                w.bool(*more);
                 w
             }
             Self::OperatorRestored { replayed, failed } => {
@@ -970,12 +1047,13 @@ impl Reply {
             },
             kind::DETACHED => Self::Detached,
             kind::STATUS_OK => {
-                let n = r.count("status.exports", MAX_EXPORTS)?;
+                let n = r.count("status.exports", STATUS_BATCH)?;
                 let mut exports = Vec::with_capacity(n);
                 for _ in 0..n {
                     exports.push(get_export(&mut r)?);
                 }
-                Self::Status(exports)
+                let more = r.bool("status.more")?;
+                Self::Status { exports, more }
             }
             kind::OPERATOR_RESTORED => Self::OperatorRestored {
                 replayed: r.u32("restored.replayed")?,
@@ -1022,6 +1100,7 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MAX_EXPORTS;
 
     fn sample_export(i: u32) -> ExportStatus {
         ExportStatus {
@@ -1061,6 +1140,21 @@ mod tests {
                 elapsed_ms: 12,
             }),
             last_handoff: Some(sample_report()),
+            supervisor: i.is_multiple_of(2).then(|| SupervisorStatus {
+                cmd: "holdfast-daemon --export vol0".into(),
+                pid: (i % 4 == 0).then_some(77),
+                restarts: 2,
+                last_exit: Some("signal 9".into()),
+                backoff_ms: (i % 4 != 0).then_some(400),
+            }),
+            backend: {
+                let mut f = Figures::default();
+                if i.is_multiple_of(2) {
+                    f.set(crate::Figure::LogBytes, 1 << 20)
+                        .set(crate::Figure::CacheHits, u64::from(i));
+                }
+                f
+            },
         }
     }
 
@@ -1130,6 +1224,14 @@ mod tests {
             },
             Request::BrokerUpgrade,
             Request::Metrics,
+            Request::Report(Figures::default()),
+            Request::Report({
+                let mut f = Figures::default();
+                for (i, k) in crate::Figure::ALL.into_iter().enumerate() {
+                    f.set(k, i as u64 * 1000);
+                }
+                f
+            }),
         ]
     }
 
@@ -1183,7 +1285,14 @@ mod tests {
             }),
             Reply::Restored { replayed: 5 },
             Reply::Detached,
-            Reply::Status((0..4).map(sample_export).collect()),
+            Reply::Status {
+                exports: (0..4).map(sample_export).collect(),
+                more: false,
+            },
+            Reply::Status {
+                exports: (0..STATUS_BATCH as u32).map(sample_export).collect(),
+                more: true,
+            },
             Reply::OperatorRestored {
                 replayed: 1,
                 failed: 2,
@@ -1383,7 +1492,13 @@ mod tests {
 
     #[test]
     fn full_status_fits_message_limit() {
-        let exports: Vec<_> = (0..MAX_EXPORTS as u32)
+        let figures = crate::Figure::ALL
+            .into_iter()
+            .fold(Figures::default(), |mut f, k| {
+                f.set(k, u64::MAX);
+                f
+            });
+        let exports: Vec<_> = (0..STATUS_BATCH as u32)
             .map(|_| ExportStatus {
                 name: "x".repeat(MAX_NAME_LEN),
                 frontend: "cachefiles".into(),
@@ -1392,10 +1507,23 @@ mod tests {
                     reason: "x".repeat(crate::handoff::MAX_REASON_LEN),
                     ..sample_report()
                 }),
+                supervisor: Some(SupervisorStatus {
+                    cmd: "x".repeat(MAX_TEXT_LEN),
+                    pid: Some(u32::MAX),
+                    restarts: u64::MAX,
+                    last_exit: Some("x".repeat(MAX_NAME_LEN)),
+                    backoff_ms: Some(u64::MAX),
+                }),
+                backend: figures.clone(),
                 ..sample_export(0)
             })
             .collect();
-        let buf = Reply::Status(exports).encode();
+        assert!(STATUS_BATCH * MAX_EXPORTS.div_ceil(STATUS_BATCH) >= MAX_EXPORTS);
+        let buf = Reply::Status {
+            exports,
+            more: true,
+        }
+        .encode();
         assert!(buf.len() <= crate::MAX_MESSAGE_LEN, "{}", buf.len());
     }
 

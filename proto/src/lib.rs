@@ -12,16 +12,19 @@
 pub mod control;
 pub mod error;
 pub mod handoff;
+pub mod report;
 pub mod shm;
 pub mod upgrade;
 pub mod wire;
 
 pub use control::{
     Attach, Attached, DaemonState, DaemonStatus, DirectTerms, ExportAdd, ExportKind, ExportStatus,
-    FuseTerms, Hello, MAX_DIRECT_CONNS, METRICS_CHUNK, Mode, Reply, Request, UblkTerms,
+    FuseTerms, Hello, MAX_DIRECT_CONNS, METRICS_CHUNK, Mode, Reply, Request, STATUS_BATCH,
+    SupervisorStatus, UblkTerms,
 };
 pub use error::{ErrorCode, ErrorReply};
 pub use handoff::{HandoffOutcome, HandoffPhase, HandoffProgress, HandoffReport, HandoffRequest};
+pub use report::{Figure, FigureKind, Figures};
 pub use upgrade::UpgradeReport;
 pub use wire::DecodeError;
 
@@ -61,8 +64,8 @@ pub const SOCKET_ENV: &str = "HOLDFAST_SOCKET";
 /// supervisor.
 pub const SUCCESSOR_ENV: &str = "HOLDFAST_SUCCESSOR";
 
-/// Largest control message either side sends or accepts, in bytes. A status
-/// reply for [`MAX_EXPORTS`] exports fits.
+/// Largest control message either side sends or accepts, in bytes. A
+/// STATUS_OK of [`STATUS_BATCH`] exports fits.
 pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
 
 /// Most exports one broker serves; bounds the status reply.
@@ -85,8 +88,11 @@ pub mod caps {
     pub const FDSTORE: u64 = 1 << 1;
     /// The peer speaks the planned-handoff messages.
     pub const HANDOFF: u64 = 1 << 2;
+    /// The peer takes REPORT ([`crate::report`]): a daemon sends it only
+    /// to a broker that announced this.
+    pub const REPORT: u64 = 1 << 3;
     /// Everything this version of the crate knows.
-    pub const ALL: u64 = TAKEOVER | FDSTORE | HANDOFF;
+    pub const ALL: u64 = TAKEOVER | FDSTORE | HANDOFF | REPORT;
 }
 
 /// Checks an export or fd-store name: 1 to [`MAX_NAME_LEN`] bytes of

@@ -10,8 +10,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use holdfast_broker::supervise;
 use holdfast_broker::sys::{self, pidfd::Pidfd, seqpacket};
 use holdfast_proto::{
-    ExportAdd, ExportStatus, HandoffOutcome, HandoffProgress, HandoffReport, HandoffRequest, Hello,
-    MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV, UpgradeReport,
+    ExportAdd, ExportStatus, Figure, HandoffOutcome, HandoffProgress, HandoffReport,
+    HandoffRequest, Hello, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Reply, Request, SOCKET_ENV,
+    SupervisorStatus, UpgradeReport,
 };
 
 /// The layout of `status --json`; bumped when a key changes meaning or
@@ -380,8 +381,54 @@ fn table(exports: &[ExportStatus]) -> String {
         if let Some(r) = &e.last_handoff {
             let _ = writeln!(out, "{}: last handoff {}", e.name, report_line(r));
         }
+        if let Some(s) = &e.supervisor {
+            let _ = writeln!(out, "{}: supervised: {}", e.name, supervisor_line(s));
+        }
+        if !e.backend.is_empty() {
+            let figures: Vec<String> = e
+                .backend
+                .iter()
+                .map(|(f, v)| format!("{} {}", f.name(), figure_text(f, v)))
+                .collect();
+            let _ = writeln!(out, "{}: backend: {}", e.name, figures.join(", "));
+        }
     }
     out
+}
+
+fn supervisor_line(s: &SupervisorStatus) -> String {
+    let mut l = match s.pid {
+        Some(pid) => format!("daemon pid {pid}"),
+        None => "no daemon".into(),
+    };
+    let _ = write!(l, ", {} restarts", s.restarts);
+    if let Some(exit) = &s.last_exit {
+        let _ = write!(l, ", last exit: {exit}");
+    }
+    if let Some(ms) = s.backoff_ms {
+        let _ = write!(l, ", next start in {:.1}s", ms as f64 / 1000.0);
+    }
+    let _ = write!(l, "; {}", s.cmd);
+    l
+}
+
+/// A backend figure as a person reads it: sizes in binary units, ages in
+/// seconds.
+fn figure_text(f: Figure, v: u64) -> String {
+    if f.is_age() {
+        return format!("{:.1}s", v as f64 / 1000.0);
+    }
+    if !f.name().ends_with("_bytes") || v < 1024 {
+        return v.to_string();
+    }
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    let mut x = v as f64 / 1024.0;
+    let mut i = 0;
+    while x >= 1024.0 && i + 1 < UNITS.len() {
+        x /= 1024.0;
+        i += 1;
+    }
+    format!("{x:.1}{}", UNITS[i])
 }
 
 fn ms(us: u64) -> String {
@@ -458,7 +505,7 @@ impl Progress {
         let Some(sock) = &self.sock else {
             return;
         };
-        let Ok(Reply::Status(all)) = call(sock, &Request::Status) else {
+        let Ok(all) = status(sock) else {
             self.sock = None;
             return;
         };
@@ -566,6 +613,24 @@ fn handoff(
 }
 
 /// The metrics text, from every METRICS_TEXT part.
+/// Every export's status, from as many STATUS_OK batches as it takes.
+fn status(sock: &OwnedFd) -> Result<Vec<ExportStatus>, String> {
+    let mut all = Vec::new();
+    let mut reply = call(sock, &Request::Status)?;
+    loop {
+        match reply {
+            Reply::Status { exports, more } => {
+                all.extend(exports);
+                if !more {
+                    return Ok(all);
+                }
+            }
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+        reply = receive(sock)?;
+    }
+}
+
 fn metrics(sock: &OwnedFd) -> Result<String, String> {
     let mut text = String::new();
     let mut reply = call(sock, &Request::Metrics)?;
@@ -642,17 +707,18 @@ fn run(socket: &Path, cmd: Command) -> Result<(), String> {
     let sock = connect(socket)?;
     hello(&sock)?;
     match cmd {
-        Command::Status { json } => match call(&sock, &Request::Status)? {
-            Reply::Status(exports) if json => println!(
-                "{}",
-                to_json(&StatusJson {
+        Command::Status { json } => {
+            let exports = status(&sock)?;
+            if json {
+                let v = StatusJson {
                     version: STATUS_JSON_VERSION,
                     exports: &exports,
-                })?
-            ),
-            Reply::Status(exports) => print!("{}", table(&exports)),
-            other => return Err(format!("unexpected reply {other:?}")),
-        },
+                };
+                println!("{}", to_json(&v)?);
+            } else {
+                print!("{}", table(&exports));
+            }
+        }
         Command::Metrics => print!("{}", metrics(&sock)?),
         Command::Restore {
             export,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use holdfast_proto::shm::{DataLayout, FLAG_REPLAYED, Op, RingLayout};
 use holdfast_proto::{
     Attached, DaemonState, DaemonStatus, DirectTerms, ErrorCode, ErrorReply, ExportKind,
-    ExportStatus, HandoffReport, MAX_NAME_LEN, Mode,
+    ExportStatus, Figures, HandoffReport, MAX_NAME_LEN, Mode,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -131,6 +131,8 @@ struct Session {
     /// Direct mode: the daemon's answers when last seen to change, or the
     /// kernel to wait on nothing, and when (`direct_age`).
     watch: Option<(u64, Instant)>,
+    /// The backend's figures as the daemon last reported them, and when.
+    report: Option<(Instant, Figures)>,
 }
 
 impl Session {
@@ -644,6 +646,7 @@ impl Export {
             meters: terms.as_ref().map_or(0, |t| t.meters() as usize),
             _lent: lent,
             watch: None,
+            report: None,
         };
         let grant = Grant {
             reply: Attached {
@@ -1247,6 +1250,29 @@ impl Export {
         (st.stats.handoffs, st.stats.stall, st.stats.latency)
     }
 
+    /// REPORT: the backend's figures from the daemon of `epoch`, kept
+    /// while its session lasts.
+    pub fn report(&self, epoch: u64, figures: Figures) {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let session = [st.session.as_mut(), st.successor.as_mut()]
+            .into_iter()
+            .flatten()
+            .find(|s| s.epoch == epoch);
+        if let Some(s) = session {
+            s.report = Some((Instant::now(), figures));
+        }
+    }
+
+    /// The serving daemon's figures, their ages as of now.
+    fn figures(st: &State) -> Figures {
+        st.session
+            .as_ref()
+            .and_then(|s| s.report.as_ref())
+            .map(|(at, f)| f.aged(at.elapsed()))
+            .unwrap_or_default()
+    }
+
     pub fn status(&self, frontend: &str, device: Option<String>) -> ExportStatus {
         let lender = self.lender().filter(|_| self.direct);
         let lendable = lender.as_ref().is_some_and(|l| l.terms().is_ok());
@@ -1284,6 +1310,8 @@ impl Export {
             successor: st.successor.as_ref().map(Session::status),
             handoff: st.handoff.as_ref().map(handoff::Handoff::progress),
             last_handoff: st.last_handoff.as_ref().map(|(_, r)| r.clone()),
+            supervisor: None,
+            backend: Self::figures(&st),
         }
     }
 }

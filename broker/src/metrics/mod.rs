@@ -9,7 +9,7 @@ pub mod http;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use holdfast_proto::HandoffOutcome;
+use holdfast_proto::{Figure, FigureKind, Figures, HandoffOutcome};
 
 /// Upper bounds of the histograms' buckets, in microseconds (50 µs to
 /// 60 s: a FUSE read from the page cache to a drain bound). Both
@@ -81,6 +81,8 @@ pub struct ExportMetrics {
     pub stall: Histogram,
     /// Relayed requests, from the kernel to the daemon's completion.
     pub latency: Histogram,
+    /// What the daemon last reported of its backend.
+    pub backend: Figures,
 }
 
 /// The broker's figures at one moment.
@@ -286,7 +288,41 @@ pub fn render(m: &BrokerMetrics) -> String {
         ),
         |e| &e.latency,
     );
+    for figure in Figure::ALL {
+        backend(&mut out, m, figure);
+    }
     out
+}
+
+/// `holdfast_backend_*`: a figure daemons report, for the exports whose
+/// daemon reported it. Ages (in ms on the wire) are in seconds here.
+fn backend(out: &mut String, m: &BrokerMetrics, figure: Figure) {
+    let values: Vec<(&str, u64)> = m
+        .exports
+        .iter()
+        .filter_map(|e| Some((e.name.as_str(), e.backend.get(figure)?)))
+        .collect();
+    if values.is_empty() {
+        return;
+    }
+    let base = figure.name();
+    let (name, kind) = match figure.kind() {
+        FigureKind::Counter => (format!("holdfast_backend_{base}_total"), "counter"),
+        FigureKind::Gauge if figure.is_age() => {
+            let base = base.strip_suffix("_ms").unwrap_or(base);
+            (format!("holdfast_backend_{base}_seconds"), "gauge")
+        }
+        FigureKind::Gauge => (format!("holdfast_backend_{base}"), "gauge"),
+    };
+    head(out, &name, kind, figure.help());
+    for (export, v) in values {
+        let export = label(export);
+        if figure.is_age() {
+            let _ = writeln!(out, "{name}{{export=\"{export}\"}} {}", v as f64 / 1e3);
+        } else {
+            let _ = writeln!(out, "{name}{{export=\"{export}\"}} {v}");
+        }
+    }
 }
 
 /// `text` in parts of at most `max` bytes that end at line ends (a line
@@ -345,6 +381,10 @@ mod tests {
         };
         e.latency.observe(Duration::from_millis(2));
         e.handoffs.count(HandoffOutcome::Aborted);
+        e.backend
+            .set(Figure::LogBytes, 4096)
+            .set(Figure::CheckpointAgeMs, 1500)
+            .set(Figure::CacheHits, 9);
         let text = render(&BrokerMetrics {
             version: "0.1.0".into(),
             restarts: 2,
@@ -362,6 +402,13 @@ mod tests {
             "holdfast_request_latency_seconds_bucket{export=\"vol\\\"0\",le=\"0.0025\"} 1\n"
         ));
         assert!(text.contains("holdfast_request_latency_seconds_count{export=\"vol\\\"0\"} 1\n"));
+        assert!(text.contains("holdfast_backend_log_bytes{export=\"vol\\\"0\"} 4096\n"));
+        assert!(text.contains("# TYPE holdfast_backend_cache_hits_total counter\n"));
+        assert!(
+            text.contains("holdfast_backend_checkpoint_age_seconds{export=\"vol\\\"0\"} 1.5\n")
+        );
+        // Figures no daemon reported are left out.
+        assert!(!text.contains("holdfast_backend_cache_misses"));
         // Every series line is "name{labels} value" or "name value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap_or_default();

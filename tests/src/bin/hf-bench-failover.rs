@@ -97,7 +97,7 @@ impl Load {
 /// The daemon of `export` per the broker: (pid, epoch, active).
 fn daemon_of(c: &mut Connection) -> (u32, u64, bool) {
     match c.call(&Request::Status, &[]).unwrap() {
-        (Reply::Status(e), _) => e[0].daemon.map_or((0, 0, false), |d| {
+        (Reply::Status { exports: e, .. }, _) => e[0].daemon.map_or((0, 0, false), |d| {
             (
                 d.pid,
                 d.epoch,
