@@ -28,6 +28,8 @@ pub struct Connection {
     /// What this daemon put in the fd store, to put there again for a
     /// broker that did not keep it (one restarted without its record).
     deposits: Vec<(String, OwnedFd)>,
+    /// What the broker said it speaks, in its HELLO.
+    broker_caps: u64,
 }
 
 impl Connection {
@@ -47,6 +49,7 @@ impl Connection {
             sock,
             buf: vec![0u8; MAX_MESSAGE_LEN],
             deposits: Vec::new(),
+            broker_caps: 0,
         })
     }
 
@@ -121,9 +124,17 @@ impl Connection {
             pid: std::process::id(),
         });
         match self.call(&req, &[])? {
-            (Reply::Hello { .. }, _) => Ok(()),
+            (Reply::Hello { caps, .. }, _) => {
+                self.broker_caps = caps;
+                Ok(())
+            }
             (other, _) => Err(unexpected("HELLO", &other)),
         }
+    }
+
+    /// Whether the broker announced capability `cap` (`caps::*`).
+    pub fn broker_has(&self, cap: u64) -> bool {
+        self.broker_caps & cap != 0
     }
 
     /// ATTACH to `export`; with `takeover`, the broker fences the current

@@ -8,10 +8,10 @@
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use holdfast_proto::shm::{Completion, Op, Submission};
-use holdfast_proto::{DirectTerms, HandoffRequest, Reply, Request};
+use holdfast_proto::{DirectTerms, HandoffRequest, Reply, Request, caps};
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 
@@ -24,6 +24,42 @@ use crate::{Error, Options, log, ublk};
 
 /// How long the main loop sleeps between checks when idle.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often the backend's figures go to the broker.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Sends the backend's figures to the broker (REPORT) every
+/// [`REPORT_EVERY`], if the broker takes them and the backend has any.
+struct Reporter {
+    backend: Arc<dyn Backend>,
+    next: Option<Instant>,
+}
+
+impl Reporter {
+    fn new(conn: &Connection, backend: &Arc<dyn Backend>) -> Self {
+        let takes = conn.broker_has(caps::REPORT);
+        Self {
+            backend: backend.clone(),
+            next: takes.then(Instant::now),
+        }
+    }
+
+    /// A send that fails is left to the serve loop, which sees the broker
+    /// gone on its socket.
+    fn tick(&mut self, conn: &Connection) {
+        let Some(next) = self.next else {
+            return;
+        };
+        let now = Instant::now();
+        if now < next {
+            return;
+        }
+        self.next = Some(now + REPORT_EVERY);
+        let figures = self.backend.figures();
+        if !figures.is_empty() {
+            let _ = conn.send(&Request::Report(figures));
+        }
+    }
+}
 
 /// The signals a daemon acts on: SIGTERM and SIGINT detach and exit;
 /// SIGHUP asks the broker for a handoff to a fresh copy of this daemon
@@ -284,7 +320,9 @@ pub fn serve(
     let mut head = 0u32;
     let mut detaching = false;
     let mut phase = Phase::Serving;
+    let mut reporter = Reporter::new(conn, &backend);
     let outcome = loop {
+        reporter.tick(conn);
         let tail = att.submission_tail();
         if tail.wrapping_sub(head) > entries {
             break Err(Error::Protocol(format!(
@@ -499,7 +537,9 @@ fn serve_ublk(
     };
     start(queue)?;
     let mut phase = Phase::Serving;
+    let mut reporter = Reporter::new(conn, &backend);
     loop {
+        reporter.tick(conn);
         let ready = poll(&[conn.socket(), signals.fd.as_fd()], Some(IDLE_POLL));
         if queue.as_ref().is_some_and(ublk::Running::finished) {
             log("the ublk device took its tags back (stopped, deleted, or quiesced for a handoff)");
@@ -631,7 +671,9 @@ fn serve_direct(
     // The descriptors while quiesced.
     let mut idle = Vec::new();
     let mut phase = Phase::Serving;
+    let mut reporter = Reporter::new(conn, &backend);
     let outcome = loop {
+        reporter.tick(conn);
         let ready = poll(&[conn.socket(), signals.fd.as_fd()], Some(IDLE_POLL));
         if ready[1] {
             for sig in signals.take() {

@@ -1142,10 +1142,10 @@ mod tests {
             last_handoff: Some(sample_report()),
             supervisor: i.is_multiple_of(2).then(|| SupervisorStatus {
                 cmd: "holdfast-daemon --export vol0".into(),
-                pid: (i % 4 == 0).then_some(77),
+                pid: i.is_multiple_of(4).then_some(77),
                 restarts: 2,
                 last_exit: Some("signal 9".into()),
-                backoff_ms: (i % 4 != 0).then_some(400),
+                backoff_ms: (!i.is_multiple_of(4)).then_some(400),
             }),
             backend: {
                 let mut f = Figures::default();

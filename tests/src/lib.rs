@@ -12,6 +12,7 @@
 
 pub mod block;
 pub mod pattern;
+pub mod prometheus;
 pub mod s3;
 pub mod service;
 

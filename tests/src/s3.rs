@@ -19,10 +19,12 @@ pub struct Moto {
     pub proc: Proc,
 }
 
-fn moto_server() -> PathBuf {
+/// A program of the virtual environment tests/setup-moto installs (moto's
+/// server, the python3 with prometheus_client).
+pub fn venv_bin(name: &str) -> PathBuf {
     let venv =
         std::env::var_os("HOLDFAST_MOTO_VENV").unwrap_or_else(|| "/opt/holdfast-moto".into());
-    let bin = PathBuf::from(venv).join("bin/moto_server");
+    let bin = PathBuf::from(venv).join("bin").join(name);
     assert!(
         bin.exists(),
         "{} is missing: run tests/setup-moto (.ci/run does)",
@@ -68,7 +70,7 @@ impl Moto {
             .local_addr()
             .unwrap()
             .port();
-        let mut cmd = Command::new(moto_server());
+        let mut cmd = Command::new(venv_bin("moto_server"));
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
         let mut proc = scratch.spawn(&mut cmd, "moto.log");
         let addr = format!("127.0.0.1:{port}");

@@ -124,6 +124,17 @@ fn supervised_daemon_is_restarted() {
         (pid, epoch) = (p, e);
     }
     stop_writer(&mut writer);
+    let sup = &broker.status("vol0")["supervisor"];
+    assert_eq!(sup["pid"], pid, "{sup}");
+    assert_eq!(sup["restarts"], 10, "{sup}");
+    assert_eq!(sup["cmd"], cmd.as_str(), "{sup}");
+    let exit = sup["last_exit"].as_str().unwrap_or_default();
+    assert!(exit.starts_with("signal 9 after "), "{sup}");
+    let table = String::from_utf8_lossy(&broker.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        table.contains(&format!("vol0: supervised: daemon pid {pid}, 10 restarts")),
+        "{table}"
+    );
     // SIGTERM to the broker stops the supervised daemon cleanly too.
     broker.stop();
     assert!(

@@ -2,68 +2,13 @@
 //! prometheus_client's parser (tests/parse-metrics) and the counters move
 //! as they should under writes, a handoff and a daemon kill.
 
-use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use holdfast_tests::prometheus::{Samples, get, parse};
 use holdfast_tests::{AlignedBuf, Broker, BrokerOpts, Scratch, bin, open_direct};
-
-/// Samples by `name{label="value",...}` (labels sorted).
-type Samples = BTreeMap<String, f64>;
-
-fn python() -> PathBuf {
-    let venv =
-        std::env::var_os("HOLDFAST_MOTO_VENV").unwrap_or_else(|| "/opt/holdfast-moto".into());
-    let py = PathBuf::from(venv).join("bin/python3");
-    assert!(
-        py.exists(),
-        "{} is missing: run tests/setup-moto (.ci/run does)",
-        py.display()
-    );
-    py
-}
-
-/// Parses `text` with the real parser; panics with its error.
-fn parse(text: &str) -> Samples {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("parse-metrics");
-    let mut child = Command::new(python())
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the parser refused the metrics: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut samples = Samples::new();
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let labels: BTreeMap<String, String> = serde_json::from_value(v["labels"].clone()).unwrap();
-        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-        let key = format!("{}{{{}}}", v["name"].as_str().unwrap(), labels.join(","));
-        samples.insert(key, v["value"].as_f64().unwrap());
-    }
-    samples
-}
-
-fn get(s: &Samples, key: &str) -> f64 {
-    *s.get(key)
-        .unwrap_or_else(|| panic!("no sample {key}; there are {:?}", s.keys()))
-}
 
 /// A scrape over HTTP: the status line and the body.
 fn scrape(addr: SocketAddr, request: &str) -> (String, String) {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use holdfast_tests::prometheus::{get, parse};
 use holdfast_tests::s3::{Fault, FaultProxy, Moto, s3_env};
 use holdfast_tests::{
     AlignedBuf, Broker, BrokerOpts, Mode, Proc, Rng, Scratch, check_backing, handoff_report,
@@ -160,6 +161,48 @@ fn round_trip_through_s3() {
     let _daemon = start(&broker, &scratch, &moto, "cache-b", &[]);
     broker.wait_active("vol0", epoch, Duration::from_secs(30));
     assert_eq!(read_at(&broker, 0, 16 << 20), expect, "from S3 alone");
+    backend_figures_are_reported(&broker);
+}
+
+/// The daemon's backend figures (REPORT, every second) in `status` and
+/// in the metrics, after reads that fetched from S3.
+fn backend_figures_are_reported(broker: &Broker) {
+    wait_for("the backend's figures", Duration::from_secs(10), || {
+        broker.status("vol0")["backend"]["cache_misses"].as_u64() > Some(0)
+    });
+    let b = &broker.status("vol0")["backend"];
+    assert_eq!(b["log_limit_bytes"], 1u64 << 30, "{b}");
+    for key in [
+        "log_bytes",
+        "upload_backlog_bytes",
+        "checkpoint_age_ms",
+        "cache_hits",
+    ] {
+        assert!(b[key].is_u64(), "{key} in {b}");
+    }
+    let table = String::from_utf8_lossy(&broker.ctl(&["status"]).stdout).into_owned();
+    assert!(table.contains("vol0: backend: log_bytes "), "{table}");
+    let metrics = String::from_utf8_lossy(&broker.ctl(&["metrics"]).stdout).into_owned();
+    assert!(
+        metrics.contains("# TYPE holdfast_backend_cache_misses_total counter\n"),
+        "{metrics}"
+    );
+    let samples = parse(&metrics);
+    let limit = get(
+        &samples,
+        "holdfast_backend_log_limit_bytes{export=\"vol0\"}",
+    );
+    assert_eq!(limit, (1u64 << 30) as f64);
+    assert!(
+        get(
+            &samples,
+            "holdfast_backend_cache_misses_total{export=\"vol0\"}"
+        ) > 0.0
+    );
+    get(
+        &samples,
+        "holdfast_backend_checkpoint_age_seconds{export=\"vol0\"}",
+    );
 }
 
 /// The second oracle: detach `daemon` (it uploads its log), then check

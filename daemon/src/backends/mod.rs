@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use holdfast_proto::ExportKind;
 pub use holdfast_proto::shm::Ask;
 use holdfast_proto::shm::Op;
+use holdfast_proto::{ExportKind, Figures};
 use rustix::fs::FallocateFlags;
 
 use crate::Error;
@@ -77,6 +77,11 @@ pub trait Backend: Send + Sync {
     /// a request arriving meanwhile waits for it.
     fn quick(&self) -> bool {
         false
+    }
+    /// The backend's own figures, reported to the broker for `status` and
+    /// metrics (none by default).
+    fn figures(&self) -> Figures {
+        Figures::default()
     }
     /// What the backend serves: one volume (the ops above), or named blobs
     /// (the ops below; the volume ops then fail).

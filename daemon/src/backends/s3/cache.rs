@@ -15,6 +15,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -62,6 +63,9 @@ pub struct Cache {
     /// Fill blocks allowed.
     limit: u64,
     inner: Mutex<Inner>,
+    /// Reads served without a fetch, and reads that fetched.
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 fn file_name(key: &str) -> String {
@@ -112,6 +116,8 @@ impl Cache {
             chunk_size,
             limit: (limit / FILL).max(1),
             inner: Mutex::new(inner),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         };
         cache.trim(&mut cache.inner.lock());
         Ok(cache)
@@ -217,6 +223,14 @@ impl Cache {
     }
 
     /// Forgets chunk object `key` (it was replaced).
+    /// Reads served from the cache alone, and reads that fetched.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn evict(&self, key: &str) {
         let mut inner = self.inner.lock();
         let name = file_name(key);
@@ -253,6 +267,12 @@ impl Cache {
                 .collect();
             (file, missing)
         };
+        let counter = if missing.is_empty() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         // Fetch each run of missing blocks with one ranged GET.
         let mut i = 0;
         while i < missing.len() {

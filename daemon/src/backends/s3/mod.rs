@@ -37,6 +37,8 @@ use std::{fs, io};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use holdfast_proto::{Figure, Figures};
+
 use self::cache::Cache;
 use self::claim::{CLAIM, Claim};
 use self::extents::{Extents, Source};
@@ -228,6 +230,8 @@ struct Log {
     /// A clean detach asks for everything to be uploaded now.
     drain: bool,
     last_checkpoint: Instant,
+    /// When the last checkpoint ended (or the lease was taken).
+    checkpointed: Instant,
 }
 
 /// The volume while this daemon holds the lease.
@@ -246,6 +250,8 @@ struct Active {
     held: Mutex<Held>,
     /// Wakes requests waiting for a renewal of a lapsed claim.
     renewed: Condvar,
+    /// Bytes of chunks the running checkpoint has yet to upload.
+    backlog: AtomicU64,
 }
 
 /// The claim this daemon holds: as last written, under what ETag, and when
@@ -399,6 +405,23 @@ fn check_conditional_writes(store: &Store, nonce: &str) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// A checkpoint's upload backlog, as the figure shows it: the bytes it has
+/// to upload from its start, 0 again however it ends.
+struct Backlog<'a>(&'a AtomicU64);
+
+impl<'a> Backlog<'a> {
+    fn of(figure: &'a AtomicU64, bytes: u64) -> Self {
+        figure.store(bytes, Ordering::Relaxed);
+        Self(figure)
+    }
+}
+
+impl Drop for Backlog<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
 }
 
 /// Starts a thread of `active` (stopped and joined by [`Active::stop`]).
@@ -659,6 +682,7 @@ impl Backend for S3Backend {
                 waiting: 0,
                 drain: false,
                 last_checkpoint: Instant::now(),
+                checkpointed: Instant::now(),
             }),
             wake: Condvar::new(),
             room: Condvar::new(),
@@ -666,6 +690,7 @@ impl Backend for S3Backend {
             threads: Mutex::new(Vec::new()),
             held: Mutex::new(held),
             renewed: Condvar::new(),
+            backlog: AtomicU64::new(0),
         });
         let started = spawn(&active, "holdfast-checkpoint", Active::checkpointer)
             .and_then(|()| spawn(&active, "holdfast-claim", Active::renewer))
@@ -702,6 +727,13 @@ impl Backend for S3Backend {
         active.stop();
         active.release_claim();
         active.sync().map_err(|e| Error::io("fsync the log", e))
+    }
+
+    fn figures(&self) -> Figures {
+        self.active
+            .read()
+            .as_ref()
+            .map_or_else(Figures::default, |a| a.figures())
     }
 
     // Each answer waits until the claim is within its term: a daemon whose
@@ -1082,6 +1114,29 @@ impl Active {
         }
     }
 
+    /// The figures `holdfastctl status` shows of this volume.
+    fn figures(&self) -> Figures {
+        let (hits, misses) = self.cache.hits_and_misses();
+        let log = self.log.lock();
+        // Nothing waits for S3 while the log holds nothing to upload.
+        let age = if log.extents.is_empty() {
+            0
+        } else {
+            u64::try_from(log.checkpointed.elapsed().as_millis()).unwrap_or(u64::MAX)
+        };
+        let mut f = Figures::default();
+        f.set(Figure::LogBytes, log.wal.bytes())
+            .set(Figure::LogLimitBytes, self.vol.cfg.log_size)
+            .set(
+                Figure::UploadBacklogBytes,
+                self.backlog.load(Ordering::Relaxed),
+            )
+            .set(Figure::CheckpointAgeMs, age)
+            .set(Figure::CacheHits, hits)
+            .set(Figure::CacheMisses, misses);
+        f
+    }
+
     /// Uploads every chunk the log's older segments touched, then the
     /// manifest naming them, then drops those segments.
     fn checkpoint(&self) -> Result<(), Stopped> {
@@ -1098,6 +1153,7 @@ impl Active {
             (cut, dirty, log.manifest.clone(), log.etag.clone())
         };
         let generation = base.generation + 1;
+        let _backlog = Backlog::of(&self.backlog, dirty.len() as u64 * self.vol.chunk_size);
         let uploaded: Mutex<BTreeMap<u64, Option<String>>> = Mutex::new(BTreeMap::new());
         let bytes = AtomicU64::new(0);
         let next = AtomicUsize::new(0);
@@ -1110,6 +1166,8 @@ impl Active {
                 match self.upload_chunk(index, generation) {
                     Ok(key) => {
                         bytes.fetch_add(self.vol.chunk_size, Ordering::Relaxed);
+                        self.backlog
+                            .fetch_sub(self.vol.chunk_size, Ordering::Relaxed);
                         uploaded.lock().insert(index, key);
                     }
                     Err(e) => *failed.lock() = Some(e),
@@ -1186,6 +1244,7 @@ impl Active {
             log.manifest = next_manifest;
             log.etag = new_etag;
             log.extents.drop_before(cut);
+            log.checkpointed = Instant::now();
             log.wal.remove_before(cut).map_err(Stopped::Io)?;
             if log.extents.is_empty() {
                 log.drain = false;
